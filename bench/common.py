@@ -124,7 +124,8 @@ def _prepare_here(w: Workload) -> Path:
 
     torch.set_num_threads(1)
     from fedloom.config import load_config
-    from fedloom.experiment import build_data, build_model_for, sample_clients
+    from fedloom.builders import build_data, build_model_for
+    from fedloom.rounds.federated import sample_clients
 
     CACHE.mkdir(parents=True, exist_ok=True)
     cfg = load_config(w.fedloom_config())

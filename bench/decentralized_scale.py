@@ -48,7 +48,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_SECONDS, TARGET_GIB = 0.5, 4.0
 PARTS = {"train": ("engine", "run_round"), "W": ("topology", "mixing"), "gossip": ("algorithm", "mix"),
-         "evaluation": (None, "evaluate")}
+         "evaluation": ("round_", "evaluate")}
 
 
 def overrides(graph: str, algorithm: str, rounds: int) -> list[str]:
@@ -83,7 +83,7 @@ def _timed_rounds(exp, rounds: int) -> tuple[list[dict], list[float], dict[str, 
     the last round (the one that evaluates)."""
     parts: dict[str, list[float]] = defaultdict(list)
     for part, (owner, method) in PARTS.items():
-        _time_calls(getattr(exp, owner) if owner else exp, method, parts[part])
+        _time_calls(getattr(exp, owner), method, parts[part])
     records, cpu_s = [], []
     for r in range(1, rounds + 1):
         if r == rounds:
@@ -107,11 +107,12 @@ def _profile_round(exp, round_idx: int, path: Path) -> None:
 def measure(graph: str, algorithm: str, rounds: int, threads: int, profile: bool) -> dict:
     torch.set_num_threads(threads)
     from fedloom.config import load_config  # imported here: the spawned process pays its own imports
-    from fedloom.decentralized import DecentralizedExperiment
+    from fedloom.rounds.decentralized import DecentralizedRound
+    from fedloom.runner import Stepper
 
     cfg = load_config(None, overrides(graph, algorithm, rounds))
     start = time.perf_counter()
-    exp = DecentralizedExperiment(cfg)
+    exp = Stepper(DecentralizedRound(cfg))
     build_s = time.perf_counter() - start
     rss_built = _peak_rss_mib()
     records, cpu_s, parts, rss_before_evaluation = _timed_rounds(exp, rounds)
@@ -129,7 +130,7 @@ def measure(graph: str, algorithm: str, rounds: int, threads: int, profile: bool
             **{f"{part}_s": s for part, s in split.items()}, "other_s": steady_s - sum(split.values()),
             "evaluation_s": parts["evaluation"][-1], "evaluation_round_cpu_s": cpu_s[-1],
             "peak_rss_built_mib": rss_built, "peak_rss_before_evaluation_mib": rss_before_evaluation,
-            "peak_rss_mib": rss_end, "spectral_gap": exp.describe()["spectral_gap"],
+            "peak_rss_mib": rss_end, "spectral_gap": exp.describe(exp.state)["spectral_gap"],
             **{k: records[-1][k] for k in ("xbar_accuracy", "node_accuracy_mean", "consensus_distance")}}
 
 

@@ -82,20 +82,19 @@ def fedloom_server(clients: int, params: int, tokens: dict[int, str]):
     """A server with round 1 open for every client, its round loop waiting in a thread."""
     from fedloom.config import load_config
     from fedloom.deploy.coordinator import Coordinator
-    from fedloom.deploy.server import RemoteEngine, play_round, start_grpc
+    from fedloom.deploy.server import remote_round, start_grpc
     from fedloom.deploy.servicer import Servicer
-    from fedloom.experiment import Experiment
+    from fedloom.runner import Stepper
 
     cfg = load_config({"rounds": 1, "data": {"dataset": "digits", "n_clients": clients},
                        "model": {"name": "mlp", "hidden": [hidden_width(params)]},
                        "sampling": {"clients_per_round": clients}, "engine": {"name": "serial"},
                        "deploy": {"min_clients": clients, "round_timeout_s": 600},
                        "evaluation": {"federated": False}, "output": {"save": False, "progress": False}})
-    exp = Experiment(cfg)
     coordinator = Coordinator()
-    exp.engine = RemoteEngine(coordinator, cfg, exp.data.n_classes)
+    exp = Stepper(remote_round(cfg, coordinator))
     server, port = start_grpc(Servicer(coordinator, tokens), "127.0.0.1:0", None, workers=2 * clients + 4)
-    loop = threading.Thread(target=play_round, args=(exp, 1), daemon=True)
+    loop = threading.Thread(target=exp.round, args=(1,), daemon=True)
     loop.start()
     return server, port, loop, exp.spec.dim
 

@@ -43,15 +43,16 @@ def main() -> None:
     w = getattr(__import__(module), attr)
 
     from fedloom.config import load_config
-    from fedloom.experiment import Experiment
+    from fedloom.rounds import build_round
+    from fedloom.runner import Stepper
 
     config = w.fedloom_config()
     config["rounds"] = args.rounds
     config["evaluation"]["every"] = args.rounds
     config["engine"]["name"] = args.engine
     t = time.perf_counter()
-    exp = Experiment(load_config(config))
-    print(f"Experiment() {time.perf_counter() - t:.2f} s, engine {exp.engine.name}, "
+    exp = Stepper(build_round(load_config(config)))
+    print(f"build_round() {time.perf_counter() - t:.2f} s, engine {exp.engine.name}, "
           f"chunk size {getattr(exp.engine, 'chunk_size', '-')}")
     t = time.perf_counter()
     exp.round(1)
@@ -81,7 +82,9 @@ def breakdown(exp, rounds: int) -> None:
     import statistics
     from collections import defaultdict
 
-    import fedloom.experiment as experiment
+    import fedloom.engines.vectorized as vectorized
+    import fedloom.pipeline.transforms as transforms
+    import fedloom.rounds.federated as federated
 
     spent: dict[str, float] = defaultdict(float)
 
@@ -99,20 +102,20 @@ def breakdown(exp, rounds: int) -> None:
     if hasattr(engine, "_batch_plan"):
         parts.update({"  _batch_plan (batch order + padding)": (engine, "_batch_plan"),
                       "  _step (vmapped forward, autograd backward)": (engine, "_step"),
-                      "  _stacked_states": (engine, "_stacked_states")})
+                      "  _stacked_states": (vectorized, "_stacked_states")})
     if hasattr(engine, "_train_client"):
         parts["  _train_client"] = (engine, "_train_client")
     parts.update({"  local optimizer step": (engine.local.optimizer, "step"),
                   "  algorithm.client_result": (algorithm, "client_result"),
-                  "algorithm.server_update": (algorithm, "server_update"),
-                  "experiment.evaluate": (exp, "evaluate")})
+                  "pipeline.apply (the server's steps)": (exp.pipeline, "apply"),
+                  "evaluate": (exp.round_, "evaluate")})
     for label, (obj, attr) in parts.items():
         try:
             object.__setattr__(obj, attr, timed(label, getattr(obj, attr)))
         except AttributeError:
             pass
-    experiment.reject_invalid = timed("reject_invalid", experiment.reject_invalid)
-    experiment.sample_clients = timed("sample_clients", experiment.sample_clients)
+    transforms.reject_invalid = timed("reject_invalid", transforms.reject_invalid)
+    federated.sample_clients = timed("sample_clients", federated.sample_clients)
     per_round: dict[str, list[float]] = defaultdict(list)
     totals = []
     for r in range(2, rounds + 1):

@@ -7,9 +7,9 @@ __all__ = ["run", "load_config", "RunResult"]
 def __getattr__(name: str):
     # Lazy, so that `fedloom --help` does not pay for importing torch.
     if name in ("run", "RunResult"):
-        from fedloom import experiment
+        from fedloom import runner
 
-        return getattr(experiment, name)
+        return getattr(runner, name)
     if name == "load_config":
         from fedloom.config import load_config
 

@@ -1,14 +1,14 @@
-"""From a validated config to the objects a run is made of: data, model,
-algorithm, local training and engine. Shared by federated and decentralized
-runs and by the deployment server."""
+"""From a validated config to the objects a run is made of: data, the Byzantine
+clients, model, algorithm, local training and engine (the server pipeline is
+built in ``fedloom.pipeline.build``). Shared by federated and decentralized
+rounds and by the deployment server."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fedloom.aggregation.base import make_aggregator
-from fedloom.algorithms import ALGORITHMS, FedAvg, server_optimizer
+from fedloom.algorithms import ALGORITHMS, FedAvg
 from fedloom.attacks import Adversary
 from fedloom.config import ConfigError, ExperimentConfig
 from fedloom.core.local_optim import LOCAL_OPTIMIZERS
@@ -47,16 +47,9 @@ def build_model_for(cfg: ExperimentConfig, data: FederatedData) -> nn.Module:
 
 
 def build_algorithm(cfg: ExperimentConfig) -> FedAvg:
-    spec = ALGORITHMS[cfg.algorithm.name]
-    server = cfg.server
-    optimizer = server_optimizer(
-        server.optimizer or spec.server_optimizer,
-        lr=server.lr if server.lr is not None else spec.server_lr,
-        momentum=server.momentum if server.momentum is not None else spec.server_momentum,
-        beta1=server.beta1, beta2=server.beta2, tau=server.tau)
-    aggregator = make_aggregator(server.aggregator.name, **server.aggregator.options())
+    """The federated algorithm's client and server rules (its hyperparameters only; no state)."""
     extra = {"mu": cfg.algorithm.mu} if cfg.algorithm.name == "fedprox" else {}
-    return spec.cls(aggregator, optimizer, **extra)
+    return ALGORITHMS[cfg.algorithm.name].cls(**extra)
 
 
 def local_training(cfg: ExperimentConfig) -> LocalTraining:

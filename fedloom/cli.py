@@ -14,14 +14,17 @@ err_console = Console(stderr=True)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedloom.experiment import run
+    from fedloom.config import ConfigError
+    from fedloom.runner import run
 
     overrides = list(args.set or [])
     if args.quiet:
         overrides.append("output.progress=false")
+    if args.resume and (args.config or args.out):
+        raise ConfigError("--resume continues the run directory's own config: give no config file and no --out")
     if args.out:
         overrides.append(f"output.dir={args.out!r}")
-    result = run(args.config, overrides)
+    result = run(args.config, overrides, resume=args.resume)
     console.print(_summary_table(result.summary))
     if result.summary["status"] == "interrupted":
         err_console.print(f"interrupted after round {result.summary['rounds_done']}; "
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set algorithm.name=fedprox --set rounds=50")
     run.add_argument("--out", help="directory that receives the run directory (default: runs)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted or killed run from its checkpoint")
     run.set_defaults(func=_run)
 
     lister = commands.add_parser("list", help="list algorithms, datasets, partitioners, models, aggregators, engines")

@@ -14,26 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedloom.algorithms import ALGORITHMS
+from fedloom.algorithms import ALGORITHMS, server_optimizer
+from fedloom.algorithms.server_opt import OptimizerFactory
 from fedloom.attacks import ATTACK_NAMES, attack_options
 from fedloom.compression import Compressor, make_compressor
 from fedloom.models import MODELS
+from fedloom.pipeline.transforms import TRANSFORMS
+from fedloom.registry import check_options
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key."""
-
-
-def check_options(kind: str, name: str, parameters: dict[str, inspect.Parameter], given: dict[str, Any]) -> None:
-    """Refuse options that ``kind`` ``name`` (a model, aggregator or attack) does not take,
-    or required ones left out, naming what it takes."""
-    stray = set(given) - set(parameters)
-    required = {k for k, p in parameters.items()
-                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    missing = required - set(given)
-    if stray or missing:
-        problem = f"takes no option {', '.join(sorted(stray))}" if stray else f"needs option {', '.join(sorted(missing))}"
-        raise ValueError(f"{kind} {name!r} {problem} (its options: {', '.join(sorted(parameters)) or 'none'})")
 
 
 class Section(BaseModel):
@@ -133,6 +124,18 @@ class AggregatorConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class TransformConfig(Section):
+    """An extra server transform: a registry name or a user's 'package.module:factory', and its options."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_transform_and_options(self) -> "TransformConfig":
+        TRANSFORMS.check(self.name, self.options)
+        return self
+
+
 class ServerConfig(Section):
     optimizer: Literal["sgd", "adam", "yogi", "adagrad"] | None = Field(None, description="default: the algorithm's")
     lr: float | None = Field(None, gt=0)
@@ -141,6 +144,8 @@ class ServerConfig(Section):
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, description="adaptivity of Adam/Yogi/Adagrad")
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
+    transforms: list[TransformConfig] = Field(default_factory=list, description="extra transforms on the rows, "
+                                              "before aggregation: [{name = 'clip', options = {max_norm = 1.0}}]")
 
 
 class CompressionConfig(Section):
@@ -277,6 +282,11 @@ class DeployConfig(Section):
                                    "is left out")
 
 
+class CheckpointConfig(Section):
+    every: int | None = Field(None, ge=1, description="checkpoint every N rounds; unset: after every round that "
+                              "took more than a second, and always at the end and on Ctrl-C")
+
+
 class OutputConfig(Section):
     dir: str = "runs"
     save: bool = Field(True, description="write a run directory")
@@ -302,6 +312,7 @@ class ExperimentConfig(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
@@ -335,7 +346,47 @@ class ExperimentConfig(Section):
         if self.attack.name != "none" and self.decentralized.algorithm != "dsgd":
             raise ValueError(f"[attack] in decentralized mode runs with decentralized.algorithm = 'dsgd' "
                              f"(got {self.decentralized.algorithm!r})")
+        if self.decentralized.algorithm == "choco" and self.compression.build() is None:
+            raise ValueError("decentralized.algorithm = 'choco' needs a [compression] compressor (e.g. topk)")
+        self._topology_fits_the_nodes()
         return self
+
+    def _topology_fits_the_nodes(self) -> None:
+        from fedloom.topology import TIME_VARYING
+
+        t, d = self.topology, self.decentralized
+        partial = d.participation < 1 or d.churn > 0
+        if t.matrix is not None and len(t.matrix) != self.data.n_clients:
+            raise ValueError(f"topology.matrix is {len(t.matrix)}x{len(t.matrix)}, but there are "
+                             f"{self.data.n_clients} nodes (data.n_clients)")
+        if partial and t.matrix is not None:
+            raise ValueError("a user-given topology.matrix cannot be used with partial participation or churn "
+                             "(decentralized.participation < 1 or decentralized.churn > 0)")
+        if partial and t.matrix is None and t.name in TIME_VARYING:
+            raise ValueError(f"time-varying topology {t.name!r} cannot be used with partial participation or churn "
+                             "(decentralized.participation < 1 or decentralized.churn > 0)")
+
+    @model_validator(mode="after")
+    def _local_sgd_for_algorithms_that_assume_it(self) -> "ExperimentConfig":
+        from fedloom.algorithms.gossip import GradientTracking
+
+        algorithm = (GradientTracking if self.mode == "decentralized" and self.decentralized.algorithm ==
+                     "gradient_tracking" else ALGORITHMS[self.algorithm.name].cls if self.mode == "federated" else None)
+        plain = self.client.optimizer == "sgd" and self.client.momentum == 0
+        if algorithm is not None and algorithm.plain_sgd_only and not plain:
+            raise ValueError(f"{algorithm.name} assumes plain local SGD (its correction divides the model change "
+                             f"by steps * lr); set client.optimizer = 'sgd' and client.momentum = 0 (got "
+                             f"{self.client.optimizer!r}, momentum {self.client.momentum})")
+        return self
+
+    def server_optimizer(self) -> tuple[str, OptimizerFactory]:
+        """The server optimizer's name and factory: [server] where given, else the algorithm's preset."""
+        spec, server = ALGORITHMS[self.algorithm.name], self.server
+        name = server.optimizer or spec.server_optimizer
+        return name, server_optimizer(
+            name, lr=server.lr if server.lr is not None else spec.server_lr,
+            momentum=server.momentum if server.momentum is not None else spec.server_momentum,
+            beta1=server.beta1, beta2=server.beta2, tau=server.tau)
 
     def clients_per_round(self) -> int:
         """As configured; by default 10 clients a round (all of them when there are fewer)."""

@@ -8,9 +8,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RoundProgress:
-    def __init__(self, total: int, enabled: bool = True):
+    def __init__(self, total: int, done: int = 0, enabled: bool = True):
         self.enabled = enabled
         self.total = total
+        self.done = done  # rounds already played (a resumed run)
         self._progress = Progress(
             TextColumn("round"), MofNCompleteColumn(), BarColumn(),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), transient=False)
@@ -18,7 +19,7 @@ class RoundProgress:
     def __enter__(self) -> "RoundProgress":
         if self.enabled:
             self._progress.start()
-            self._task = self._progress.add_task("rounds", total=self.total, status="")
+            self._task = self._progress.add_task("rounds", total=self.total, completed=self.done, status="")
         return self
 
     def update(self, record: dict[str, Any]) -> None:

@@ -5,15 +5,15 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fedloom.aggregation.base import mean
-from fedloom.algorithms import FedAvg, server_optimizer
-from fedloom.config import load_config
+from fedloom.algorithms import FedAvg
 from fedloom.core.local_optim import SGD
+from fedloom.core.store import ClientStore
 from fedloom.data import FederatedData, load_dataset
 from fedloom.engines.base import LocalTraining, batch_order
 from fedloom.engines.serial import SerialEngine
-from fedloom.experiment import Experiment, run
 from fedloom.models import build_model
+from fedloom.runner import run
+from helpers import make_round, play, train_once
 
 
 def _one_client_data(n=200):
@@ -29,10 +29,8 @@ def test_fedavg_with_one_client_and_one_epoch_is_centralized_sgd():
     reference = copy.deepcopy(model)
     local = LocalTraining(SGD(lr=0.1, momentum=0.5), epochs=1, batch_size=16, seed=7)
     engine = SerialEngine(model, data, local)
-    algo = FedAvg(mean(), server_optimizer("sgd", lr=1.0))
-    state = algo.server_init(engine.spec.flatten(model), data.n_clients)
-    result = engine.run_round(algo, state.x, {}, [0], round_idx=1)
-    state = algo.server_update(state, result.U, result.weights, result.aux)
+    x0 = engine.spec.flatten(model)
+    result = engine.run_round(FedAvg(), x0, {}, [0], 1, ClientStore())
 
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.5)
     steps = 0
@@ -42,11 +40,7 @@ def test_fedavg_with_one_client_and_one_epoch_is_centralized_sgd():
         opt.step()
         steps += 1
     assert steps == 13
-    torch.testing.assert_close(state.x, engine.spec.flatten(reference), rtol=1e-5, atol=1e-6)
-
-
-def _experiment(quick, *overrides):
-    return Experiment(load_config(None, [*quick, *overrides]))
+    torch.testing.assert_close(x0 - result.U[0], engine.spec.flatten(reference), rtol=1e-5, atol=1e-6)
 
 
 def test_fedprox_with_mu_zero_is_fedavg_exactly(quick):
@@ -59,8 +53,8 @@ def test_fedprox_with_mu_zero_is_fedavg_exactly(quick):
 
 def test_fedprox_reduces_client_drift(quick):
     def drift(mu):
-        exp = _experiment(quick, "algorithm.name=fedprox", f"algorithm.mu={mu}", "client.epochs=10")
-        result = exp.engine.run_round(exp.algorithm, exp.state.x, {}, list(range(10)), round_idx=1)
+        round_ = make_round(*quick, "algorithm.name=fedprox", f"algorithm.mu={mu}", "client.epochs=10")
+        result = train_once(round_, round_.init_state()["x"], range(10))
         return result.U.norm(dim=1).mean().item()  # distance of client models to the global model
 
     assert drift(1.0) < 0.8 * drift(0.0)
@@ -76,9 +70,8 @@ def test_scaffold_beats_fedavg_on_two_class_shards(quick):
 
 
 def test_scaffold_control_variates_average_to_server_variate(quick):
-    exp = _experiment(quick, "algorithm.name=scaffold", "data.n_clients=10", "sampling.clients_per_round=10")
-    exp.round(1)
-    exp.round(2)
+    round_ = make_round(*quick, "algorithm.name=scaffold", "data.n_clients=10", "sampling.clients_per_round=10")
+    state, _ = play(round_, 2)
     # full participation: c is the mean of the client variates (c_i start at 0 and c = mean of c_i is kept)
-    client_c = torch.stack([exp.engine.store.get(i, dict)["c"] for i in range(10)])
-    torch.testing.assert_close(exp.state.extras["c"], client_c.mean(0), rtol=1e-4, atol=1e-6)
+    client_c = torch.stack([state["clients"][i]["c"] for i in range(10)])
+    torch.testing.assert_close(state["algorithm"]["c"], client_c.mean(0), rtol=1e-4, atol=1e-6)

@@ -6,7 +6,8 @@ import torch
 from fedloom.algorithms.gossip import ClippedGossip, adaptive_radius, mean_gossip
 from fedloom.attacks import Adversary, alie_z
 from fedloom.config import ConfigError, load_config
-from fedloom.decentralized import DecentralizedExperiment, byzantine_messages
+from fedloom.rounds.decentralized import byzantine_messages
+from helpers import stepper
 from fedloom.topology import complete, gossip, max_degree, metropolis_hastings, torus
 
 TORUS = metropolis_hastings(torus(16))  # 4 x 4, every weight 1/5
@@ -90,7 +91,7 @@ SIGNFLIP = ["attack.name=signflip", "attack.f=2"]
 
 
 def _final(*overrides):
-    exp = DecentralizedExperiment(load_config(None, [*QUICK, *overrides]))
+    exp = stepper(*QUICK, *overrides)
     for r in range(1, 13):
         record = exp.round(r)
     return exp, record
@@ -106,7 +107,8 @@ def test_honest_nodes_keep_training_under_clipped_gossip_and_not_under_plain_gos
     assert clipped["node_accuracy_min"] > clean["node_accuracy_min"] - 0.04
     assert clipped["consensus_distance"] < 0.2 < mean["consensus_distance"]
     honest = ~mean_exp.adversary.fixed
-    torch.testing.assert_close(mean_exp.params, mean_exp.X[honest].mean(0))  # x_bar leaves the attackers out
+    X = mean_exp.state["X"]
+    torch.testing.assert_close(mean_exp.final_params(mean_exp.state), X[honest].mean(0))  # x_bar leaves the attackers out
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -135,4 +137,4 @@ def test_a_saved_config_with_every_key_written_loads_again(overrides):
 ])
 def test_byzantine_node_mistakes_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        DecentralizedExperiment(load_config(None, [*QUICK, *overrides]))
+        load_config(None, [*QUICK, *overrides])

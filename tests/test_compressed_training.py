@@ -8,11 +8,12 @@ import fedloom
 from fedloom.compression import make_compressor, roundtrip
 from fedloom.compression.downlink import Downlink
 from fedloom.config import ConfigError, load_config
-from fedloom.experiment import Experiment, sample_clients
+from fedloom.rounds.federated import sample_clients
+from helpers import stepper
 
 
 def _experiment(quick, *overrides):
-    return Experiment(load_config(None, [*quick, "evaluation.federated=false", *overrides]))
+    return stepper(*quick, "evaluation.federated=false", *overrides)
 
 
 def test_uplink_bytes_are_the_payload_lengths(quick):
@@ -30,10 +31,16 @@ def test_error_feedback_memory_persists_per_client(quick):
     exp = _experiment(quick, "compression.name=topk", "compression.options.k=0.01", "compression.feedback=ef",
                       "data.n_clients=10")
     exp.round(1)
-    memory = {c: exp.uplink.store.get(c, dict)["ef.error"].clone() for c in range(10)}
+    memory = {c: _memories(exp)[c]["ef.error"].clone() for c in range(10)}
     assert all(m.abs().sum() > 0 for m in memory.values())
     exp.round(2)
-    assert all(not torch.equal(exp.uplink.store.get(c, dict)["ef.error"], memory[c]) for c in range(10))
+    assert all(not torch.equal(_memories(exp)[c]["ef.error"], memory[c]) for c in range(10))
+
+
+def _memories(exp):
+    """The clients' compressor memories: the state of the pipeline's compress transform."""
+    (index,) = [i for i, t in enumerate(exp.pipeline.transforms) if t.name.startswith("compress")]
+    return exp.state["pipeline"][index]
 
 
 def test_compression_changes_the_model_and_none_does_not(quick):
@@ -41,10 +48,10 @@ def test_compression_changes_the_model_and_none_does_not(quick):
     baseline.round(1)
     lossless = _experiment(quick, "compression.name=none", "compression.feedback=ef")
     lossless.round(1)
-    torch.testing.assert_close(lossless.state.x, baseline.state.x)
+    torch.testing.assert_close(lossless.state["x"], baseline.state["x"])
     lossy = _experiment(quick, "compression.name=sign")
     lossy.round(1)
-    assert not torch.allclose(lossy.state.x, baseline.state.x)
+    assert not torch.allclose(lossy.state["x"], baseline.state["x"])
 
 
 # --- downlink ----------------------------------------------------------------------
@@ -54,11 +61,12 @@ def test_downlink_copy_tracks_the_model_by_error_feedback():
     """EF21-P: w <- w + C(x - w). Top-10% of a fixed gap sends each coordinate once,
     largest first, so the copy equals x after exactly 10 messages."""
     x = torch.randn(100)
-    link = Downlink(make_compressor("topk", k=0.1), seed=0, x0=torch.zeros(100))
+    link = Downlink(make_compressor("topk", k=0.1), seed=0)
+    state = link.init(torch.zeros(100))
     for _ in range(9):
-        copy, _ = link.send(x, [0], 1)
+        copy, _, state = link.send(state, x, [0], 1)
     assert not torch.equal(copy, x)
-    copy, _ = link.send(x, [0], 1)
+    copy, _, state = link.send(state, x, [0], 1)
     assert torch.equal(copy, x)
 
 
@@ -89,7 +97,7 @@ def test_downlink_none_keeps_the_fp32_model_and_its_bytes(quick):
     assert record["bytes_down"] == 10 * 4 * plain.spec.dim
     explicit = _experiment(quick, "compression.downlink=none")
     assert explicit.round(1)["bytes_down"] == record["bytes_down"]
-    torch.testing.assert_close(explicit.state.x, plain.state.x)
+    torch.testing.assert_close(explicit.state["x"], plain.state["x"])
 
 
 def test_fp16_downlink_trains_to_the_accuracy_of_none_for_half_the_bytes(quick):

@@ -8,8 +8,8 @@ import torch
 from fedloom import evaluation
 from fedloom.config import ConfigError, load_config
 from fedloom.core.params import ParamSpec
-from fedloom.decentralized import DecentralizedExperiment
-from fedloom.experiment import Experiment, run
+from fedloom.runner import run
+from helpers import stepper, train_once
 from fedloom.models import MODELS
 from fedloom.topology import active_subgraph, consensus_distance
 
@@ -18,28 +18,29 @@ GOSSIP = ['mode="decentralized"', "evaluation.federated=false"]
 
 
 def _decentralized(quick, *overrides):
-    return DecentralizedExperiment(load_config(None, [*quick, *GOSSIP, *overrides]))
+    return stepper(*quick, *GOSSIP, *overrides)
 
 
 def test_complete_graph_dsgd_equals_fedavg_with_full_participation(quick):
-    fedavg = Experiment(load_config(None, [*quick, *EQUAL_CLIENTS, "sampling.clients_per_round=10"]))
+    fedavg = stepper(*quick, *EQUAL_CLIENTS, "sampling.clients_per_round=10")
     dsgd = _decentralized(quick, *EQUAL_CLIENTS, "topology.name=complete")
     assert len(set(fedavg.data.client_sizes().tolist())) == 1  # FedAvg's weights are then uniform, as gossip's
     for r in range(1, 4):
         fedavg.round(r)
         record = dsgd.round(r)
         assert record["consensus_distance"] < 1e-9
-        torch.testing.assert_close(dsgd.X, fedavg.state.x.expand_as(dsgd.X), rtol=1e-5, atol=1e-6)
+        X = dsgd.state["X"]
+        torch.testing.assert_close(X, fedavg.state["x"].expand_as(X), rtol=1e-5, atol=1e-6)
 
 
 def test_ring_keeps_nodes_apart_and_gossip_preserves_the_mean_of_local_models(quick):
     exp = _decentralized(quick, "data.n_clients=16", "topology.name=ring", "partition.alpha=0.1")
-    start = exp.X.clone()
-    result = exp.engine.run_round(exp.algorithm, start, {}, list(range(16)), 1)
-    exp.X = start
+    start = exp.state["X"].clone()
+    result = train_once(exp, start, range(16))
     exp.round(1)
-    assert consensus_distance(exp.X) > 0
-    torch.testing.assert_close(exp.X.mean(0), (start - result.U).mean(0), rtol=1e-5, atol=1e-6)
+    X = exp.state["X"]
+    assert consensus_distance(X) > 0
+    torch.testing.assert_close(X.mean(0), (start - result.U).mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_tracking_corrections_sum_to_zero_and_help_on_a_ring(quick):
@@ -48,7 +49,7 @@ def test_gradient_tracking_corrections_sum_to_zero_and_help_on_a_ring(quick):
     tracking = _decentralized(quick, *common, "decentralized.algorithm=gradient_tracking")
     for r in range(1, 4):
         tracking.round(r)
-    c = torch.stack([tracking.engine.store.get(i, dict)["c"] for i in range(32)])
+    c = torch.stack([tracking.state["clients"][i]["c"] for i in range(32)])
     assert c.abs().sum() > 0
     torch.testing.assert_close(c.sum(0), torch.zeros(c.shape[1]), atol=1e-4, rtol=0)
     dsgd = run(None, [*quick, *GOSSIP, *common])
@@ -68,14 +69,14 @@ def test_choco_sends_compressed_models_and_still_learns(quick):
 
 def test_choco_needs_a_compressor(quick):
     with pytest.raises(ConfigError, match="choco.*compression"):
-        _decentralized(quick, "decentralized.algorithm=choco")
+        load_config(None, [*GOSSIP, "decentralized.algorithm=choco"])
 
 
 def test_participation_trains_only_active_nodes(quick):
     exp = _decentralized(quick, "data.n_clients=20", "topology.name=complete", "decentralized.participation=0.5")
-    before = exp.X.clone()
+    before = exp.state["X"].clone()
     record = exp.round(1)
-    moved = (exp.X != before).any(dim=1)
+    moved = (exp.state["X"] != before).any(dim=1)
     assert record["n_active"] == 10 and int(moved.sum()) == 10
     assert torch.equal(moved, exp.active_nodes(1))
 

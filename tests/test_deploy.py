@@ -24,7 +24,7 @@ from fedloom.builders import build_data
 from fedloom.config import load_config
 from fedloom.deploy.client import run_client
 from fedloom.deploy.server import serve
-from fedloom.experiment import run
+from fedloom.runner import run
 from fedloom.tracking import read_metrics
 
 pytestmark = pytest.mark.slow

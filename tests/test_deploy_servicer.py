@@ -31,9 +31,11 @@ from fedloom.deploy.codec import decoder, encode
 from fedloom.deploy.coordinator import Coordinator, Task, Update
 from fedloom.deploy.messages import CHUNK_BYTES, MAX_MESSAGE_BYTES, chunks
 from fedloom.deploy.security import ClientTLS, ServerTLS, call_metadata
-from fedloom.deploy.server import RemoteEngine, play_round, start_grpc
+from fedloom.deploy.server import remote_round, start_grpc
 from fedloom.deploy.servicer import Servicer
-from fedloom.experiment import Experiment, run, sample_clients
+from fedloom.rounds.federated import sample_clients
+from fedloom.runner import run
+from fedloom.runner import Stepper
 
 CONFIG = {"rounds": 1, "data": {"dataset": "digits", "n_clients": 4}, "model": {"name": "logistic"},
           "client": {"epochs": 1, "batch_size": 32}, "sampling": {"clients_per_round": 2},
@@ -75,9 +77,8 @@ class LiveRound:
 
     def __init__(self, config: dict = CONFIG):
         self.cfg = load_config(config)
-        self.exp = Experiment(self.cfg)
         self.coord = Coordinator()
-        self.exp.engine = RemoteEngine(self.coord, self.cfg, self.exp.data.n_classes)
+        self.exp = Stepper(remote_round(self.cfg, self.coord))
         self.tokens = {k: secrets.token_hex(8) for k in range(self.cfg.data.n_clients)}
         self.servicer = Servicer(self.coord, self.tokens)
         self.record: dict | None = None
@@ -93,7 +94,7 @@ class LiveRound:
         return [pb.ClientMessage(header=header), *[pb.ClientMessage(data=bytes(p)) for p in chunks(named)]]
 
     def _round(self) -> None:
-        self.record = play_round(self.exp, 1)
+        self.record = self.exp.round(1)
 
     def metadata(self, client_id: int):
         return call_metadata(client_id, self.tokens[client_id])
@@ -133,7 +134,7 @@ def simulated_round():
 def assert_model_is_the_simulated_one(live: LiveRound, simulated_params) -> None:
     record = live.finish_honestly()
     assert record["clients_submitted"] == live.sampled
-    torch.testing.assert_close(live.exp.state.x, simulated_params, rtol=0, atol=1e-6)
+    torch.testing.assert_close(live.exp.state["x"], simulated_params, rtol=0, atol=1e-6)
 
 
 # -- fuzzing -------------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def test_replayed_and_stale_updates_are_refused(simulated_round):
     assert not live.submit(live.honest[second], live.metadata(first))  # another client's update
     assert live.submit(live.honest[second], live.metadata(second))
     live.thread.join(60)
-    torch.testing.assert_close(live.exp.state.x, simulated_round, rtol=0, atol=1e-6)
+    torch.testing.assert_close(live.exp.state["x"], simulated_round, rtol=0, atol=1e-6)
     for c in live.sampled:  # the round is closed: the same updates are now stale
         assert not live.submit(live.honest[c], live.metadata(c))
 
@@ -282,7 +283,7 @@ def test_malformed_and_oversized_messages_over_a_real_channel(simulated_round):
             for c in live.sampled:  # still serving: the honest updates go through the same channel
                 assert stub.Submit(iter(live.honest[c]), metadata=live.metadata(c), timeout=30).accepted
         live.thread.join(60)
-        torch.testing.assert_close(live.exp.state.x, simulated_round, rtol=0, atol=1e-6)
+        torch.testing.assert_close(live.exp.state["x"], simulated_round, rtol=0, atol=1e-6)
     finally:
         server.stop(None)
 
@@ -405,6 +406,6 @@ def test_a_model_over_4_mb_crosses_in_chunks(tmp_path):
         client.join(30)
         assert done == [0]
         assert live.record["wire_bytes_up"] > 4 * live.exp.spec.dim > 4 * 2**20
-        torch.testing.assert_close(live.exp.state.x, run(config).params, rtol=0, atol=1e-6)
+        torch.testing.assert_close(live.exp.state["x"], run(config).params, rtol=0, atol=1e-6)
     finally:
         server.stop(None)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fedloom.config import load_config
-from fedloom.experiment import run
+from fedloom.runner import run
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.*"))
 

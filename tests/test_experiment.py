@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from fedloom.experiment import Experiment, RunResult, run
+from fedloom.rounds.federated import FederatedRound
+from fedloom.runner import RunResult, run
 from fedloom.config import load_config
 
 
@@ -43,14 +44,14 @@ def test_run_directory_holds_everything(saved):
 
 
 def test_ctrl_c_keeps_what_was_written(saved, monkeypatch):
-    real_round = Experiment.round
+    real_play = FederatedRound.play
 
-    def interrupt_at_third(self, r):
+    def interrupt_at_third(self, state, r):
         if r == 3:
             raise KeyboardInterrupt
-        return real_round(self, r)
+        return real_play(self, state, r)
 
-    monkeypatch.setattr(Experiment, "round", interrupt_at_third)
+    monkeypatch.setattr(FederatedRound, "play", interrupt_at_third)
     result: RunResult = run(None, [*saved, "rounds=10"])
     assert result.summary["status"] == "interrupted" and result.summary["rounds_done"] == 2
     assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == 2

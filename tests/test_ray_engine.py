@@ -15,18 +15,19 @@ ray = pytest.importorskip("ray")
 from fedloom.algorithms import ALGORITHMS  # noqa: E402
 from fedloom.config import load_config  # noqa: E402
 from fedloom.core.store import ClientStore  # noqa: E402
-from fedloom.decentralized import DecentralizedExperiment  # noqa: E402
 from fedloom.engines.ray_engine import (  # noqa: E402
     ClientWorker, RayEngine, RoundInputs, connect, import_ray, split_evenly)
 from fedloom.engines.serial import SerialEngine  # noqa: E402
-from fedloom.experiment import Experiment, local_training  # noqa: E402
+from fedloom.aggregation.base import weighted_mean  # noqa: E402
+from fedloom.builders import local_training  # noqa: E402
+from helpers import stepper  # noqa: E402
 
 QUICK = ["output.save=false", "output.progress=false", "evaluation.federated=false", "client.epochs=2",
          "partition.alpha=0.3", "engine.name=serial"]
 
 
 def _experiment(*overrides):
-    return Experiment(load_config(None, [*QUICK, *overrides]))
+    return stepper(*QUICK, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,6 @@ def shared_engine():
 
 @pytest.fixture
 def engine(shared_engine):
-    shared_engine.store = ClientStore()
     return shared_engine
 
 
@@ -60,52 +60,51 @@ def test_rounds_equal_serial_whichever_actor_a_client_lands_on(engine, algorithm
     exp = _experiment(f"algorithm.name={algorithm}")
     put, puts = ray.put, []
     monkeypatch.setattr(ray, "put", lambda value: puts.append(value) or put(value))
-    state = exp.state
+    x, server, local_store, ray_store = exp.state["x"], exp.state["algorithm"], ClientStore(), ClientStore()
     # 7 clients over 2 actors go 3 + 4: clients 3-5 move from the second actor to the first and back
     for r, clients in enumerate([list(range(7)), list(range(3, 10)), list(range(7))], start=1):
-        sent = exp.algorithm.broadcast(state)
-        a = exp.engine.run_round(exp.algorithm, state.x, sent, clients, r)
-        b = engine.run_round(exp.algorithm, state.x, sent, clients, r)
+        sent = exp.algorithm.broadcast(server)
+        a = exp.engine.run_round(exp.algorithm, x, sent, clients, r, local_store)
+        b = engine.run_round(exp.algorithm, x, sent, clients, r, ray_store)
         _assert_same(a, b)
-        state = exp.algorithm.server_update(state, a.U, a.weights, a.aux)
+        x, server = x - weighted_mean(a.U, a.weights), exp.algorithm.server_step(server, a.aux, 10)
     assert len(puts) == 3  # one object per round carries the model to every actor
-    assert len(engine.store) == len(exp.engine.store) == 10
+    assert len(ray_store) == len(local_store) == 10
     for cid in range(10):
-        for k, v in exp.engine.store.get(cid, dict).items():
-            torch.testing.assert_close(engine.store.get(cid, dict)[k], v, rtol=1e-4, atol=1e-5)
+        for k, v in local_store.states[cid].items():
+            torch.testing.assert_close(ray_store.states[cid][k], v, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
 def test_experiment_rounds_equal_serial(engine, algorithm):
     serial, swapped = _experiment(f"algorithm.name={algorithm}"), _experiment(f"algorithm.name={algorithm}")
-    swapped.engine = engine
+    swapped.round_.engine = engine
     for r in range(1, 4):
         a, b = serial.round(r), swapped.round(r)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["central_accuracy"] == pytest.approx(a["central_accuracy"], abs=1e-9)
-        torch.testing.assert_close(swapped.state.x, serial.state.x, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(swapped.state["x"], serial.state["x"], rtol=1e-4, atol=1e-5)
 
 
 def test_each_client_may_start_from_its_own_model(engine):
     exp = _experiment()
     clients = list(range(7))
-    X0 = exp.state.x + 0.01 * torch.randn(len(clients), exp.spec.dim, generator=torch.Generator().manual_seed(0))
-    _assert_same(exp.engine.run_round(exp.algorithm, X0, {}, clients, 1),
-                 engine.run_round(exp.algorithm, X0, {}, clients, 1))
+    X0 = exp.state["x"] + 0.01 * torch.randn(len(clients), exp.spec.dim, generator=torch.Generator().manual_seed(0))
+    _assert_same(exp.engine.run_round(exp.algorithm, X0, {}, clients, 1, ClientStore()),
+                 engine.run_round(exp.algorithm, X0, {}, clients, 1, ClientStore()))
 
 
 def test_gradient_tracking_reads_and_writes_the_driver_store_between_rounds(engine):
     def gossip():
-        return DecentralizedExperiment(load_config(None, [*QUICK, 'mode="decentralized"', "topology.name=complete",
-                                                          "decentralized.algorithm=gradient_tracking",
-                                                          "decentralized.participation=0.3"]))
+        return stepper(*QUICK, 'mode="decentralized"', "topology.name=complete",
+                       "decentralized.algorithm=gradient_tracking", "decentralized.participation=0.3")
 
     serial, swapped = gossip(), gossip()
-    swapped.engine = engine
+    swapped.round_.engine = engine
     for r in range(1, 4):  # a different 30 nodes each round, so nodes change actors
         serial.round(r)
         swapped.round(r)
-        torch.testing.assert_close(swapped.X, serial.X, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(swapped.state["X"], serial.state["X"], rtol=1e-4, atol=1e-5)
 
 
 def test_workers_train_vectorized_when_they_can_else_serially():
@@ -120,7 +119,7 @@ def test_workers_train_vectorized_when_they_can_else_serially():
     assert worker.engine.name == "serial"
     x0, clients = serial.spec.flatten(model), list(range(5))
     result, states = worker.train(RoundInputs(exp.algorithm, x0, {}, clients, 1), slice(0, 5), {})
-    _assert_same(serial.run_round(exp.algorithm, x0, {}, clients, 1), result)
+    _assert_same(serial.run_round(exp.algorithm, x0, {}, clients, 1, ClientStore()), result)
     assert sorted(states) == clients
 
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from fedloom.config import load_config
-from fedloom.experiment import Experiment, run
+from fedloom.runner import run
+from helpers import stepper, train_once
 
 
 def _poison(exp, rows):
@@ -18,19 +18,19 @@ def _poison(exp, rows):
 
 
 def test_nan_updates_are_rejected_and_counted(quick):
-    exp = Experiment(load_config(None, [*quick, "evaluation.federated=false"]))
+    exp = stepper(*quick, "evaluation.federated=false")
     _poison(exp, [0, 3])
     record = exp.round(1)
-    assert record["n_rejected"] == 2 and torch.isfinite(exp.state.x).all()
+    assert record["n_rejected"] == 2 and torch.isfinite(exp.state["x"]).all()
     assert record["bytes_up"] == 8 * 4 * exp.spec.dim
 
 
 def test_a_round_with_only_bad_updates_keeps_the_model(quick):
-    exp = Experiment(load_config(None, [*quick, "evaluation.federated=false"]))
-    before = exp.state.x.clone()
+    exp = stepper(*quick, "evaluation.federated=false")
+    before = exp.state["x"].clone()
     _poison(exp, slice(None))
     record = exp.round(1)
-    assert record["n_rejected"] == 10 and torch.equal(exp.state.x, before)
+    assert record["n_rejected"] == 10 and torch.equal(exp.state["x"], before)
 
 
 def test_robust_aggregators_train_and_compose_with_fedadam(quick):
@@ -45,35 +45,33 @@ import pytest  # noqa: E402
 
 from fedloom.aggregation.base import weighted_mean  # noqa: E402
 from fedloom.attacks import signflip  # noqa: E402
-from fedloom.config import ConfigError  # noqa: E402
+from fedloom.config import ConfigError, load_config  # noqa: E402
 
 FULL = ["data.n_clients=20", "sampling.clients_per_round=20", "evaluation.federated=false", "client.epochs=1"]
 
 
 def test_byzantine_rows_are_crafted_from_the_honest_ones(quick):
-    clean = Experiment(load_config(None, [*quick, *FULL]))
-    attacked = Experiment(load_config(None, [*quick, *FULL, "attack.name=signflip", "attack.f=5",
-                                             "attack.options.scale=3.0"]))
-    honest = clean.engine.run_round(clean.algorithm, clean.state.x, {}, list(range(20)), 1)
+    clean = stepper(*quick, *FULL)
+    attacked = stepper(*quick, *FULL, "attack.name=signflip", "attack.f=5", "attack.options.scale=3.0")
+    honest = train_once(clean, clean.state["x"], range(20))
     record = attacked.round(1)
     byz = attacked.adversary.byzantine(1)
     assert record["n_byzantine"] == 5 and int(byz.sum()) == 5
-    expected = clean.state.x - weighted_mean(signflip(honest.U, byz, scale=3.0), honest.weights)
-    assert torch.allclose(attacked.state.x, expected, atol=1e-5)
+    expected = clean.state["x"] - weighted_mean(signflip(honest.U, byz, scale=3.0), honest.weights)
+    assert torch.allclose(attacked.state["x"], expected, atol=1e-5)
 
 
 def test_fixed_attackers_stay_and_redrawn_ones_move(quick):
-    fixed = Experiment(load_config(None, [*quick, *FULL, "attack.name=gaussian", "attack.fraction=0.25"]))
-    moving = Experiment(load_config(None, [*quick, *FULL, "attack.name=gaussian", "attack.fraction=0.25",
-                                           "attack.redraw=true"]))
+    fixed = stepper(*quick, *FULL, "attack.name=gaussian", "attack.fraction=0.25")
+    moving = stepper(*quick, *FULL, "attack.name=gaussian", "attack.fraction=0.25", "attack.redraw=true")
     assert torch.equal(fixed.adversary.byzantine(1), fixed.adversary.byzantine(2))
     assert all(int(moving.adversary.byzantine(r).sum()) == 5 for r in (1, 2, 3))
     assert not all(torch.equal(moving.adversary.byzantine(1), moving.adversary.byzantine(r)) for r in (2, 3))
 
 
 def test_label_flip_poisons_only_the_byzantine_clients_training_labels(quick):
-    clean = Experiment(load_config(None, [*quick, *FULL]))
-    flipped = Experiment(load_config(None, [*quick, *FULL, "attack.name=label_flip", "attack.f=4"]))
+    clean = stepper(*quick, *FULL)
+    flipped = stepper(*quick, *FULL, "attack.name=label_flip", "attack.f=4")
     changed = flipped.data.y != clean.data.y
     byz = flipped.adversary.byzantine(1).nonzero().flatten().tolist()
     poisoned = torch.cat([clean.data.train_idx[c] for c in byz])

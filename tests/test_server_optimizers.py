@@ -7,16 +7,20 @@ from torch import nn
 
 from fedloom.aggregation.base import mean
 from fedloom.algorithms import ALGORITHMS, server_optimizer
+from fedloom.pipeline.base import Context, Pipeline
+from fedloom.pipeline.transforms import aggregate, server_step
 
 
 def _round(name, lr, x0, locals_, weights):
+    """Rounds of the pipeline's last two steps (mean, then the preset's server optimizer), its state carried."""
     spec = ALGORITHMS[name]
-    algo = spec.cls(mean(), server_optimizer(spec.server_optimizer, lr=lr, momentum=spec.server_momentum))
-    state = algo.server_init(x0, n_clients=len(locals_))
-    for local in locals_:
-        U = state.x - local
-        state = algo.server_update(state, U, weights, {})
-    return state.x
+    optimizer = server_optimizer(spec.server_optimizer, lr=lr, momentum=spec.server_momentum)
+    pipeline = Pipeline((aggregate(mean()), server_step(spec.server_optimizer, optimizer)))
+    x, states = x0, pipeline.init(x0.numel())
+    for r, local in enumerate(locals_, 1):
+        U, _, states, _ = pipeline.apply(x - local, weights, states, Context(r, 0, list(range(len(local))), x))
+        x = U[0]
+    return x
 
 
 def _by_hand(opt_cls, x0, locals_, weights, **kw):

@@ -11,13 +11,15 @@ from fedloom.config import ConfigError, load_config
 from fedloom.core.local_optim import SGD
 from fedloom.engines.base import LocalTraining, batch_order, batch_plan, local_steps
 from fedloom.engines.vectorized import UnsupportedModel, VectorizedEngine, check_vectorizable
-from fedloom.experiment import Experiment, local_training, run
+from fedloom.builders import local_training
+from fedloom.core.store import ClientStore
+from fedloom.runner import run
+from helpers import stepper, train_once
 
 
 def _pair(quick, *overrides):
     common = [*quick, "evaluation.federated=false", *overrides]
-    return Experiment(load_config(None, [*common, "engine.name=serial"])), \
-        Experiment(load_config(None, [*common, "engine.name=vectorized"]))
+    return stepper(*common, "engine.name=serial"), stepper(*common, "engine.name=vectorized")
 
 
 @pytest.mark.parametrize("algorithm", [
@@ -35,33 +37,33 @@ def test_vectorized_equals_serial_per_round(quick, algorithm):
         a, b = serial.round(r), vectorized.round(r)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["central_accuracy"] == pytest.approx(b["central_accuracy"], abs=1e-9)
-        torch.testing.assert_close(vectorized.state.x, serial.state.x, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(vectorized.state["x"], serial.state["x"], rtol=1e-4, atol=1e-5)
 
 
 def test_short_clients_stop_exactly_where_they_would_alone(quick):
     serial, vectorized = _pair(quick, "data.n_clients=30", "partition.name=quantity", "sampling.clients_per_round=30")
     assert vectorized.data.client_sizes().max() > 3 * vectorized.data.client_sizes().min()
     clients = list(range(30))
-    a = serial.engine.run_round(serial.algorithm, serial.state.x, {}, clients, 1)
-    b = vectorized.engine.run_round(vectorized.algorithm, vectorized.state.x, {}, clients, 1)
+    a = train_once(serial, serial.state["x"], clients)
+    b = train_once(vectorized, vectorized.state["x"], clients)
     torch.testing.assert_close(b.U, a.U, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b.train_loss, a.train_loss, rtol=1e-4, atol=1e-6)
 
 
 def test_chunks_give_the_same_result_as_one_batch(quick):
-    exp = Experiment(load_config(None, [*quick, "engine.name=vectorized", "algorithm.name=scaffold"]))
+    exp = stepper(*quick, "engine.name=vectorized", "algorithm.name=scaffold")
     tiny = VectorizedEngine(exp.model, exp.data, local_training(exp.cfg), memory_budget=1)
     assert tiny.chunk_size == 1 and exp.engine.chunk_size >= 10
-    sent = exp.algorithm.broadcast(exp.state)
+    sent = exp.algorithm.broadcast(exp.state["algorithm"])
     clients = list(range(10))
-    whole = exp.engine.run_round(exp.algorithm, exp.state.x, sent, clients, 1)
-    chunked = tiny.run_round(exp.algorithm, exp.state.x, sent, clients, 1)
+    whole = train_once(exp, exp.state["x"], clients, sent)
+    chunked = tiny.run_round(exp.algorithm, exp.state["x"], sent, clients, 1, ClientStore())
     torch.testing.assert_close(chunked.U, whole.U, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked.aux["delta_c"], whole.aux["delta_c"], rtol=1e-4, atol=1e-5)
 
 
 def test_memory_budget_bounds_chunk_size(quick):
-    exp = Experiment(load_config(None, [*quick, "engine.name=vectorized", "model.name=cnn"]))
+    exp = stepper(*quick, "engine.name=vectorized", "model.name=cnn")
     small = VectorizedEngine(exp.model, exp.data, local_training(exp.cfg), memory_budget=64 * 2**20)
     large = VectorizedEngine(exp.model, exp.data, local_training(exp.cfg), memory_budget=2**31)
     assert 1 <= small.chunk_size < large.chunk_size
@@ -144,8 +146,8 @@ def test_results_come_back_in_the_callers_client_order(quick):
     serial, vectorized = _pair(quick, "data.n_clients=20", "partition.name=quantity", "client.epochs=2")
     clients = [7, 2, 19, 0, 11, 5]  # unsorted, unequal sizes: the engine trains them longest first
     assert len(set(local_steps(vectorized.data.client_sizes()[clients], vectorized.engine.local))) > 2
-    a = serial.engine.run_round(serial.algorithm, serial.state.x, {}, clients, 1)
-    b = vectorized.engine.run_round(vectorized.algorithm, vectorized.state.x, {}, clients, 1)
+    a = train_once(serial, serial.state["x"], clients)
+    b = train_once(vectorized, vectorized.state["x"], clients)
     assert b.client_ids == clients
     torch.testing.assert_close(b.weights, a.weights)
     torch.testing.assert_close(b.U, a.U, rtol=1e-4, atol=1e-6)

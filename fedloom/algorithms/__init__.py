@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedloom.algorithms.fedavg import FedAvg, ServerState
+from fedloom.algorithms.base import NoServerState, PlainClient
+from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.scaffold import Scaffold
 from fedloom.algorithms.server_opt import Yogi, server_optimizer, step_on_pseudo_gradient
@@ -33,5 +34,5 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     "fedadagrad": AlgorithmSpec(FedAvg, "FedAdagrad (Reddi et al. 2021): server Adagrad", "adagrad", 0.1),
 }
 
-__all__ = ["ALGORITHMS", "AlgorithmSpec", "FedAvg", "FedProx", "Scaffold", "ServerState", "Yogi",
+__all__ = ["ALGORITHMS", "AlgorithmSpec", "FedAvg", "FedProx", "NoServerState", "PlainClient", "Scaffold", "Yogi",
            "server_optimizer", "step_on_pseudo_gradient"]

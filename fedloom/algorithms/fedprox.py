@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedloom.aggregation.base import Aggregator
 from fedloom.algorithms.fedavg import FedAvg
-from fedloom.algorithms.server_opt import OptimizerFactory
 from fedloom.core.store import ClientState
 
 
 class FedProx(FedAvg):
     name = "fedprox"
 
-    def __init__(self, aggregator: Aggregator, server_optimizer: OptimizerFactory, mu: float = 0.01):
-        super().__init__(aggregator, server_optimizer)
+    def __init__(self, mu: float = 0.01):
         self.mu = mu
 
     def correct_grad(self, g: Tensor, x: Tensor, x0: Tensor, sent: dict[str, Tensor], cstate: ClientState) -> Tensor:

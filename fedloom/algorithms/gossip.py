@@ -41,8 +41,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from fedloom.algorithms.fedavg import PlainClient
-from fedloom.compression.uplink import Uplink
+from fedloom.algorithms.base import PlainClient, per_step
+from fedloom.compression import uplink
+from fedloom.compression.base import Compressor
 from fedloom.core.store import ClientState, ClientStore
 from fedloom.topology import gossip
 
@@ -135,23 +136,31 @@ def honest_messages(models: Tensor, active: list[int], round_idx: int) -> Tensor
 
 
 class DSGD(PlainClient):
+    """D-SGD; also the base of the other gossip algorithms. ``mix`` is a function of explicit
+    state: the clients' store (a copy the round owns) and the algorithm's gossip state
+    (``gossip_init``), both handed back new."""
+
     name = "dsgd"
 
     def __init__(self, rule: GossipRule = mean_gossip, messages: Messages = honest_messages):
         self.rule, self.messages = rule, messages
 
+    def gossip_init(self, X: Tensor) -> dict:
+        return {}
+
     def exchange(self, W: Tensor, X: Tensor, active: list[int], round_idx: int) -> Tensor:
         """One gossip step: every node mixes its own model with the models its neighbours sent."""
         return self.rule(W, X, self.messages(X, active, round_idx))
 
-    def mix(self, W: Tensor, X: Tensor, Y: Tensor, active: list[int], aux: dict[str, Tensor], store: ClientStore,
-            round_idx: int) -> tuple[Tensor, Tensor]:
-        """(new node parameters, bytes each active node sent this round)."""
-        return self.exchange(W, Y, active, round_idx), torch.full((len(active),), 4.0 * X.shape[1])
+    def mix(self, W: Tensor, X: Tensor, Y: Tensor, active: list[int], aux: dict[str, Tensor], clients: ClientStore,
+            state: dict, round_idx: int) -> tuple[Tensor, Tensor, dict]:
+        """(new node parameters, bytes each active node sent this round, new gossip state)."""
+        return self.exchange(W, Y, active, round_idx), torch.full((len(active),), 4.0 * X.shape[1]), state
 
 
 class GradientTracking(DSGD):
     name = "gradient_tracking"
+    plain_sgd_only = True
 
     def client_init(self, d: int) -> ClientState:
         return {"c": torch.zeros(d)}
@@ -162,34 +171,37 @@ class GradientTracking(DSGD):
     def client_result(self, x0: Tensor, x: Tensor, steps: Tensor, lr: float, sent: dict[str, Tensor],
                       cstate: ClientState) -> tuple[Tensor, dict[str, Tensor], ClientState]:
         row = x0 - x
-        steps = torch.as_tensor(steps, dtype=x.dtype).clamp(min=1)
-        steps = steps[:, None] if steps.dim() == 1 else steps
-        return row, {"delta": row / (steps * lr)}, cstate
+        return row, {"delta": per_step(row, steps, lr)}, cstate
 
-    def mix(self, W, X, Y, active, aux, store, round_idx):
+    def mix(self, W, X, Y, active, aux, clients, state, round_idx):
         delta = torch.zeros_like(X)
-        delta[active] = aux["delta"]
+        if "delta" in aux:  # gossip before the round's training has no new directions yet
+            delta[active] = aux["delta"]
         tracked = gossip(W, delta) - delta  # (W delta)_i - delta_i; zero for inactive (identity) rows
         for node in active:
-            store.put(node, {"c": store.get(node, dict)["c"] + tracked[node]})
-        return gossip(W, Y), torch.full((len(active),), 2 * 4.0 * X.shape[1])
+            clients.put(node, {"c": clients.get(node, lambda: self.client_init(X.shape[1]))["c"] + tracked[node]})
+        return gossip(W, Y), torch.full((len(active),), 2 * 4.0 * X.shape[1]), state
 
 
 class Choco(DSGD):
+    """State: the public copies x_hat every neighbour holds, and each node's compressor memory."""
+
     name = "choco"
 
-    def __init__(self, uplink: Uplink, gamma: float):
+    def __init__(self, compressor: Compressor, seed: int, gamma: float):
         super().__init__()
-        self.uplink = uplink
-        self.gamma = gamma
-        self.public: Tensor | None = None  # x_hat, the copies every neighbour holds
+        self.compressor, self.seed, self.gamma = compressor, seed, gamma
 
-    def mix(self, W, X, Y, active, aux, store, round_idx):
-        if self.public is None:
-            self.public = torch.zeros_like(X)
-        q, nbytes = self.uplink.send((Y - self.public)[active], active, round_idx)
-        self.public[active] += q
-        mixed = Y + self.gamma * (gossip(W, self.public) - self.public)
+    def gossip_init(self, X: Tensor) -> dict:
+        return {"public": torch.zeros_like(X), "memories": {}}
+
+    def mix(self, W, X, Y, active, aux, clients, state, round_idx):
+        public = state["public"]
+        q, nbytes, memories = uplink.send(self.compressor, self.seed, (Y - public)[active], active, round_idx,
+                                          state["memories"])
+        public = public.clone()
+        public[active] += q
+        mixed = Y + self.gamma * (gossip(W, public) - public)
         X_new = X.clone()
         X_new[active] = mixed[active]
-        return X_new, nbytes.float()
+        return X_new, nbytes.float(), {"public": public, "memories": memories}

@@ -25,26 +25,35 @@ SERVER = 2**32 - 1  # the server's key in the compression stream, above every cl
 
 
 class Downlink:
-    def __init__(self, compressor: Compressor, seed: int, x0: Tensor):
+    """The rule's constants (compressor, seed); its state is explicit (``init``), in the run's state tree:
+    the clients' copy w, the compressor's state, the running total of message bytes, and for each
+    client how many messages its copy includes."""
+
+    def __init__(self, compressor: Compressor, seed: int):
         self.compressor = compressor
         self.seed = seed
-        self.copy = x0.detach().clone()  # w: the model as the clients hold it
-        self.state = compressor.init(1, x0.numel(), torch_generator(seed, Stream.COMPRESSION, 0, SERVER))
-        self.sent = [0]  # bytes of all messages so far, after each message
-        self.synced: dict[int, int] = {}  # client id -> how many messages its copy includes
 
-    def send(self, x: Tensor, client_ids: list[int], round_idx: int) -> tuple[Tensor, Tensor]:
-        """(the model the clients train from, downlink bytes per client)."""
+    def init(self, x0: Tensor) -> dict:
+        gen = torch_generator(self.seed, Stream.COMPRESSION, 0, SERVER)
+        return {"copy": x0.detach().clone(), "compressor": self.compressor.init(1, x0.numel(), gen),
+                "sent": [0], "synced": {}}
+
+    def send(self, state: dict, x: Tensor, client_ids: list[int], round_idx: int) -> tuple[Tensor, Tensor, dict]:
+        """(the model the clients train from, downlink bytes per client, the new state)."""
         gen = torch_generator(self.seed, Stream.COMPRESSION, round_idx, SERVER)
         seeds = torch.tensor([seed_for(self.seed, Stream.COMPRESSION, round_idx, SERVER)])
-        step, nbytes, self.state = roundtrip(self.compressor, (x - self.copy)[None], self.state, gen, seeds)
-        self.copy = self.copy + step[0]
-        self.sent.append(self.sent[-1] + int(nbytes[0]))
-        costs = [self._catch_up(c, x.numel()) for c in client_ids]
-        return self.copy, torch.tensor(costs, dtype=torch.long)
+        step, nbytes, compressor_state = roundtrip(self.compressor, (x - state["copy"])[None], state["compressor"],
+                                                   gen, seeds)
+        sent = [*state["sent"], state["sent"][-1] + int(nbytes[0])]
+        synced = dict(state["synced"])
+        costs = [_catch_up(sent, synced, c, x.numel()) for c in client_ids]
+        new_state = {"copy": state["copy"] + step[0], "compressor": compressor_state, "sent": sent, "synced": synced}
+        return new_state["copy"], torch.tensor(costs, dtype=torch.long), new_state
 
-    def _catch_up(self, client_id: int, d: int) -> int:
-        full = FLOAT32_BYTES * d
-        held = self.synced.get(client_id)
-        self.synced[client_id] = len(self.sent) - 1
-        return full if held is None else min(full, self.sent[-1] - self.sent[held])
+
+def _catch_up(sent: list[int], synced: dict[int, int], client_id: int, d: int) -> int:
+    """Bytes to bring the client's copy up to date (``synced`` records that it now is)."""
+    full = FLOAT32_BYTES * d
+    held = synced.get(client_id)
+    synced[client_id] = len(sent) - 1
+    return full if held is None else min(full, sent[-1] - sent[held])

@@ -1,5 +1,11 @@
 """Per-client state kept across rounds (SCAFFOLD's control variates, error
-feedback memories, personal layers), keyed by client id."""
+feedback memories, personal layers), keyed by client id.
+
+A store is a piece of the run's state tree (``fedloom.state``): a round works on
+a copy and hands back the new one, so the state of the last complete round is
+never touched and can be checkpointed at any time (client states are replaced,
+never changed in place).
+"""
 
 from __future__ import annotations
 
@@ -11,20 +17,24 @@ ClientState = dict[str, Tensor]
 
 
 class ClientStore:
-    def __init__(self) -> None:
-        self._states: dict[int, ClientState] = {}
+    def __init__(self, states: dict[int, ClientState] | None = None) -> None:
+        self.states: dict[int, ClientState] = dict(states or {})
 
     def get(self, client_id: int, make: Callable[[], ClientState]) -> ClientState:
         """The client's state, made fresh the first time the client is seen."""
-        if client_id not in self._states:
-            self._states[client_id] = make()
-        return self._states[client_id]
+        if client_id not in self.states:
+            self.states[client_id] = make()
+        return self.states[client_id]
 
     def put(self, client_id: int, state: ClientState) -> None:
-        self._states[client_id] = state
+        self.states[client_id] = state
+
+    def copy(self) -> ClientStore:
+        """A store whose puts do not reach this one (the states themselves are shared: never edited in place)."""
+        return ClientStore(self.states)
 
     def __len__(self) -> int:
-        return len(self._states)
+        return len(self.states)
 
     def __contains__(self, client_id: int) -> bool:
-        return client_id in self._states
+        return client_id in self.states

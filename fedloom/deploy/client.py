@@ -82,9 +82,9 @@ class Trainer:
         state = {k: v.clone() for k, v in prefixed(tensors, "state").items()}
         if state:
             store.put(self.client_id, state)
-        engine = SerialEngine(model, data, local_from_proto(header.local), store)
+        engine = SerialEngine(model, data, local_from_proto(header.local))
         sent = {k: v.clone() for k, v in prefixed(tensors, "sent").items()}
-        result = engine.run_round(algorithm, params, sent, [self.client_id], header.round)
+        result = engine.run_round(algorithm, params, sent, [self.client_id], header.round, store)
         named = result_tensors(result.U[0], {k: v[0] for k, v in result.aux.items()},
                                store.get(self.client_id, dict))
         update = pb.UpdateHeader(round=header.round, task_id=header.task_id, client_id=self.client_id,

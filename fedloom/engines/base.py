@@ -15,6 +15,7 @@ from torch.func import functional_call
 from fedloom.core.local_optim import Adam, SGD
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, counter_keys
+from fedloom.core.store import ClientStore
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,12 @@ class RoundResult:
 
 class Engine(Protocol):
     """Runs the clients' local training. ``x0`` is the global model ``[d]``, or
-    each client's own starting model ``[n, d]`` (decentralized learning)."""
+    each client's own starting model ``[n, d]`` (decentralized learning). ``store``
+    holds the clients' persistent states: read, and the new ones put back (it is
+    the round's copy of the state tree's, so an engine keeps no client state)."""
 
     def run_round(self, algorithm: Any, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
-                  round_idx: int) -> RoundResult: ...
+                  round_idx: int, store: ClientStore) -> RoundResult: ...
 
 
 def functional_loss(model: nn.Module, spec: ParamSpec) -> Callable[[Tensor, Tensor, Tensor], Tensor]:

@@ -7,7 +7,7 @@ the object store once; the sampled clients are split evenly over the actors, and
 each actor trains its share with the vectorized engine when the model allows
 it, else with the serial one.
 
-Client state (SCAFFOLD's control variates) stays in the driver's ClientStore:
+Client state (SCAFFOLD's control variates) stays in the driver's store (the run's state tree):
 every call carries the states of its clients and returns the new ones. Results
 then do not depend on which actor a client lands on, on the number of actors,
 or on an actor being restarted, and the store is in one place for checkpoints;
@@ -105,39 +105,37 @@ class ClientWorker:
         """Train the round's clients in ``share`` from the states the driver holds; return their new states."""
         client_ids = inputs.client_ids[share]
         x0 = starts_of(inputs.x0, share)
-        self.engine.store = ClientStore()
-        for cid, state in states.items():
-            self.engine.store.put(cid, state)
-        result = self.engine.run_round(inputs.algorithm, x0, inputs.sent, client_ids, inputs.round_idx)
-        return result, {cid: self.engine.store.get(cid, dict) for cid in client_ids}
+        store = ClientStore(states)
+        result = self.engine.run_round(inputs.algorithm, x0, inputs.sent, client_ids, inputs.round_idx, store)
+        return result, {cid: store.get(cid, dict) for cid in client_ids}
 
 
 class RayEngine:
     name = "ray"
 
-    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, store: ClientStore | None = None,
+    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining,
                  address: str | None = None, workers: int = 2, memory_budget: int = DEFAULT_MEMORY_BUDGET):
         if workers < 1:
             raise ValueError(f"the ray engine needs at least one worker, got workers = {workers}")
         self._ray = import_ray()
         connect(self._ray, address)
-        self.store = store if store is not None else ClientStore()
         actor = self._ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(ClientWorker)
         data_ref = self._ray.put(data)
         self._actors = [actor.remote(model, data_ref, local, memory_budget) for _ in range(workers)]
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
-                  round_idx: int) -> RoundResult:
+                  round_idx: int, store: ClientStore) -> RoundResult:
         client_ids = list(client_ids)
         inputs = self._ray.put(RoundInputs(algorithm, x0, sent, client_ids, round_idx))
-        calls = [actor.train.remote(inputs, share, self._states_of(client_ids[share]))
+        calls = [actor.train.remote(inputs, share, _states_of(store, client_ids[share]))
                  for actor, share in zip(self._actors, split_evenly(len(client_ids), len(self._actors)))]
         results = self._ray.get(calls)
         for _, states in results:
             for cid, state in states.items():
-                self.store.put(cid, state)
+                store.put(cid, state)
         return concatenate([result for result, _ in results])
 
-    def _states_of(self, client_ids: list[int]) -> dict[int, ClientState]:
-        """The stored states of the clients seen before; new ones start on the actor."""
-        return {cid: self.store.get(cid, dict) for cid in client_ids if cid in self.store}
+
+def _states_of(store: ClientStore, client_ids: list[int]) -> dict[int, ClientState]:
+    """The stored states of the clients seen before; new ones start on the actor."""
+    return {cid: store.get(cid, dict) for cid in client_ids if cid in store}

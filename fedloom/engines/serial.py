@@ -22,12 +22,11 @@ from fedloom.engines.base import LocalTraining, RoundResult, batch_order, functi
 class SerialEngine:
     name = "serial"
 
-    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, store: ClientStore | None = None):
+    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining):
         self.model = model
         self.spec = ParamSpec.of(model)
         self.data = data
         self.local = local
-        self.store = store if store is not None else ClientStore()
         self._loss = functional_loss(model, self.spec)
 
     def _grad(self, x: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,11 +38,12 @@ class SerialEngine:
         return g, loss.detach()
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
-                  round_idx: int) -> RoundResult:
+                  round_idx: int, store: ClientStore) -> RoundResult:
         self.model.train()
         rows, auxes, weights, losses = [], [], [], []
         for i, cid in enumerate(client_ids):
-            row, aux, n_examples, loss = self._train_client(algorithm, starts_of(x0, i), sent, cid, round_idx)
+            row, aux, n_examples, loss = self._train_client(algorithm, starts_of(x0, i), sent, cid, round_idx,
+                                                               store)
             rows.append(row)
             auxes.append(aux)
             weights.append(n_examples)
@@ -52,10 +52,11 @@ class SerialEngine:
         return RoundResult(list(client_ids), torch.stack(rows), torch.tensor(weights, dtype=torch.float32), aux,
                            torch.tensor(losses))
 
-    def _train_client(self, algorithm, x0: Tensor, sent: dict[str, Tensor], cid: int, round_idx: int):
+    def _train_client(self, algorithm, x0: Tensor, sent: dict[str, Tensor], cid: int, round_idx: int,
+                      store: ClientStore):
         idx = self.data.train_idx[cid]
         xs, ys = self.data.x[idx], self.data.y[idx]
-        cstate = self.store.get(cid, lambda: algorithm.client_init(x0.shape[-1]))
+        cstate = store.get(cid, lambda: algorithm.client_init(x0.shape[-1]))
         opt = self.local.optimizer
         x, opt_state, steps, loss_sum = x0.clone(), opt.init(x0), 0, 0.0
         with torch.random.fork_rng(devices=[]):
@@ -66,5 +67,5 @@ class SerialEngine:
                 steps += 1
                 loss_sum += float(loss)
         row, aux, new_state = algorithm.client_result(x0, x, torch.tensor(steps), opt.lr, sent, cstate)
-        self.store.put(cid, new_state)
+        store.put(cid, new_state)
         return row, aux, len(idx), loss_sum / max(steps, 1)

@@ -79,14 +79,13 @@ def activation_floats(model: nn.Module, example: Tensor) -> int:
 class VectorizedEngine:
     name = "vectorized"
 
-    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, store: ClientStore | None = None,
+    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET):
         check_vectorizable(model)
         self.model = model
         self.spec = ParamSpec.of(model)
         self.data = data
         self.local = local
-        self.store = store if store is not None else ClientStore()
         self.sizes = data.client_sizes()
         self.chunk_size = self._clients_per_chunk(memory_budget)
         self._losses = vmap(self._masked_loss)
@@ -120,7 +119,7 @@ class VectorizedEngine:
         return max(1, budget // per_client)
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
-                  round_idx: int) -> RoundResult:
+                  round_idx: int, store: ClientStore) -> RoundResult:
         self.model.train()
         steps = local_steps(self.sizes[client_ids], self.local)
         # longest training first: clients of like length share a chunk, and in a chunk
@@ -128,7 +127,7 @@ class VectorizedEngine:
         order = np.argsort(-steps, kind="stable")
         chunks = [torch.from_numpy(order[i:i + self.chunk_size]) for i in range(0, len(order), self.chunk_size)]
         result = concatenate([self._train_chunk(algorithm, starts_of(x0, c), sent, [client_ids[i] for i in c],
-                                                round_idx) for c in chunks])
+                                                round_idx, store) for c in chunks])
         return rows_of(result, torch.from_numpy(np.argsort(order)))
 
     def _batch_plan(self, client_ids: list[int], round_idx: int) -> tuple[Tensor, Tensor]:
@@ -146,12 +145,12 @@ class VectorizedEngine:
         return index[torch.argsort(t * len(client_ids) + client)], torch.from_numpy(steps)
 
     def _train_chunk(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
-                     round_idx: int) -> RoundResult:
+                     round_idx: int, store: ClientStore) -> RoundResult:
         """Local training of clients sorted longest first: at each step only the
         first k rows, the clients still training, are computed; a finished client's
         parameters are set aside, exactly as if it had trained alone."""
         plan, steps = self._batch_plan(client_ids, round_idx)
-        cstate = self._stacked_states(algorithm, client_ids, x0.shape[-1])
+        cstate = _stacked_states(algorithm, store, client_ids, x0.shape[-1])
         opt = self.local.optimizer
         final = x0.expand(len(client_ids), -1).clone()  # x0 is one model [d] or each client's own [n, d]
         X, opt_state, state, starts = final, opt.init(final), cstate, x0
@@ -171,13 +170,15 @@ class VectorizedEngine:
         final[:len(X)] = X
         rows, aux, new_state = algorithm.client_result(x0, final, steps, opt.lr, sent, cstate)
         for i, cid in enumerate(client_ids):
-            self.store.put(cid, {k: v[i].clone() for k, v in new_state.items()})
+            store.put(cid, {k: v[i].clone() for k, v in new_state.items()})
         weights = torch.from_numpy(self.sizes[client_ids]).float()
         return RoundResult(list(client_ids), rows.detach(), weights, aux, loss_sum / steps.clamp(min=1))
 
-    def _stacked_states(self, algorithm, client_ids: list[int], d: int) -> dict[str, Tensor]:
-        states = [self.store.get(cid, lambda: algorithm.client_init(d)) for cid in client_ids]
-        return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+
+
+def _stacked_states(algorithm, store: ClientStore, client_ids: list[int], d: int) -> dict[str, Tensor]:
+    states = [store.get(cid, lambda: algorithm.client_init(d)) for cid in client_ids]
+    return {k: torch.stack([s[k] for s in states]) for k in states[0]}
 
 
 def _schedule(plan: Tensor, steps: Tensor) -> list[tuple[int, int]]:

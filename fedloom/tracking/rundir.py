@@ -104,6 +104,18 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def truncate_metrics(self, rounds: int) -> list[dict]:
+        """Keep the records of rounds 1..``rounds`` (what a checkpoint holds) and drop the rest, a torn
+        last line included; returns the records kept."""
+        path = self.path / METRICS
+        if not path.is_file():
+            return []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a torn last line is expected here: it is cut off
+            kept = [r for r in read_metrics(self.path) if r.get("round", 0) <= rounds]
+        write_text_atomic(path, "".join(to_json(r) + "\n" for r in kept))
+        return kept
+
     def write_summary(self, summary: dict) -> None:
         write_text_atomic(self.path / SUMMARY, to_json(summary, indent=2) + "\n")
 

@@ -1,8 +1,18 @@
-"""Decentralized runs: no server; each node trains on its own data and mixes
-with its neighbours through the gossip matrix W (DESIGN.md: ``X <- W X``).
+"""A decentralized round: no server; each active node trains on its own data and
+mixes with its neighbours through the gossip matrix W (``X <- W X``).
 
-Shares data, models, engines, config and the run directory with federated runs;
-``run`` picks this class when ``mode = "decentralized"``.
+Shares data, models, engines, config and the runner with federated rounds. With
+``decentralized.order = "gossip_then_local"`` the algorithm's gossip step (its
+``mix``: the tracker update of gradient tracking, CHOCO's compressed exchange)
+comes before local training, reading the side matrices of the round before.
+
+The state tree of a decentralized run:
+
+    X        the stacked node models [n, d]
+    clients  node id -> the algorithm's persistent node state (gradient tracking's c)
+    gossip   the algorithm's gossip state (CHOCO's public copies and compressor memories)
+    pending  gossip_then_local: the side matrices of the last training, [n, d'] each
+    sent     bytes each node has sent so far [n]
 
 Byzantine nodes (``[attack]``, a set fixed for the run) train like honest ones but
 send crafted models to their neighbours: the attack of ``fedloom.attacks`` applied
@@ -13,7 +23,6 @@ metric (node accuracy, x_bar, consensus distance) is over the honest nodes only.
 
 from __future__ import annotations
 
-import time
 from functools import cached_property
 from typing import Any
 
@@ -26,10 +35,11 @@ from fedloom.algorithms.gossip import (DSGD, Choco, ClippedGossip, GradientTrack
                                       mean_gossip)
 from fedloom.attacks import ATTACKS, Adversary
 from fedloom.builders import build_adversary, build_data, build_engine, build_model_for
-from fedloom.compression.uplink import Uplink
-from fedloom.config import ConfigError, ExperimentConfig
+from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
+from fedloom.core.store import ClientStore
+from fedloom.rounds.base import State
 from fedloom.topology import (TimeVarying, active_subgraph, check_connected, consensus_distance, make_topology,
                               max_degree, metropolis_hastings, mixing_from_user, spectral_gap)
 
@@ -48,10 +58,7 @@ def byzantine_messages(adversary: Adversary) -> Messages:
 def build_gossip_algorithm(cfg: ExperimentConfig, adversary: Adversary | None = None) -> DSGD:
     d = cfg.decentralized
     if d.algorithm == "choco":
-        compressor = cfg.compression.build()
-        if compressor is None:
-            raise ConfigError("decentralized.algorithm = 'choco' needs a [compression] compressor (e.g. topk)")
-        return Choco(Uplink(compressor, cfg.seed), d.choco_gamma)
+        return Choco(cfg.compression.build(), cfg.seed, d.choco_gamma)
     if d.algorithm == "gradient_tracking":
         return GradientTracking()
     rule = ClippedGossip(d.clip_tau, d.clip_delta) if d.gossip == "clipped" else mean_gossip
@@ -70,21 +77,15 @@ class Topology:
         t = cfg.topology
         self.weights = {"metropolis_hastings": metropolis_hastings, "max_degree": max_degree}[t.weights]
         self.user_matrix = mixing_from_user(t.matrix) if t.matrix is not None else None
-        if self.user_matrix is not None and self.user_matrix.shape[0] != n:
-            raise ConfigError(f"topology.matrix is {self.user_matrix.shape[0]}x{self.user_matrix.shape[0]}, "
-                              f"but there are {n} nodes (data.n_clients)")
         self.graph = None if self.user_matrix is not None else make_topology(t.name, n, **t.options)
         if isinstance(self.graph, nx.Graph):
             check_connected(self.graph, name=f"topology {t.name!r}")
 
     def mixing(self, round_idx: int, active: Tensor) -> Tensor:
+        """W for the round (the config refuses partial participation with a user matrix or a time-varying graph)."""
         if self.user_matrix is not None:
-            if not bool(active.all()):
-                raise ConfigError("a user-given topology.matrix cannot be used with partial participation or churn")
             return self.user_matrix
         if isinstance(self.graph, TimeVarying):
-            if not bool(active.all()):
-                raise ConfigError("time-varying topologies cannot be used with partial participation or churn")
             return self.graph.mixing_at(round_idx)
         if bool(active.all()):
             return self.full_mixing
@@ -114,8 +115,8 @@ class Topology:
         return None
 
 
-class DecentralizedExperiment:
-    """One decentralized run: the stacked node parameters and the round step."""
+class DecentralizedRound:
+    """The decentralized run's constant parts and its round step on the state tree (module docstring)."""
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -126,21 +127,22 @@ class DecentralizedExperiment:
         self.model = build_model_for(cfg, self.data)
         self.spec = ParamSpec.of(self.model)
         self.engine = build_engine(cfg, self.model, self.data)
+        self.engine_name = self.engine.name
         self.algorithm = build_gossip_algorithm(cfg, self.adversary)
         self.topology = Topology(cfg, self.data.n_clients)
-        self.X = self.spec.flatten(self.model).expand(self.data.n_clients, -1).clone()
-        self.bytes_sent = torch.zeros(self.data.n_clients)
-        self.started = time.perf_counter()
 
-    @property
-    def honest_X(self) -> Tensor:
+    def init_state(self) -> State:
+        X = self.spec.flatten(self.model).detach().expand(self.data.n_clients, -1).clone()
+        return {"X": X, "clients": {}, "gossip": self.algorithm.gossip_init(X), "pending": {},
+                "sent": torch.zeros(self.data.n_clients)}
+
+    def honest(self, X: Tensor) -> Tensor:
         """The honest nodes' rows: what every metric is about."""
-        return self.X[~self.byzantine] if self.byzantine.any() else self.X
+        return X[~self.byzantine] if self.byzantine.any() else X
 
-    @property
-    def params(self) -> Tensor:
+    def final_params(self, state: State) -> Tensor:
         """The average honest model x_bar: the single final merge."""
-        return self.honest_X.mean(dim=0)
+        return self.honest(state["X"]).mean(dim=0)
 
     def active_nodes(self, round_idx: int) -> Tensor:
         """Which nodes take part: a MoDeST-style random subset and churn."""
@@ -156,32 +158,47 @@ class DecentralizedExperiment:
             active &= torch.as_tensor(rng.random(n) >= d.churn)
         return active
 
-    def round(self, round_idx: int) -> dict[str, Any]:
-        began = time.perf_counter()
+    def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
         active_mask = self.active_nodes(round_idx)
         active = active_mask.nonzero().flatten().tolist()
         W = self.topology.mixing(round_idx, active_mask)
+        store, gossip_state, X = ClientStore(state["clients"]), state["gossip"], state["X"]
         if self.cfg.decentralized.order == "gossip_then_local":
-            self.X = self.algorithm.exchange(W, self.X, active, round_idx)
-        result = self.engine.run_round(self.algorithm, self.X[active], {}, active, round_idx)
-        Y = self.X.clone()
-        Y[active] = self.X[active] - result.U
-        if self.cfg.decentralized.order == "gossip_then_local":
-            self.X, sent = Y, torch.full((len(active),), 4.0 * self.spec.dim)
+            pending = {k: v[active] for k, v in state["pending"].items()}
+            X, sent, gossip_state = self.algorithm.mix(W, X, X, active, pending, store, gossip_state, round_idx)
+            result, X_new = self._train(X, active, round_idx, store)
         else:
-            self.X, sent = self.algorithm.mix(W, self.X, Y, active, result.aux, self.engine.store, round_idx)
+            result, Y = self._train(X, active, round_idx, store)
+            X_new, sent, gossip_state = self.algorithm.mix(W, X, Y, active, result.aux, store, gossip_state,
+                                                           round_idx)
         round_bytes = sent * self._degrees(W)[active]
-        self.bytes_sent[active] += round_bytes
+        total_sent = state["sent"].clone()
+        total_sent[active] += round_bytes
+        new = {"X": X_new, "clients": store.states, "gossip": gossip_state, "sent": total_sent,
+               "pending": self._pending(result.aux, active, state["pending"])}
         record = {"round": round_idx, "train_loss": float(result.train_loss.mean()), "n_active": len(active),
                   "n_byzantine": int(self.byzantine[active_mask].sum()),
-                  "consensus_distance": consensus_distance(self.honest_X),
-                  "bytes_per_node": float(round_bytes.mean()), "bytes_per_node_total": float(self.bytes_sent.mean()),
-                  "bytes_up": int(round_bytes.sum()), "bytes_up_total": int(self.bytes_sent.sum())}
-        if round_idx % self.cfg.evaluation.every == 0 or round_idx == self.cfg.rounds:
-            record.update(self.evaluate())
-        record["round_seconds"] = time.perf_counter() - began
-        record["wall_seconds"] = time.perf_counter() - self.started
-        return record
+                  "consensus_distance": consensus_distance(self.honest(X_new)),
+                  "bytes_per_node": float(round_bytes.mean()), "bytes_per_node_total": float(total_sent.mean()),
+                  "bytes_up": int(round_bytes.sum()), "bytes_up_total": int(total_sent.sum())}
+        return new, record
+
+    def _train(self, X: Tensor, active: list[int], round_idx: int, store: ClientStore):
+        """Local training of the active nodes from their own rows: (the result, the models after it)."""
+        result = self.engine.run_round(self.algorithm, X[active], {}, active, round_idx, store)
+        Y = X.clone()
+        Y[active] = X[active] - result.U
+        return result, Y
+
+    def _pending(self, aux: dict[str, Tensor], active: list[int], before: dict[str, Tensor]) -> dict[str, Tensor]:
+        """gossip_then_local: the side matrices the next round's gossip reads, one row per node."""
+        if self.cfg.decentralized.order != "gossip_then_local":
+            return before
+        pending = {}
+        for key, rows in aux.items():
+            pending[key] = torch.zeros(self.data.n_clients, rows.shape[1], dtype=rows.dtype)
+            pending[key][active] = rows
+        return pending
 
     @staticmethod
     def _degrees(W: Tensor) -> Tensor:
@@ -191,20 +208,20 @@ class DecentralizedExperiment:
         off = (rows != cols) & (W.values() != 0)
         return torch.bincount(rows[off], minlength=W.shape[0]).float()
 
-    def evaluate(self) -> dict[str, float]:
-        node_acc = evaluation.rows_accuracy(self.model, self.spec, self.honest_X, self.data.x_test, self.data.y_test)
-        merged = evaluation.central(self.model, self.spec, self.params, self.data)
+    def evaluate(self, state: State) -> dict[str, float]:
+        honest = self.honest(state["X"])
+        node_acc = evaluation.rows_accuracy(self.model, self.spec, honest, self.data.x_test, self.data.y_test)
+        merged = evaluation.central(self.model, self.spec, self.final_params(state), self.data)
         return {"node_accuracy_mean": float(node_acc.mean()), "node_accuracy_min": float(node_acc.min()),
                 "node_accuracy_max": float(node_acc.max()), "xbar_accuracy": merged["central_accuracy"],
                 "central_accuracy": merged["central_accuracy"], "central_loss": merged["central_loss"]}
 
-    def final_model(self):
-        self.spec.load_into(self.model, self.params)
+    def final_model(self, state: State):
+        self.spec.load_into(self.model, self.final_params(state))
         return self.model
 
-    def describe(self) -> dict[str, Any]:
-        gap = self.topology.static_gap()
-        return {"topology": self.cfg.topology.name, "spectral_gap": gap}
+    def describe(self, state: State) -> dict[str, Any]:
+        return {"topology": self.cfg.topology.name, "spectral_gap": self.topology.static_gap()}
 
     def graph_record(self) -> dict[str, Any] | None:
         """What the run directory keeps to draw the graph: up to DRAWN_NODES nodes, fixed graphs only."""

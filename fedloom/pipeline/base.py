@@ -1,0 +1,86 @@
+"""The transform contract, and the chain that runs transforms in order.
+
+A transform is ``init(d) -> state`` and ``apply(U, w, state, ctx) -> (U, w,
+state, metrics)``: the update rows ``U [n, d]`` and their weights ``w [n]`` in,
+the same out, possibly changed, fewer (validation drops rows) or a single row
+(an aggregator ends the matrix in one row; the server step turns that row into
+the next global model). State is explicit and lives in the run's state tree;
+``apply`` never edits a state in place, it returns the new one.
+
+``side`` says where the transform runs in a deployment: ``"client"`` (each
+client on its own row before sending: compression, a client's clipping) or
+``"server"``. In a simulation every transform runs in the one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from fedloom.core.rng import Stream, torch_generator
+
+Metrics = dict[str, Any]
+Apply = Callable[[Tensor, Tensor, Any, "Context"], tuple[Tensor, Tensor, Any, Metrics]]
+
+
+@dataclass
+class Context:
+    """What a transform may read about the round. ``client_ids`` and ``aux`` (the
+    algorithm's side matrices, one row per client) follow the rows: a transform that
+    drops rows drops them here too, with :meth:`keep`."""
+
+    round: int
+    seed: int
+    client_ids: list[int]
+    params: Tensor  # the global model the round started from [d]
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    kept: Tensor | None = None  # [n sampled] which of the round's original rows are still in
+
+    def __post_init__(self) -> None:
+        if self.kept is None:
+            self.kept = torch.ones(len(self.client_ids), dtype=torch.bool)
+
+    def keep(self, mask: Tensor) -> None:
+        """Keep only the current rows where ``mask`` is true."""
+        self.client_ids = [c for c, k in zip(self.client_ids, mask.tolist()) if k]
+        self.aux = {k: v[mask] for k, v in self.aux.items()}
+        still = self.kept.nonzero().flatten()
+        self.kept = torch.zeros_like(self.kept).index_fill_(0, still[mask], True)
+
+    def generator(self, stream: Stream, *key: int) -> torch.Generator:
+        """The round's own seeded stream ``stream`` (keyed further by ``key``, e.g. a client id)."""
+        return torch_generator(self.seed, stream, self.round, *key)
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    apply: Apply
+    init: Callable[[int], Any] = lambda d: None
+    side: Literal["client", "server"] = "server"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    transforms: tuple[Transform, ...]
+
+    def init(self, d: int) -> list[Any]:
+        return [t.init(d) for t in self.transforms]
+
+    def apply(self, U: Tensor, w: Tensor, states: list[Any], ctx: Context) -> tuple[Tensor, Tensor, list[Any], Metrics]:
+        """Run the chain. When a transform leaves no row, the rest is skipped (their states
+        kept): the caller keeps the previous model."""
+        states, metrics = list(states), {}
+        for i, transform in enumerate(self.transforms):
+            U, w, states[i], step_metrics = transform.apply(U, w, states[i], ctx)
+            metrics.update(step_metrics)
+            if len(U) == 0:
+                break
+        return U, w, states, metrics
+
+    def steps(self) -> list[str]:
+        """The transforms in order, each with its side: what the summary reports."""
+        return [f"{t.name} ({t.side})" for t in self.transforms]

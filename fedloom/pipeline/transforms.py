@@ -1,0 +1,99 @@
+"""The built-in transforms: validation, the simulated attack, uplink compression,
+norm clipping, aggregation and the server optimizer step (contract in ``base.py``)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from fedloom.aggregation.base import Aggregator
+from fedloom.aggregation.validate import reject_invalid
+from fedloom.algorithms.server_opt import OptimizerFactory, step_on_pseudo_gradient
+from fedloom.attacks import Adversary
+from fedloom.compression import uplink
+from fedloom.compression.base import Compressor
+from fedloom.pipeline.base import Context, Transform
+from fedloom.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+def validate() -> Transform:
+    """Rows holding NaN or Inf, of the wrong length, or with a bad weight are dropped (metric ``n_rejected``)."""
+
+    def apply(U: Tensor, w: Tensor, state: None, ctx: Context):
+        try:
+            U, w, rejected = reject_invalid(U, w, ctx.params.numel())
+        except ValueError as err:  # nothing usable this round: the model stays as it was
+            log.warning("round %d: %s", ctx.round, err)
+            rejected = torch.ones(len(ctx.client_ids), dtype=torch.bool)
+            U, w = U[:0], w[:0]
+        ctx.keep(~rejected)
+        return U, w, state, {"n_rejected": int(rejected.sum())}
+
+    return Transform("validate", apply)
+
+
+def attack(adversary: Adversary) -> Transform:
+    """Simulated Byzantine clients replace their rows with crafted ones (metric ``n_byzantine``)."""
+
+    def apply(U: Tensor, w: Tensor, state: None, ctx: Context):
+        U, byzantine = adversary.corrupt(U, ctx.client_ids, ctx.round)
+        return U, w, state, {"n_byzantine": int(byzantine.sum())}
+
+    return Transform(f"attack:{adversary.name}", apply, side="client")
+
+
+def compress(compressor: Compressor, seed: int) -> Transform:
+    """Each client compresses its row and the server decodes it; the state is every client's
+    compressor memory (metric ``uplink_bytes``: the payloads' real lengths)."""
+
+    def apply(U: Tensor, w: Tensor, memories: uplink.Memories, ctx: Context):
+        U, nbytes, memories = uplink.send(compressor, seed, U, ctx.client_ids, ctx.round, memories)
+        return U, w, memories, {"uplink_bytes": int(nbytes.sum())}
+
+    return Transform(f"compress:{compressor.name}", apply, init=lambda d: {}, side="client")
+
+
+def clip(max_norm: float) -> Transform:
+    """Every row clipped to L2 norm ``max_norm`` (rows already shorter are left as they are)."""
+    if max_norm <= 0:
+        raise ValueError(f"clip: max_norm must be > 0; got {max_norm}")
+
+    def apply(U: Tensor, w: Tensor, state: None, ctx: Context):
+        scale = (max_norm / torch.linalg.vector_norm(U, dim=1).clamp_min(torch.finfo(U.dtype).tiny)).clamp(max=1)
+        return U * scale[:, None], w, state, {"n_clipped": int((scale < 1).sum())}
+
+    return Transform("clip", apply)
+
+
+TRANSFORMS = Registry("transform")  # what server.transforms may name (besides a user's import path)
+TRANSFORMS.add("clip", "clip every row to L2 norm max_norm (option max_norm)")(clip)
+
+
+def aggregate(aggregator: Aggregator) -> Transform:
+    """The aggregator ends the matrix in one row (weight 1); its state is the aggregator's."""
+
+    def apply(U: Tensor, w: Tensor, state, ctx: Context):
+        row, state = aggregator(U, w, state)
+        return row[None], torch.ones(1, dtype=w.dtype), state, {}
+
+    return Transform(f"aggregate:{aggregator.name}", apply, init=aggregator.init)
+
+
+def server_step(name: str, make_optimizer: OptimizerFactory) -> Transform:
+    """The server optimizer steps the global model with the aggregated row as its gradient
+    (``x_global - mean(local)``: SGD with lr 1 is FedAvg); the row out is the next global
+    model. The state is the optimizer's state_dict (None before the first step)."""
+
+    def apply(U: Tensor, w: Tensor, state: dict | None, ctx: Context):
+        params = nn.Parameter(ctx.params.detach().clone())
+        optimizer = make_optimizer(params)
+        if state is not None:
+            optimizer.load_state_dict(state)
+        step_on_pseudo_gradient(optimizer, params, U[0])
+        return params.detach()[None], w, optimizer.state_dict(), {}
+
+    return Transform(f"server_optimizer:{name}", apply)

@@ -1,0 +1,198 @@
+"""The one loop every mode runs: rounds, evaluation, metrics, progress,
+checkpoints and resume, Ctrl-C and SIGTERM, the summary and the report.
+
+``run(config)`` is the Python entry point behind ``fedloom run``; ``drive(round)``
+plays any round object (``fedloom.rounds``): federated, decentralized, or the
+deployment's coordinator. The runner owns the state tree between rounds and
+checkpoints it (``fedloom.checkpoint``); ``run(resume=RUN_DIR)`` continues an
+interrupted or killed run and ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from torch import Tensor, nn
+
+from fedloom import checkpoint
+from fedloom.config import ExperimentConfig, load_config
+from fedloom.progress import RoundProgress
+from fedloom.rounds import Round, build_round
+from fedloom.tracking import RunDir, render_report
+from fedloom.tracking.rundir import CONFIG
+
+SLOW_ROUND_S = 1.0  # without checkpoint.every, a round slower than this is checkpointed
+SUMMARY_KEYS = ("central_accuracy", "central_loss", "federated_accuracy", "federated_accuracy_worst10",
+                "node_accuracy_mean", "node_accuracy_min", "consensus_distance", "bytes_per_node_total",
+                "train_loss", "bytes_up_total", "bytes_down_total", "wall_seconds")
+
+
+@dataclass
+class RunResult:
+    config: ExperimentConfig
+    model: nn.Module
+    params: Tensor
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last evaluated values of every metric."""
+        merged: dict[str, Any] = {}
+        for record in self.history:
+            merged.update(record)
+        return merged
+
+
+def run(config: str | Path | dict | ExperimentConfig | None = None, overrides: list[str] = (),
+        resume: str | Path | None = None) -> RunResult:
+    """Run an experiment to the end (or to Ctrl-C, keeping what was written); with ``resume``,
+    continue the run directory's run from its checkpoint (``overrides`` apply to its saved config)."""
+    cfg = load_config(Path(resume) / CONFIG if resume else config, list(overrides))
+    return drive(build_round(cfg), resume)
+
+
+def drive(round_: Round, resume: str | Path | None = None,
+          on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Play ``round_``'s rounds from the start, or from ``resume``'s checkpoint, to the end."""
+    cfg = round_.cfg
+    run_dir, state, history = _open(round_, resume)
+    started = time.perf_counter() - state["wall_seconds"]
+    status = "completed"
+    try:
+        with _signals_interrupt(), RoundProgress(cfg.rounds, state["round"], enabled=cfg.output.progress) as bar:
+            for r in range(state["round"] + 1, cfg.rounds + 1):
+                state, record = _play(round_, state, r, started)
+                history.append(record)
+                if run_dir:
+                    run_dir.append_metrics(record)
+                    if _checkpoint_due(cfg, record):
+                        checkpoint.save(run_dir.path / checkpoint.CHECKPOINT, state)
+                bar.update(record)
+                if on_round:
+                    on_round(record)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    with _signals_ignored():  # a second Ctrl-C must not cut the final writes short
+        return _finish(round_, state, history, run_dir, status)
+
+
+def _play(round_: Round, state: dict, r: int, started: float) -> tuple[dict, dict]:
+    """One round, evaluated when due, timed; the new state knows its round and wall time."""
+    cfg = round_.cfg
+    began = time.perf_counter()
+    state, record = round_.play(state, r)
+    if r % cfg.evaluation.every == 0 or r == cfg.rounds:
+        record.update(round_.evaluate(state))
+    record["round_seconds"] = time.perf_counter() - began
+    record["wall_seconds"] = time.perf_counter() - started
+    return {**state, "round": r, "wall_seconds": record["wall_seconds"]}, record
+
+
+class Stepper:
+    """Rounds played one at a time from Python (a notebook, a profiler): ``.round(r)`` plays and
+    evaluates round r as the runner would and keeps the new state tree in ``.state``; every other
+    attribute is the round object's (its data, model, engine, pipeline)."""
+
+    def __init__(self, round_: Round):
+        self.round_ = round_
+        self.state = {**round_.init_state(), "round": 0, "wall_seconds": 0.0}
+        self.started = time.perf_counter()
+
+    def round(self, r: int) -> dict[str, Any]:
+        self.state, record = _play(self.round_, self.state, r, self.started)
+        return record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.round_, name)
+
+
+def _checkpoint_due(cfg: ExperimentConfig, record: dict) -> bool:
+    every = cfg.checkpoint.every
+    return record["round"] % every == 0 if every else record["round_seconds"] > SLOW_ROUND_S
+
+
+def _open(round_: Round, resume: str | Path | None) -> tuple[RunDir | None, dict, list[dict]]:
+    """The run directory, the state to start from and the records so far: a fresh run, or
+    ``resume``'s checkpoint with the metrics cut back to it (a killed run may have written
+    rounds after its last checkpoint, and a torn last line)."""
+    cfg = round_.cfg
+    fresh = {**round_.init_state(), "round": 0, "wall_seconds": 0.0}
+    if resume is not None:
+        run_dir = RunDir(Path(resume))
+        checkpoint.remove_orphans(run_dir.path)
+        saved = run_dir.path / checkpoint.CHECKPOINT
+        state = checkpoint.load(saved) if saved.is_file() else fresh
+        return run_dir, state, run_dir.truncate_metrics(state["round"])
+    if not cfg.output.save:
+        return None, fresh, []
+    run_dir = RunDir.create(cfg.output.dir, cfg.name)
+    run_dir.write_config(cfg.to_dict())
+    run_dir.write_partition(round_.data.stats())
+    if (graph := round_.graph_record()) is not None:
+        run_dir.write_graph(graph)
+    return run_dir, fresh, []
+
+
+def _finish(round_: Round, state: dict, history: list[dict], run_dir: RunDir | None, status: str) -> RunResult:
+    """The last checkpoint, the final model, the summary and the report."""
+    cfg = round_.cfg
+    model = round_.final_model(state)
+    result = RunResult(cfg, model, round_.final_params(state).clone(), history, run_dir=run_dir and run_dir.path)
+    result.summary = {**_summary(cfg, result, status, round_.engine_name), **round_.describe(state)}
+    if run_dir:
+        checkpoint.save(run_dir.path / checkpoint.CHECKPOINT, state)
+        run_dir.save_model({k: v.detach() for k, v in model.state_dict().items()})
+        run_dir.write_summary(result.summary)
+        render_report(run_dir.path)
+    return result
+
+
+def _summary(cfg: ExperimentConfig, result: RunResult, status: str, engine: str) -> dict[str, Any]:
+    final = result.final
+    algorithm = cfg.decentralized.algorithm if cfg.mode == "decentralized" else cfg.algorithm.name
+    return {"name": cfg.name, "mode": cfg.mode, "status": status, "rounds_done": _rounds_done(result.history),
+            "rounds": cfg.rounds, "algorithm": algorithm, "dataset": cfg.data.dataset, "engine": engine,
+            **{k: final[k] for k in SUMMARY_KEYS if k in final},
+            "run_dir": str(result.run_dir) if result.run_dir else None}
+
+
+def _rounds_done(history: list[dict]) -> int:
+    return history[-1]["round"] if history else 0
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM stops the run like Ctrl-C does: the run directory is completed, not abandoned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
