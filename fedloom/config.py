@@ -346,6 +346,9 @@ class ExperimentConfig(Section):
         if self.attack.name != "none" and self.decentralized.algorithm != "dsgd":
             raise ValueError(f"[attack] in decentralized mode runs with decentralized.algorithm = 'dsgd' "
                              f"(got {self.decentralized.algorithm!r})")
+        if self.server.transforms or self.server.aggregator.name != "mean":
+            raise ValueError("server.aggregator and server.transforms are the server's pipeline; decentralized runs "
+                             "have no server (robust gossip: decentralized.gossip = 'clipped')")
         if self.decentralized.algorithm == "choco" and self.compression.build() is None:
             raise ValueError("decentralized.algorithm = 'choco' needs a [compression] compressor (e.g. topk)")
         self._topology_fits_the_nodes()
