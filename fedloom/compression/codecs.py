@@ -166,53 +166,17 @@ def topk(k: int | float = 0.01) -> Compressor:
     return Compressor("topk", encode, decode, unbiased=False)
 
 
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(h: Tensor, c: int) -> Tensor:
-    """``h * c mod 2**32`` in int64 without overflow (two 16-bit halves)."""
-    return (((h & 0xFFFF) * c) + ((((h >> 16) * c) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(h: Tensor) -> Tensor:
-    """A 32-bit integer hash (C. Wellons' lowbias32)."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = _mul32(h, 0x846CA68B)
-    return h ^ (h >> 16)
-
-
-def _feistel(j: Tensor, keys: Tensor, half: int) -> Tensor:
-    """A keyed bijection of [0, 4**half): four Feistel rounds on two ``half``-bit halves,
-    round key r is ``keys[..., r]`` (broadcast against ``j``)."""
-    mask = (1 << half) - 1
-    left, right = j >> half, j & mask
-    for r in range(4):
-        left, right = right, left ^ (_mix32(right ^ keys[..., r]) & mask)
-    return (left << half) | right
-
-
 def shared_indices(name: str, seeds: Tensor | None, n: int, d: int, k: int) -> Tensor:
-    """``k`` distinct sorted indices per row, a function of that row's seed alone: the
-    images of 0..k-1 under a seeded pseudo-random permutation of [0, d) (a Feistel
-    network, cycle-walked into range). Costs O(k), not O(d); our own hash rather than
-    torch's RNG, so client and server agree whatever their torch versions."""
+    """``k`` distinct sorted indices per row, a function of that row's seed alone: the first k
+    of a permutation of [0, d) drawn by ``torch.randperm`` from a generator seeded with it, so
+    every k-subset is exactly equally likely. O(d) per row (7 ms for d = 10^6)."""
     if seeds is None or seeds.shape != (n,):
         raise ValueError(
             f"{name}: needs seeds, one int per row, known to both ends "
             "(e.g. seed_for(seed, Stream.COMPRESSION, round, client_id))"
         )
-    seeds = seeds.long()
-    lo, hi = _mix32(seeds & _M32), (seeds >> 32) & _M32
-    keys = _mix32(_mix32(lo[:, None] ^ (torch.arange(4) * 0x9E3779B9 & _M32)) ^ hi[:, None])
-    half = max(1, ((d - 1).bit_length() + 1) // 2)
-    idx = _feistel(torch.arange(k).expand(n, k), keys[:, None, :], half)
-    rows, cols = (idx >= d).nonzero(as_tuple=True)
-    while len(rows):  # cycle walking: a bijection of [0, d) from one of [0, 4**half)
-        idx[rows, cols] = walked = _feistel(idx[rows, cols], keys[rows], half)
-        rows, cols = rows[walked >= d], cols[walked >= d]
-    return idx.sort(dim=1).values
+    rows = [torch.randperm(d, generator=torch.Generator().manual_seed(seed))[:k] for seed in seeds.tolist()]
+    return torch.stack(rows).sort(dim=1).values
 
 
 @register("randk", "k random coordinates scaled by d/k, indices from a shared seed: k fp32 values, unbiased")
