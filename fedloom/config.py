@@ -134,7 +134,8 @@ class AggregatorConfig(BaseModel):
 
 
 class ServerConfig(Section):
-    optimizer: Literal["sgd", "adam", "yogi", "adagrad"] | None = Field(None, description="default: the algorithm's")
+    optimizer: Literal["sgd", "adam", "torch_adam", "yogi", "adagrad"] | None = Field(
+        None, description="default: the algorithm's; adam is Reddi et al.'s (no bias correction), torch_adam torch's")
     lr: float | None = Field(None, gt=0)
     momentum: float | None = Field(None, ge=0, lt=1)
     beta1: float = Field(0.9, ge=0, lt=1)
