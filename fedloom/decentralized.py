@@ -45,10 +45,11 @@ def byzantine_messages(adversary: Adversary) -> Messages:
     return messages
 
 
-def build_gossip_algorithm(cfg: ExperimentConfig, adversary: Adversary | None = None) -> DSGD:
+def build_gossip_algorithm(cfg: ExperimentConfig, adversary: Adversary | None = None,
+                           shapes: tuple[torch.Size, ...] | None = None) -> DSGD:
     d = cfg.decentralized
     if d.algorithm == "choco":
-        compressor = cfg.compression.build()
+        compressor = cfg.compression.build(shapes)
         if compressor is None:
             raise ConfigError("decentralized.algorithm = 'choco' needs a [compression] compressor (e.g. topk)")
         return Choco(Uplink(compressor, cfg.seed), d.choco_gamma)
@@ -126,7 +127,7 @@ class DecentralizedExperiment:
         self.model = build_model_for(cfg, self.data)
         self.spec = ParamSpec.of(self.model)
         self.engine = build_engine(cfg, self.model, self.data)
-        self.algorithm = build_gossip_algorithm(cfg, self.adversary)
+        self.algorithm = build_gossip_algorithm(cfg, self.adversary, self.spec.shapes)
         self.topology = Topology(cfg, self.data.n_clients)
         self.X = self.spec.flatten(self.model).expand(self.data.n_clients, -1).clone()
         self.bytes_sent = torch.zeros(self.data.n_clients)

@@ -63,9 +63,9 @@ class Experiment:
         self.spec = ParamSpec.of(self.model)
         self.algorithm = build_algorithm(cfg)
         self.engine = build_engine(cfg, self.model, self.data)
-        self.uplink = Uplink(cfg.compression.build(), cfg.seed)
+        self.uplink = Uplink(cfg.compression.build(self.spec.shapes), cfg.seed)
         self.state: ServerState = self.algorithm.server_init(self.spec.flatten(self.model), self.data.n_clients)
-        downlink = cfg.compression.build_downlink()
+        downlink = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(downlink, cfg.seed, self.state.x) if downlink else None
         self.bytes_up = self.bytes_down = 0
         self.started = time.perf_counter()
