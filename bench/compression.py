@@ -4,7 +4,7 @@
 
 Every method runs ``fedloom.run`` on the same config (same seed, data, clients and
 batches), only ``[compression]`` differs: none (fp32), top-1% with no error feedback,
-with EF and with EF21, QSGD 4-bit, sign + EF, PowerSGD r=2 + EF. Uplink megabytes are
+with EF and with EF21, QSGD 4-bit, sign + EF, PowerSGD r=2 and r=4 + EF. Uplink megabytes are
 fedloom's ``bytes_up`` (real payload lengths) summed over rounds.
 
 Writes bench/results/compression.json (every round's accuracy and bytes),
@@ -46,6 +46,8 @@ METHODS = {
     "QSGD 4-bit": {"compression.name": "qsgd", "compression.options.levels": 7},
     "sign + EF": {"compression.name": "sign", "compression.feedback": "ef"},
     "PowerSGD r=2 + EF": {"compression.name": "powersgd", "compression.options.rank": 2,
+                          "compression.feedback": "ef"},
+    "PowerSGD r=4 + EF": {"compression.name": "powersgd", "compression.options.rank": 4,
                           "compression.feedback": "ef"},
 }
 FINAL_WINDOW = 5  # "final accuracy" is the mean of the last rounds' accuracies: one round is noisy

@@ -81,7 +81,9 @@ def alie_z(n: int, f: int) -> float:
 @_byzantine_rows
 def alie(U: Tensor, byz: Tensor, generator, z: float | None = None, omniscient: bool = False) -> Tensor:
     """A Little Is Enough (Baruch et al. 2019): every attacker sends mean - z * std, coordinate-wise,
-    a shift small enough to pass median- and distance-based defences; z from (n, f) unless given."""
+    a shift small enough to pass median- and distance-based defences. Unless given, z is
+    ``alie_z(n, f)``, Baruch et al.'s Algorithm 3 formula with n the round's clients and f the
+    round's attackers, so z follows each round's participation rather than being fixed once."""
     seen = _visible(U, byz, omniscient)
     std, mean = torch.std_mean(seen, dim=0, correction=1 if seen.shape[0] > 1 else 0)
     return mean - (alie_z(len(byz), int(byz.sum())) if z is None else z) * std
@@ -113,7 +115,8 @@ ATTACKS: dict[str, tuple[Callable[..., Tensor], str]] = {
     "signflip": (signflip, "send -scale x the honest update"),
     "gaussian": (gaussian, "add N(0, std^2) noise to the honest update"),
     "scaling": (scaling, "boost the update by factor (model replacement)"),
-    "alie": (alie, "mean - z * std of the visible updates (A Little Is Enough)"),
+    "alie": (alie, "mean - z * std of the visible updates (A Little Is Enough); z from Baruch et al.'s formula "
+                   "with n and the number of attackers unless given"),
     "ipm": (ipm, "-epsilon x the mean of the visible updates (Inner Product Manipulation)"),
 }
 

@@ -53,6 +53,7 @@ def _list(args: argparse.Namespace) -> int:
     from fedloom.compression import COMPRESSORS, FEEDBACK
     from fedloom.data import DATASETS, PARTITIONERS
     from fedloom.models import MODELS
+    from fedloom.topology import TIME_VARYING, TOPOLOGIES
 
     sections = {
         "algorithms": {k: v.description for k, v in ALGORITHMS.items()},
@@ -64,6 +65,7 @@ def _list(args: argparse.Namespace) -> int:
         "attacks": {**{k: v[1] for k, v in ATTACKS.items()}, **DATA_ATTACKS},
         "compressors": {k: v[1] for k, v in COMPRESSORS.items()},
         "error feedback": {k: v[1] for k, v in FEEDBACK.items()},
+        "topologies": {k: v[1] for k, v in {**TOPOLOGIES, **TIME_VARYING}.items()},
         "engines": {"auto": "vectorized when the model allows it (not conv nets), else serial (the default)",
                     "vectorized": "all sampled clients in one batched torch.func call",
                     "serial": "one client after another, any nn.Module (the reference)",

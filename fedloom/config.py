@@ -18,6 +18,7 @@ from fedloom.algorithms import ALGORITHMS, server_optimizer
 from fedloom.algorithms.server_opt import OptimizerFactory
 from fedloom.attacks import ATTACK_NAMES, attack_options
 from fedloom.compression import Compressor, make_compressor
+from fedloom.compression.base import Shapes
 from fedloom.models import MODELS
 from fedloom.pipeline.transforms import TRANSFORMS
 from fedloom.registry import check_options
@@ -137,7 +138,8 @@ class TransformConfig(Section):
 
 
 class ServerConfig(Section):
-    optimizer: Literal["sgd", "adam", "yogi", "adagrad"] | None = Field(None, description="default: the algorithm's")
+    optimizer: Literal["sgd", "adam", "torch_adam", "yogi", "adagrad"] | None = Field(
+        None, description="default: the algorithm's; adam is Reddi et al.'s (no bias correction), torch_adam torch's")
     lr: float | None = Field(None, gt=0)
     momentum: float | None = Field(None, ge=0, lt=1)
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -165,21 +167,25 @@ class CompressionConfig(Section):
         self.build_downlink()
         return self
 
-    def build(self) -> Compressor | None:
-        """The compressor, or None when rows go uncompressed (fp32)."""
+    def build(self, shapes: Shapes | None = None) -> Compressor | None:
+        """The compressor, or None when rows go uncompressed (fp32). ``shapes``: the model's
+        parameter shapes, for the compressors that work layer by layer (PowerSGD, TernGrad)."""
         if self.name == "none" and self.feedback is None:
             return None
+        taken = sorted(set(self.options) & {"feedback", "feedback_options", "shapes"})  # make_compressor's own
+        if taken:
+            raise ValueError(f"compressor {self.name!r} has no option {taken[0]!r} (compression.options)")
         return make_compressor(self.name, feedback=self.feedback, feedback_options=self.feedback_options,
-                               **self.options)
+                               shapes=shapes, **self.options)
 
-    def build_downlink(self) -> Compressor | None:
+    def build_downlink(self, shapes: Shapes | None = None) -> Compressor | None:
         """The downlink compressor, or None when the model goes out in fp32."""
         if self.downlink == "none":
             if self.downlink_options:
                 raise ValueError("downlink_options needs a downlink compressor, e.g. downlink = 'topk'")
             return None
         try:
-            return make_compressor(self.downlink, **self.downlink_options)
+            return make_compressor(self.downlink, shapes=shapes, **self.downlink_options)
         except ValueError as err:
             raise ValueError(f"downlink: {err}") from None
 

@@ -130,3 +130,12 @@ def test_downlink_is_refused_in_decentralized_runs():
 
     with pytest.raises(ConfigError, match="decentralized runs have no server"):
         load_config(None, ["mode=decentralized", "compression.downlink=fp16"])
+
+
+def test_powersgd_uplink_is_layer_by_layer_with_the_models_shapes(quick):
+    exp = _experiment(quick, "compression.name=powersgd", "compression.options.rank=2")
+    record = exp.round(1)
+    # per client: P [rows, 2] and Q [cols, 2] in fp32 for every tensor of 2+ dims (shape[0] x rest),
+    # a 1-D tensor (bias) as it is
+    per_client = sum(4 * 2 * (s[0] + s.numel() // s[0]) if len(s) > 1 else 4 * s.numel() for s in exp.spec.shapes)
+    assert len(exp.spec.shapes) > 1 and record["bytes_up"] == 10 * per_client

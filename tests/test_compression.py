@@ -16,6 +16,7 @@ from fedloom.compression import (
     roundtrip,
 )
 from fedloom.compression.powersgd import matrix_shape
+from fedloom.config import CompressionConfig
 
 ALL = sorted(COMPRESSORS)
 WRAPPED = [(name, fb) for fb in sorted(FEEDBACK) for name in ("topk", "qsgd", "powersgd")]
@@ -183,6 +184,23 @@ def test_randk_indices_come_from_the_shared_seeds():
     assert ((same != 0).sum(1) == 10).all()
     with pytest.raises(ValueError, match="randk: needs seeds"):
         comp.encode(X, {}, None, None)
+
+
+@pytest.mark.parametrize("d, k", [(50, 5), (100, 10), (50, 25)])
+def test_randk_indices_are_uniform_over_seeds(d, k):
+    # each index is kept by Binomial(S, k/d) of the S seeds if every k-subset is equally likely:
+    # sum (O - E)^2 / (E (1 - k/d)) then has mean d and standard deviation about sqrt(2 d).
+    # The Feistel sampler this replaced scored z = 17, 9 and 33 here.
+    from fedloom.compression.codecs import shared_indices
+
+    S = 200_000
+    seeds = torch.randint(-(2**63), 2**63 - 1, (S,), generator=torch.Generator().manual_seed(0))
+    idx = shared_indices("randk", seeds, S, d, k)
+    assert (idx[:, 1:] > idx[:, :-1]).all()  # distinct, sorted
+    counts = torch.bincount(idx.flatten(), minlength=d).double()
+    expected = S * k / d
+    chi2 = float(((counts - expected) ** 2).sum() / (expected * (1 - k / d)))
+    assert abs(chi2 - d) / math.sqrt(2 * d) < 4
 
 
 def test_majority_vote_is_the_sign_of_summed_signs():
@@ -360,3 +378,69 @@ def test_topk_indices_past_16_bits_are_packed_at_17_bits_and_decode_exactly():
     top = X.abs().topk(k, dim=1).indices
     assert torch.equal(X_hat.gather(1, top), X.gather(1, top))
     assert (X_hat != 0).sum(1).tolist() == [k] * 3
+
+
+# --- layer by layer: PowerSGD and TernGrad ----------------------------------------
+
+TWO_LAYERS = [(30, 40), (20, 3, 5), (20,)]  # a matrix, a conv-like tensor (20 x 15), a bias
+
+
+def rank_two_gradient(seed: int) -> torch.Tensor:
+    """A row whose two matrix-shaped layers each have rank 2 (the bias is anything)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(30, 2, generator=gen) @ torch.randn(2, 40, generator=gen)
+    b = torch.randn(20, 2, generator=gen) @ torch.randn(2, 15, generator=gen)
+    return torch.cat([a.flatten(), b.flatten(), torch.randn(20, generator=gen)])[None]
+
+
+def test_powersgd_compresses_each_layer_and_sends_biases_as_they_are():
+    x = rank_two_gradient(0)
+    comp = make_compressor("powersgd", rank=2, shapes=TWO_LAYERS)
+    x_hat, nbytes, _ = run(comp, x)
+    # rank 2 layers are exact after one power step; the bias goes in fp32
+    assert float((x_hat - x).norm() / x.norm()) < 1e-5
+    assert torch.equal(x_hat[0, -20:], x[0, -20:])
+    # P [rows, 2] and Q [cols, 2] per matrix layer, then the bias: 4 * (2 * (30 + 40) + 2 * (20 + 15) + 20) bytes
+    assert nbytes.tolist() == [4 * (2 * 70 + 2 * 35 + 20)]
+    # the flat vector as one near-square matrix cannot do better than its best rank-2 approximation
+    rows, cols = matrix_shape(x.shape[1])
+    M = torch.nn.functional.pad(x[0], (0, rows * cols - x.shape[1])).view(rows, cols).double()
+    s = torch.linalg.svdvals(M)
+    best_flat = float(s[2:].norm() / s.norm())
+    flat_hat, _, _ = run(make_compressor("powersgd", rank=2), x)
+    assert best_flat > 0.5
+    assert float((flat_hat - x).norm() / x.norm()) >= best_flat - 1e-6
+
+
+def test_powersgd_warm_starts_are_per_layer():
+    comp = make_compressor("powersgd", rank=2, shapes=TWO_LAYERS)
+    state = comp.init(3, 1520, torch.Generator().manual_seed(0))
+    assert state["powersgd.q"].shape == (3, 2 * 40 + 2 * 15)  # Q [cols, r] of each matrix layer
+    X = torch.cat([rank_two_gradient(s) for s in range(3)])
+    _, _, after = run(comp, X, state=state)
+    assert after["powersgd.q"].shape == (3, 110)
+
+
+def test_layer_shapes_must_cover_the_row():
+    for name in ("powersgd", "terngrad"):
+        comp = make_compressor(name, shapes=[(3, 4), (5,)])
+        with pytest.raises(ValueError, match=f"{name}: the layer shapes cover 17 parameters, but the rows have d = 20"):
+            run(comp, torch.randn(2, 20))
+    with pytest.raises(ValueError, match="has no option 'shapes'"):  # the model's, not the user's
+        CompressionConfig(name="powersgd", options={"shapes": [[3, 4]]})
+
+
+def test_terngrad_clips_and_scales_layer_by_layer():
+    # layer A (2 x 2): 3, -1, 1, -3: std sqrt(5) = 2.24, 2.5 std = 5.6 clips nothing, scale 3.
+    # layer B (10,): nine 0 and a 10: mean 1, std sqrt((9 * 1 + 81) / 10) = 3, so 10 is clipped to 7.5 = scale.
+    x = torch.tensor([[3.0, -1.0, 1.0, -3.0, *[0.0] * 9, 10.0]])
+    comp = make_compressor("terngrad", shapes=[(2, 2), (10,)])
+    X_hat, nbytes, _ = run(comp, x.expand(4000, -1).contiguous())
+    assert nbytes[0] == 4 * 2 + math.ceil(2 * 14 / 8)  # one fp32 scale a layer, 2-bit codes
+    assert set(X_hat[:, :4].unique().tolist()) <= {-3.0, 0.0, 3.0}
+    assert torch.equal(X_hat[:, 4:], torch.tensor([*[0.0] * 9, 7.5]).expand(4000, -1))
+    mean, se = X_hat[:, :4].double().mean(0), X_hat[:, :4].double().std(0) / math.sqrt(4000)
+    assert ((mean - x[0, :4].double()).abs() <= 5 * se).all()  # unbiased for the (unclipped) layer A
+    # one layer and no clipping is the plain TernGrad of the whole row: scale max|x| = 10
+    plain, _, _ = run(make_compressor("terngrad", clip=None), x)
+    assert set(plain[0].abs().unique().tolist()) <= {0.0, 10.0}

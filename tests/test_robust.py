@@ -352,3 +352,37 @@ def test_all_rejected_is_a_clear_error():
         reject_invalid([torch.full((4,), math.nan), torch.ones(5), torch.ones(1)], torch.ones(3), 4)
     with pytest.raises(ValueError, match="all 2 update rows"):
         reject_invalid(torch.ones(2, 5), torch.ones(2), 4)
+
+
+def _krum_pick_by_hand(U: torch.Tensor, f: int) -> int:
+    """Krum's pick from distances computed directly on float64 differences (no Gram matrix)."""
+    X = U.double()
+    D = ((X[:, None, :] - X[None, :, :]) ** 2).sum(dim=2)
+    k = U.shape[0] - f - 2
+    scores = [sorted(D[i].tolist()[:i] + D[i].tolist()[i + 1 :])[:k] for i in range(len(U))]
+    return min(range(len(U)), key=lambda i: sum(scores[i]))
+
+
+def test_krum_keeps_its_digits_on_rows_sharing_a_huge_common_part():
+    # spread / norm = 1e-4: a float32 Gram matrix rounds the distances (about 1e-8 of ||x||^2)
+    # away; the centred float64 one keeps them
+    gen = torch.Generator().manual_seed(4)
+    common = 100.0 * torch.randn(512, generator=gen)
+    offsets = torch.randn(9, 512, generator=gen) * torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0])[:, None]
+    U = (common + 1e-4 * float(common.norm()) / 512**0.5 * offsets).float()
+    best = _krum_pick_by_hand(U, f=2)
+    torch.testing.assert_close(run("krum", {"f": 2}, U), U[best], rtol=0, atol=0)
+    torch.testing.assert_close(run("multikrum", {"f": 2, "m": 1}, U), U[best], rtol=0, atol=0)
+
+
+def test_bulyan_shares_ties_at_the_window_edge():
+    # n = 7, f = 1: theta = n - 2f = 5 picks, the 5 rows near 0 (the two at +-1000 are far from
+    # everything), and beta = theta - 2f = 3 values per coordinate.
+    # Coordinate 0 of the kept rows: -1, -1, 0, 1, 5 (ALIE-like repeated values left of the median 0);
+    # the 3 nearest the median: 0, then 2 of the three values at distance 1 (-1, -1, 1), which share
+    # the 2 slots: (0 + 2 * (-1 - 1 + 1) / 3) / 3 = -2/9. The old window rule took -1, -1, 0: -2/3.
+    # Coordinate 1: 2, 2, 3, 4, 4 -> 3 and two of {2, 2, 4, 4}: (3 + 2 * 3) / 3 = 3 (old: 7/3).
+    kept = torch.tensor([[-1.0, 2.0], [-1.0, 2.0], [0.0, 3.0], [1.0, 4.0], [5.0, 4.0]])
+    U = torch.cat([kept, torch.tensor([[1000.0, 1000.0], [-1000.0, -1000.0]])])
+    torch.testing.assert_close(run("bulyan", {"f": 1}, U), torch.tensor([-2 / 9, 3.0]))
+    torch.testing.assert_close(run("bulyan", {"f": 1}, U[torch.tensor([6, 3, 0, 5, 2, 4, 1])]), torch.tensor([-2 / 9, 3.0]))

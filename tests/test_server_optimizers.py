@@ -33,7 +33,6 @@ def _by_hand(opt_cls, x0, locals_, weights, **kw):
 
 
 @pytest.mark.parametrize("name,opt_cls,kw", [
-    ("fedadam", torch.optim.Adam, dict(lr=0.05, betas=(0.9, 0.99), eps=1e-3)),
     ("fedadagrad", torch.optim.Adagrad, dict(lr=0.05, initial_accumulator_value=1e-6, eps=1e-3)),
     ("fedavgm", torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
     ("fedavg", torch.optim.SGD, dict(lr=0.05)),
@@ -57,3 +56,36 @@ def test_fedyogi_step_follows_the_paper_update():
     v0 = torch.full_like(x0, 1e-6)
     v = v0 - 0.01 * delta**2 * torch.sign(v0 - delta**2)
     torch.testing.assert_close(x1, x0 + 0.1 * m / (v.sqrt() + 1e-3))
+
+
+def test_torch_adam_is_torchs_adam():
+    torch.manual_seed(1)
+    x0 = torch.randn(11)
+    locals_ = [x0 + torch.randn(4, 11) for _ in range(3)]
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    p = nn.Parameter(x0.clone())
+    opt = server_optimizer("torch_adam", lr=0.05)(p)
+    for local in locals_:
+        p.grad = p.detach() - (weights / weights.sum()) @ local
+        opt.step()
+    expected = _by_hand(torch.optim.Adam, x0, locals_, weights, lr=0.05, betas=(0.9, 0.99), eps=1e-3)
+    torch.testing.assert_close(p.detach(), expected)
+
+
+def test_fedadam_follows_the_paper_by_hand():
+    # Reddi et al. 2021, Algorithm 2, beta1 = 0.9, beta2 = 0.99, tau = 1e-3, lr = 0.01:
+    # m = 0.9 m + 0.1 Delta, v = 0.99 v + 0.01 Delta^2 from v = tau^2 = 1e-6, x += lr m / (sqrt(v) + tau).
+    # Delta = (1, -2) then (1, 0):
+    #   round 1: m = (0.1, -0.2),   v = (0.99e-6 + 0.01, 0.99e-6 + 0.04)  = (0.01000099, 0.04000099)
+    #   round 2: m = (0.19, -0.18), v = (0.99 * 0.01000099 + 0.01, 0.99 * 0.04000099) = (0.0199009801, 0.0396009801)
+    deltas = torch.tensor([[1.0, -2.0], [1.0, 0.0]], dtype=torch.float64)
+    ms = torch.tensor([[0.1, -0.2], [0.19, -0.18]], dtype=torch.float64)
+    vs = torch.tensor([[0.01000099, 0.04000099], [0.0199009801, 0.0396009801]], dtype=torch.float64)
+    expected = (0.01 * ms / (vs.sqrt() + 1e-3)).sum(dim=0)
+    spec = ALGORITHMS["fedadam"]
+    pipeline = Pipeline((aggregate(mean()), server_step("adam", server_optimizer(spec.server_optimizer, lr=0.01))))
+    x, states = torch.zeros(2, dtype=torch.float64), pipeline.init(2)
+    for r, delta in enumerate(deltas, 1):  # U = x - local = -Delta
+        U, _, states, _ = pipeline.apply(-delta[None], torch.ones(1, dtype=torch.float64), states, Context(r, 0, [0], x))
+        x = U[0]
+    torch.testing.assert_close(x, expected, rtol=1e-12, atol=0)

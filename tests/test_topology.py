@@ -18,6 +18,7 @@ from fedloom.topology import (
     draw_graph,
     erdos_renyi,
     exponential,
+    exponential_directed,
     gossip,
     make_topology,
     max_degree,
@@ -359,3 +360,33 @@ def test_draw_graph_writes_a_png_and_refuses_large_graphs(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at most 100 nodes, got 101"):
         draw_graph(ring(101), tmp_path / "big.png")
+
+
+@pytest.mark.parametrize("n", [2, 6, 8, 13])
+def test_exponential_directed_is_ying_et_al_static_graph(n):
+    # Ying et al. 2021: w_ij = 1/(tau + 1) if log2((j - i) mod n) is an integer or i = j, tau = ceil(log2 n)
+    tau = math.ceil(math.log2(n))
+    by_hand = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            gap = (j - i) % n
+            if gap == 0 or math.log2(gap).is_integer():
+                by_hand[i, j] = 1 / (tau + 1)
+    W = exponential_directed(n).mixing_at(0)
+    np.testing.assert_allclose(W.to_dense().double().numpy(), by_hand, rtol=1e-6, atol=0)
+    assert torch.equal(exponential_directed(n).mixing_at(5).to_dense(), W.to_dense())  # static
+    check_mixing(W, symmetric=False)  # row- and column-stochastic
+    if n > 2:
+        assert not np.allclose(by_hand, by_hand.T)
+
+
+def test_gossip_rules_apply_a_non_symmetric_w_as_w_times_x():
+    from fedloom.algorithms.gossip import ClippedGossip, mean_gossip
+
+    W = exponential_directed(6).mixing_at(0)
+    X = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    expected = W.to_dense() @ X
+    torch.testing.assert_close(mean_gossip(W, X, X), expected)
+    torch.testing.assert_close(mean_gossip(W, X, X.clone()), expected)  # the neighbour-message path
+    torch.testing.assert_close(ClippedGossip(tau=1e9)(W, X, X.clone()), expected)
+    torch.testing.assert_close(expected.mean(dim=0), X.mean(dim=0))  # column-stochastic: the mean stays

@@ -104,11 +104,25 @@ def _scaled_gram(U: Tensor) -> tuple[Tensor, Tensor]:
     return (X @ X.T).double(), s
 
 
+_GRAM_COLUMNS = 1 << 16  # columns per float64 block of the centred Gram product: n x 512 KB at a time
+
+
+def _centred_gram(U: Tensor) -> Tensor:
+    """(U - mean) (U - mean)^T in float64, accumulated over column blocks so no float64 copy of U
+    is ever whole. Centring drops the part all rows share, which float32 products would keep and
+    round: rows that differ by 1e-4 of their norm keep their digits."""
+    centre = U.mean(dim=0, dtype=torch.float64)
+    G = torch.zeros(len(U), len(U), dtype=torch.float64, device=U.device)
+    for start in range(0, U.shape[1], _GRAM_COLUMNS):
+        C = U[:, start : start + _GRAM_COLUMNS].double() - centre[start : start + _GRAM_COLUMNS]
+        G += C @ C.T
+    return G
+
+
 def _sq_dists(U: Tensor) -> Tensor:
-    """Squared distances between rows by the Gram trick (one [n, n] matmul), exactly symmetric;
-    a distance too large for float64 is inf, never NaN."""
-    Gs, s = _scaled_gram(U)
-    G = Gs * s[:, None] * s[None, :]
+    """Squared distances between rows by the Gram trick on the centred rows (one [n, n] float64
+    product), exactly symmetric; a distance too large for float64 is inf, never NaN."""
+    G = _centred_gram(U)
     sq = G.diagonal()
     D = (sq[:, None] + sq[None, :] - 2 * G).clamp_min(0).nan_to_num(nan=math.inf)
     return (D + D.T).fill_diagonal_(0) / 2
@@ -143,9 +157,11 @@ def krum(f: int) -> Aggregator:
 
 @register("multikrum")
 def multikrum(f: int, m: int | None = None) -> Aggregator:
-    """Multi-Krum (Blanchard et al. 2017): weighted mean of the m updates with the best Krum scores.
+    """Multi-Krum (Blanchard et al. 2017): example-weighted mean (paper: uniform) of the m best-scored updates.
 
     m = n - f by default; averaging lowers the variance of Krum's single pick. Needs n >= 2f + 3.
+    A deliberate difference: the paper averages the m picks uniformly; here they keep their
+    example-count weights (zero for the rest), as every averaging rule in this module does.
     """
 
     def fn(U: Tensor, w: Tensor) -> Tensor:
@@ -162,15 +178,18 @@ def multikrum(f: int, m: int | None = None) -> Aggregator:
 
 
 def _closest_to_middle_mean(S: Tensor, beta: int) -> Tensor:
-    """Mean of the beta sorted values nearest each row's median: a window of the sorted row,
-    the one whose farther end is closest to the median."""
-    n = S.shape[1]
-    mid = _middle(S)[:, None]
-    reach = torch.maximum(mid - S[:, : n - beta + 1], S[:, beta - 1 :] - mid)  # window j is S[:, j : j + beta]
-    start = reach.argmin(dim=1, keepdim=True)
-    position = torch.arange(n, device=S.device)
-    inside = (position >= start) & (position < start + beta)
-    return (S * inside).sum(dim=1) / beta
+    """Mean of the beta values of each sorted row nearest its median (El Mhamdi et al. 2018).
+
+    Values tied at the beta-th distance share the slots left for them equally, which is the
+    expected result of breaking the tie uniformly at random: deterministic, independent of the
+    rows' order, and not pulled towards repeated values on one side (ALIE sends identical rows).
+    """
+    dist = (S - _middle(S)[:, None]).abs()
+    edge = dist.kthvalue(beta, dim=1, keepdim=True).values
+    inside, tied = dist < edge, dist == edge
+    left = beta - inside.sum(dim=1)  # slots for the tied values, at least 1
+    tied_mean = (S * tied).sum(dim=1) / tied.sum(dim=1)
+    return ((S * inside).sum(dim=1) + left * tied_mean) / beta
 
 
 @register("bulyan")
@@ -179,7 +198,8 @@ def bulyan(f: int) -> Aggregator:
 
     Krum, applied repeatedly, picks theta = n - 2f updates (each pick leaves the pool); then each
     coordinate averages the beta = theta - 2f selected values closest to its median, so no single
-    coordinate can be pushed far (Krum alone bounds only whole-vector distances). Needs
+    coordinate can be pushed far (Krum alone bounds only whole-vector distances); values tied at
+    the beta-th distance share the remaining slots equally (``_closest_to_middle_mean``). Needs
     n >= 4f + 3. Unweighted (a selection rule).
     """
 
@@ -233,14 +253,16 @@ def geomed(nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6) -> Aggregat
 
 @register("centered_clipping")
 def centered_clipping(tau: float, iterations: int = 1, momentum: float = 0.9) -> Aggregator:
-    """Centered clipping with momentum (Karimireddy, He, Jaggi 2021, Algorithm 2).
+    """Centered clipping (Karimireddy, He, Jaggi 2021, Algorithm 2), the server's last aggregate as momentum.
 
     Each client's momentum m_i = momentum * v + (1 - momentum) * u_i is clipped to radius tau
     around the centre c, starting from the previous aggregate v, and the centre moves by the
     weighted mean of the clipped differences, ``iterations`` times. One client moves the result
     by at most tau times its weight share. In FL a sampled client keeps no momentum of its own,
     so every m_i builds on the server's previous aggregate v, which is the state (zeros at
-    first; ``state=None`` means that too). Returns the new momentum, which is also the new state.
+    first; ``state=None`` means that too). A deliberate difference: the paper's clients keep their
+    own momenta; here the one shared v stands in for them. Returns the new momentum, which is also
+    the new state.
     """
     if not 0 <= momentum < 1:
         raise ValueError(f"centered_clipping: momentum must be in [0, 1); got {momentum}")

@@ -12,7 +12,7 @@ from fedloom.algorithms.base import NoServerState, PlainClient
 from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.scaffold import Scaffold
-from fedloom.algorithms.server_opt import Yogi, server_optimizer, step_on_pseudo_gradient
+from fedloom.algorithms.server_opt import ServerAdam, Yogi, server_optimizer, step_on_pseudo_gradient
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,10 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     "fedprox": AlgorithmSpec(FedProx, "FedProx (Li et al. 2020): local proximal term mu/2 ||x - x_global||^2"),
     "scaffold": AlgorithmSpec(Scaffold, "SCAFFOLD (Karimireddy et al. 2020): control variates, option II"),
     "fedavgm": AlgorithmSpec(FedAvg, "FedAvgM (Hsu et al. 2019): server SGD with momentum", "sgd", 1.0, 0.9),
-    "fedadam": AlgorithmSpec(FedAvg, "FedAdam (Reddi et al. 2021): server Adam on the pseudo-gradient", "adam", 0.01),
+    "fedadam": AlgorithmSpec(FedAvg, "FedAdam (Reddi et al. 2021, Algorithm 2): server Adam, no bias correction, v_0 = tau^2", "adam", 0.01),
     "fedyogi": AlgorithmSpec(FedAvg, "FedYogi (Reddi et al. 2021): server Yogi on the pseudo-gradient", "yogi", 0.01),
     "fedadagrad": AlgorithmSpec(FedAvg, "FedAdagrad (Reddi et al. 2021): server Adagrad", "adagrad", 0.1),
 }
 
-__all__ = ["ALGORITHMS", "AlgorithmSpec", "FedAvg", "FedProx", "NoServerState", "PlainClient", "Scaffold", "Yogi",
-           "server_optimizer", "step_on_pseudo_gradient"]
+__all__ = ["ALGORITHMS", "AlgorithmSpec", "FedAvg", "FedProx", "NoServerState", "PlainClient", "Scaffold", "ServerAdam",
+           "Yogi", "server_optimizer", "step_on_pseudo_gradient"]

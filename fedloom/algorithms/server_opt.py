@@ -1,11 +1,12 @@
 """Server optimizers (Reddi et al. 2021, "Adaptive Federated Optimization").
 
-The server treats ``x - mean(local models)`` as a gradient and steps a real
-torch.optim optimizer on the global parameters: FedAvg is SGD with lr 1,
-FedAvgM adds momentum, FedAdam/FedAdagrad are torch's Adam/Adagrad with the
-paper's adaptivity tau as eps, FedYogi is the Yogi optimizer below (torch has
-none). torch's Adam applies bias correction, which the paper's FedAdam omits;
-with beta1=0.9 the two differ only in the first few rounds' step size.
+The server treats ``x - mean(local models)`` as a gradient and steps a torch.optim
+optimizer on the global parameters: FedAvg is SGD with lr 1, FedAvgM adds momentum,
+FedAdam and FedYogi follow the paper's Algorithm 2 (``ServerAdam``, ``Yogi`` below:
+no bias correction, v starting at tau^2, tau added to sqrt(v)), FedAdagrad is torch's
+Adagrad with the paper's tau as eps and tau^2 as the initial accumulator (the paper's
+FedAdagrad also keeps a momentum m, which torch's Adagrad has not). torch's own Adam,
+with bias correction and v starting at 0, is there as ``torch_adam``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import torch
 from torch import Tensor, nn
 
 
-class Yogi(torch.optim.Optimizer):
-    """Yogi (Zaheer et al. 2018) as in Reddi et al. 2021, Algorithm 2:
-    v <- v - (1 - beta2) g^2 sign(v - g^2); x <- x - lr m / (sqrt(v) + tau)."""
+class _Algorithm2(torch.optim.Optimizer):
+    """Reddi et al. 2021, Algorithm 2, with g the pseudo-gradient (= -Delta): m <- beta1 m + (1 - beta1) g,
+    v <- the subclass's ``second_moment`` rule from v_{-1} = tau^2, x <- x - lr m / (sqrt(v) + tau);
+    no bias correction."""
 
     def __init__(self, params, lr: float = 1e-2, betas=(0.9, 0.99), tau: float = 1e-3):
         super().__init__(params, dict(lr=lr, betas=betas, tau=tau))
+
+    @staticmethod
+    def second_moment(v: Tensor, g2: Tensor, beta2: float) -> None:
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -34,10 +40,25 @@ class Yogi(torch.optim.Optimizer):
                 if not state:
                     state["m"] = torch.zeros_like(p)
                     state["v"] = torch.full_like(p, group["tau"] ** 2)
-                g2 = p.grad * p.grad
                 state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                state["v"].sub_((1 - beta2) * g2 * torch.sign(state["v"] - g2))
+                self.second_moment(state["v"], p.grad * p.grad, beta2)
                 p.addcdiv_(state["m"], state["v"].sqrt().add_(group["tau"]), value=-group["lr"])
+
+
+class ServerAdam(_Algorithm2):
+    """FedAdam's server step (Reddi et al. 2021, Algorithm 2): v <- beta2 v + (1 - beta2) g^2."""
+
+    @staticmethod
+    def second_moment(v: Tensor, g2: Tensor, beta2: float) -> None:
+        v.mul_(beta2).add_(g2, alpha=1 - beta2)
+
+
+class Yogi(_Algorithm2):
+    """Yogi (Zaheer et al. 2018) as in Reddi et al. 2021, Algorithm 2: v <- v - (1 - beta2) g^2 sign(v - g^2)."""
+
+    @staticmethod
+    def second_moment(v: Tensor, g2: Tensor, beta2: float) -> None:
+        v.sub_((1 - beta2) * g2 * torch.sign(v - g2))
 
 
 OptimizerFactory = Callable[[nn.Parameter], torch.optim.Optimizer]
@@ -48,7 +69,8 @@ def server_optimizer(name: str, lr: float, momentum: float = 0.0, beta1: float =
     """A factory building the named optimizer over the flat global parameters."""
     makers: dict[str, OptimizerFactory] = {
         "sgd": lambda p: torch.optim.SGD([p], lr=lr, momentum=momentum),
-        "adam": lambda p: torch.optim.Adam([p], lr=lr, betas=(beta1, beta2), eps=tau),
+        "adam": lambda p: ServerAdam([p], lr=lr, betas=(beta1, beta2), tau=tau),
+        "torch_adam": lambda p: torch.optim.Adam([p], lr=lr, betas=(beta1, beta2), eps=tau),
         "adagrad": lambda p: torch.optim.Adagrad([p], lr=lr, initial_accumulator_value=tau**2, eps=tau),
         "yogi": lambda p: Yogi([p], lr=lr, betas=(beta1, beta2), tau=tau),
     }

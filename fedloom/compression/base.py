@@ -19,6 +19,8 @@ indices cost no bytes.
 from __future__ import annotations
 
 import inspect
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,6 +28,7 @@ import torch
 from torch import Generator, Tensor
 
 State = dict[str, Tensor]
+Shapes = Sequence[Sequence[int]]  # the model's parameter shapes, in the order they fill a row (ParamSpec.shapes)
 Encode = Callable[[Tensor, State, Generator | None, Tensor | None], tuple[list[bytes], State]]
 Decode = Callable[[list[bytes], int, Tensor | None], Tensor]
 
@@ -90,6 +93,17 @@ def check_rows(name: str, X: Tensor) -> Tensor:
     return X
 
 
+def layer_sizes(name: str, shapes: Shapes | None, d: int) -> list[int]:
+    """Coordinates of each parameter tensor in a row of length d, in order; without shapes the
+    row is one tensor of d."""
+    if shapes is None:
+        return [d]
+    sizes = [math.prod(shape) for shape in shapes]
+    if sum(sizes) != d:
+        raise ValueError(f"{name}: the layer shapes cover {sum(sizes)} parameters, but the rows have d = {d}")
+    return sizes
+
+
 # name -> (factory taking the [compression] options as keywords, one-line description)
 COMPRESSORS: dict[str, tuple[Callable[..., Compressor], str]] = {}
 # name -> (wrapper taking the inner Compressor and options, one-line description)
@@ -107,22 +121,31 @@ def register(name: str, description: str, table: dict = COMPRESSORS):
 
 
 def make_compressor(
-    name: str, *, feedback: str | None = None, feedback_options: dict[str, Any] | None = None, **options: Any
+    name: str,
+    *,
+    feedback: str | None = None,
+    feedback_options: dict[str, Any] | None = None,
+    shapes: Shapes | None = None,
+    **options: Any,
 ) -> Compressor:
     """``make_compressor("topk", k=0.01, feedback="ef21")``: a registered compressor,
-    optionally wrapped in a registered error feedback."""
-    comp = _build("compressor", COMPRESSORS, name, (), options)
+    optionally wrapped in a registered error feedback. ``shapes`` (the model's parameter
+    shapes) reach the compressors that work layer by layer (a keyword-only ``shapes``
+    parameter: PowerSGD, TernGrad); it is not a user option."""
+    comp = _build("compressor", COMPRESSORS, name, (), options, shapes)
     if feedback is None:
         return comp
-    return _build("feedback", FEEDBACK, feedback, (comp,), feedback_options or {})
+    return _build("feedback", FEEDBACK, feedback, (comp,), feedback_options or {}, shapes)
 
 
-def _build(kind: str, table: dict, name: str, args: tuple, options: dict[str, Any]) -> Compressor:
+def _build(kind: str, table: dict, name: str, args: tuple, options: dict[str, Any], shapes: Shapes | None) -> Compressor:
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
     factory = table[name][0]
-    accepted = list(inspect.signature(factory).parameters)[len(args) :]
+    parameters = inspect.signature(factory).parameters
+    accepted = [p for p in list(parameters)[len(args) :] if p != "shapes"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"{kind} {name!r} has no option {unknown[0]!r}; options: {', '.join(accepted) or 'none'}")
-    return factory(*args, **options)
+    layered = {"shapes": shapes} if "shapes" in parameters else {}
+    return factory(*args, **options, **layered)

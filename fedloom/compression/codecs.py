@@ -7,8 +7,8 @@ Payload layouts (little-endian, per row; d is known to both ends):
     topk      k fp32 values | k indices of ceil(log2 d) bits each, packed
     randk     k fp32 values (indices come from the row's shared seed)
     qsgd      ceil(d / bucket) scales fp32 | d codes of b bits, packed
-    terngrad, sr8, sr4
-              scale fp32 | d codes of b bits, packed
+    terngrad  one scale fp32 per layer | d codes of 2 bits, packed
+    sr8, sr4  scale fp32 | d codes of b bits, packed
     sign      scale fp32 | d bits, packed
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Generator, Tensor
 
-from fedloom.compression.base import Compressor, State, check_rows, register
+from fedloom.compression.base import Compressor, Shapes, State, check_rows, layer_sizes, register
 from fedloom.compression.wire import (
     F16,
     F32,
@@ -166,53 +166,17 @@ def topk(k: int | float = 0.01) -> Compressor:
     return Compressor("topk", encode, decode, unbiased=False)
 
 
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(h: Tensor, c: int) -> Tensor:
-    """``h * c mod 2**32`` in int64 without overflow (two 16-bit halves)."""
-    return (((h & 0xFFFF) * c) + ((((h >> 16) * c) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(h: Tensor) -> Tensor:
-    """A 32-bit integer hash (C. Wellons' lowbias32)."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = _mul32(h, 0x846CA68B)
-    return h ^ (h >> 16)
-
-
-def _feistel(j: Tensor, keys: Tensor, half: int) -> Tensor:
-    """A keyed bijection of [0, 4**half): four Feistel rounds on two ``half``-bit halves,
-    round key r is ``keys[..., r]`` (broadcast against ``j``)."""
-    mask = (1 << half) - 1
-    left, right = j >> half, j & mask
-    for r in range(4):
-        left, right = right, left ^ (_mix32(right ^ keys[..., r]) & mask)
-    return (left << half) | right
-
-
 def shared_indices(name: str, seeds: Tensor | None, n: int, d: int, k: int) -> Tensor:
-    """``k`` distinct sorted indices per row, a function of that row's seed alone: the
-    images of 0..k-1 under a seeded pseudo-random permutation of [0, d) (a Feistel
-    network, cycle-walked into range). Costs O(k), not O(d); our own hash rather than
-    torch's RNG, so client and server agree whatever their torch versions."""
+    """``k`` distinct sorted indices per row, a function of that row's seed alone: the first k
+    of a permutation of [0, d) drawn by ``torch.randperm`` from a generator seeded with it, so
+    every k-subset is exactly equally likely. O(d) per row (7 ms for d = 10^6)."""
     if seeds is None or seeds.shape != (n,):
         raise ValueError(
             f"{name}: needs seeds, one int per row, known to both ends "
             "(e.g. seed_for(seed, Stream.COMPRESSION, round, client_id))"
         )
-    seeds = seeds.long()
-    lo, hi = _mix32(seeds & _M32), (seeds >> 32) & _M32
-    keys = _mix32(_mix32(lo[:, None] ^ (torch.arange(4) * 0x9E3779B9 & _M32)) ^ hi[:, None])
-    half = max(1, ((d - 1).bit_length() + 1) // 2)
-    idx = _feistel(torch.arange(k).expand(n, k), keys[:, None, :], half)
-    rows, cols = (idx >= d).nonzero(as_tuple=True)
-    while len(rows):  # cycle walking: a bijection of [0, d) from one of [0, 4**half)
-        idx[rows, cols] = walked = _feistel(idx[rows, cols], keys[rows], half)
-        rows, cols = rows[walked >= d], cols[walked >= d]
-    return idx.sort(dim=1).values
+    rows = [torch.randperm(d, generator=torch.Generator().manual_seed(seed))[:k] for seed in seeds.tolist()]
+    return torch.stack(rows).sort(dim=1).values
 
 
 @register("randk", "k random coordinates scaled by d/k, indices from a shared seed: k fp32 values, unbiased")
@@ -251,7 +215,6 @@ def grid(name: str, levels: int, ord: float, bucket: int | None = None) -> Compr
         raise ValueError(f"{name}: levels must be an int in 1..127, got {levels!r}")
     if bucket is not None and (not isinstance(bucket, int) or bucket < 1):
         raise ValueError(f"{name}: bucket must be an int >= 1 or None, got {bucket!r}")
-    bits = (2 * levels).bit_length()
 
     def buckets(d: int) -> tuple[int, int]:
         size = min(bucket or d, d)
@@ -263,17 +226,36 @@ def grid(name: str, levels: int, ord: float, bucket: int | None = None) -> Compr
         B = (X if nb * size == d else F.pad(X, (0, nb * size - d))).view(n * nb, size)
         scale = header(name, norms(B, ord).view(n, nb))
         y = torch.div(B, nonzero(scale).view(-1, 1)).mul_(levels).view(n, -1)[:, :d]
-        q = stochastic_round(y, levels, gen)
-        return join_rows(scale.numpy(), pack_bits(q.add_(levels), bits)), state
+        return quantized(scale, y, levels, gen), state
 
     def decode(payloads: list[bytes], d: int, seeds: Tensor | None) -> Tensor:
         nb, size = buckets(d)
-        scale, codes = split_rows(name, payloads, [4 * nb, packed_size(d, bits)])
-        step = as_tensor(scale, F32) / levels
-        q = unpack_bits(codes, d, bits).float().sub_(levels)
-        return q.mul_(step if nb == 1 else step.repeat_interleave(size, dim=1)[:, :d])
+        return dequantized(name, payloads, d, levels, nb,
+                           lambda step: step if nb == 1 else step.repeat_interleave(size, dim=1)[:, :d])
 
     return Compressor(name, encode, decode, unbiased=True)
+
+
+def code_bits(levels: int) -> int:
+    """Bits of a code q + levels in 0..2 levels."""
+    return (2 * levels).bit_length()
+
+
+def quantized(scale: Tensor, y: Tensor, levels: int, gen: Generator | None) -> list[bytes]:
+    """Payloads of the scales then the codes q + levels of ``y`` (x / scale * levels, in
+    [-levels, levels]) stochastically rounded, packed."""
+    q = stochastic_round(y, levels, gen)
+    return join_rows(scale.numpy(), pack_bits(q.add_(levels), code_bits(levels)))
+
+
+def dequantized(name: str, payloads: list[bytes], d: int, levels: int, scales: int,
+                spread: Callable[[Tensor], Tensor]) -> Tensor:
+    """Rows from ``quantized`` payloads with ``scales`` fp32 scales a row; ``spread`` maps the
+    steps [n, scales] to the coordinates [n, d]."""
+    bits = code_bits(levels)
+    scale, codes = split_rows(name, payloads, [4 * scales, packed_size(d, bits)])
+    q = unpack_bits(codes, d, bits).float().sub_(levels)
+    return q.mul_(spread(as_tensor(scale, F32) / levels))
 
 
 @register("qsgd", "QSGD: stochastic rounding of x/||x||_2 to s levels per bucket; unbiased, packed codes")
@@ -287,11 +269,41 @@ def qsgd(levels: int = 7, bucket: int | None = 512) -> Compressor:
     return grid("qsgd", levels, 2.0, bucket)
 
 
-@register("terngrad", "TernGrad: {-1, 0, 1} * max|x| at random; unbiased, 2 bits a coordinate + 4 bytes")
-def terngrad() -> Compressor:
-    """TernGrad (Wen et al. 2017): s = max|x|, x_i -> s * sign(x_i) * Bernoulli(|x_i| / s),
-    i.e. stochastic rounding of x / s to {-1, 0, 1}. Gradient clipping is left to the caller."""
-    return grid("terngrad", 1, math.inf)
+def clipped_to_std(X: Tensor, c: float) -> Tensor:
+    """Each row clipped to [-c sigma, c sigma], sigma its standard deviation; a constant row
+    (sigma = 0) stays as it is rather than collapse to 0."""
+    bound = c * X.std(dim=1, correction=0, keepdim=True)
+    bound = torch.where(bound > 0, bound, torch.full_like(bound, math.inf))
+    return torch.minimum(torch.maximum(X, -bound), bound)
+
+
+@register("terngrad", "TernGrad per layer: clip at c = 2.5 std, then {-1, 0, 1} * max|x| at random; 2 bits a "
+                      "coordinate + 4 bytes a layer")
+def terngrad(clip: float | None = 2.5, *, shapes: Shapes | None = None) -> Compressor:
+    """TernGrad (Wen et al. 2017), layer by layer as in the paper: each layer's gradient is
+    clipped to c standard deviations of that layer (c = 2.5, the authors' clip_factor; None: no
+    clipping), then s = max|x| of the layer and x_i -> s * sign(x_i) * Bernoulli(|x_i| / s),
+    i.e. stochastic rounding of x / s to {-1, 0, 1}. Unbiased for the clipped gradient, so
+    biased for the input unless clip is None. Without the model's layer shapes the row is one layer."""
+    if clip is not None and not clip > 0:
+        raise ValueError(f"terngrad: clip is in standard deviations, > 0 (or None for no clipping); got {clip!r}")
+
+    def spread(d: int) -> Callable[[Tensor], Tensor]:
+        sizes = torch.tensor(layer_sizes("terngrad", shapes, d))
+        return lambda per_layer: per_layer.repeat_interleave(sizes.to(per_layer.device), dim=1)
+
+    def encode(X: Tensor, state: State, gen: Generator | None, seeds: Tensor | None):
+        X = check_rows("terngrad", X)
+        layers = X.split(layer_sizes("terngrad", shapes, X.shape[1]), dim=1)
+        if clip is not None:
+            layers = [clipped_to_std(layer, clip) for layer in layers]
+        scale = header("terngrad", torch.stack([norms(layer, math.inf) for layer in layers], dim=1))
+        return quantized(scale, torch.cat(layers, dim=1) / spread(X.shape[1])(nonzero(scale)), 1, gen), state
+
+    def decode(payloads: list[bytes], d: int, seeds: Tensor | None) -> Tensor:
+        return dequantized("terngrad", payloads, d, 1, len(layer_sizes("terngrad", shapes, d)), spread(d))
+
+    return Compressor("terngrad", encode, decode, unbiased=clip is None)
 
 
 @register("sr8", "stochastic rounding to 8 bits, per-row max|x| scale; unbiased")

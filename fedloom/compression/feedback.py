@@ -76,7 +76,8 @@ def ef21(inner: Compressor) -> Compressor:
     )
 
 
-@register("econtrol", "EControl: send C(eta e + x - h), e <- e + x - h - decoded, h <- h + decoded", FEEDBACK)
+@register("econtrol", "EControl: send C(eta e + x - h), e <- e + x - h - decoded, h <- h + decoded; h starts at 0 "
+                      "(paper: the first gradient, uncompressed)", FEEDBACK)
 def econtrol(inner: Compressor, eta: float = 0.01) -> Compressor:
     """EControl (Gao, Islamov, Stich 2024): client i keeps an error e_i and an estimate
     h_i, sends D_i = C(eta * e_i + x_i - h_i), then e_i <- e_i + x_i - h_i - D_i and

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 from fedloom.aggregation.base import make_aggregator
 from fedloom.attacks import Adversary
-from fedloom.config import ExperimentConfig
+from fedloom.config import ExperimentConfig, Shapes
 from fedloom.pipeline import transforms
 from fedloom.pipeline.base import Pipeline, Transform
 from fedloom.pipeline.transforms import TRANSFORMS
 
 
-def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None) -> Pipeline:
+def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: Shapes | None = None) -> Pipeline:
+    """``shapes``: the model's parameter shapes, for compressors that work layer by layer."""
     steps: list[Transform] = []
     if adversary is not None:
         steps.append(transforms.attack(adversary))
     steps.append(transforms.validate())
-    compressor = cfg.compression.build()
+    compressor = cfg.compression.build(shapes)
     if compressor is not None:
         steps.append(transforms.compress(compressor, cfg.seed))
     steps.extend(_user_transform(t.name, t.options) for t in cfg.server.transforms)

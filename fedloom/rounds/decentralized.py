@@ -55,10 +55,11 @@ def byzantine_messages(adversary: Adversary) -> Messages:
     return messages
 
 
-def build_gossip_algorithm(cfg: ExperimentConfig, adversary: Adversary | None = None) -> DSGD:
+def build_gossip_algorithm(cfg: ExperimentConfig, adversary: Adversary | None = None,
+                           shapes: tuple[torch.Size, ...] | None = None) -> DSGD:
     d = cfg.decentralized
     if d.algorithm == "choco":
-        return Choco(cfg.compression.build(), cfg.seed, d.choco_gamma)
+        return Choco(cfg.compression.build(shapes), cfg.seed, d.choco_gamma)
     if d.algorithm == "gradient_tracking":
         return GradientTracking()
     rule = ClippedGossip(d.clip_tau, d.clip_delta) if d.gossip == "clipped" else mean_gossip
@@ -128,7 +129,7 @@ class DecentralizedRound:
         self.spec = ParamSpec.of(self.model)
         self.engine = build_engine(cfg, self.model, self.data)
         self.engine_name = self.engine.name
-        self.algorithm = build_gossip_algorithm(cfg, self.adversary)
+        self.algorithm = build_gossip_algorithm(cfg, self.adversary, self.spec.shapes)
         self.topology = Topology(cfg, self.data.n_clients)
 
     def init_state(self) -> State:

@@ -52,8 +52,8 @@ class FederatedRound:
         self.algorithm = build_algorithm(cfg)
         self.engine = (make_engine or partial(build_engine, cfg))(self.model, self.data)
         self.engine_name = self.engine.name
-        self.pipeline = build_pipeline(cfg, self.adversary)
-        compressor = cfg.compression.build_downlink()
+        self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes)
+        compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
 
     def init_state(self) -> State:

@@ -98,8 +98,10 @@ def _exponential_offsets(n: int) -> list[int]:
 
 
 def exponential(n: int) -> nx.Graph:
-    """Node i linked to i + 2^k mod n for every 2^k < n: degree about 2 log2 n and a spectral
-    gap that shrinks only like 1 / log2 n, against 1 / n^2 for the ring (Ying et al., 2021)."""
+    """Undirected exponential graph: node i linked both ways to i + 2^k mod n for every 2^k < n,
+    so degree about 2 log2 n, and gossiped with the symmetric weight rules (Metropolis-Hastings by
+    default); its spectral gap shrinks only like 1 / log2 n, against 1 / n^2 for the ring. Ying et
+    al. (2021) define the directed graph of the same hops, ``exponential_directed``."""
     _check_n("exponential", n, 1)
     G = nx.empty_graph(n)
     G.add_edges_from((i, (i + hop) % n) for hop in _exponential_offsets(n) for i in range(n))
@@ -159,6 +161,18 @@ def one_peer_exponential(n: int) -> TimeVarying:
     return TimeVarying(n, graph_at, directed_average)
 
 
+def exponential_directed(n: int) -> TimeVarying:
+    """The static exponential graph of Ying et al. (2021): node i averages itself with the
+    tau = ceil(log2 n) nodes i + 2^k mod n, k = 0..tau-1, each weight 1/(tau + 1), i.e.
+    W_ij = 1/(tau + 1) when j - i mod n is 0 or a power of two. Row- and column-stochastic but not
+    symmetric. The same W every round; it is a ``TimeVarying`` because those carry their own weight
+    rule (``directed_average``), so, like them, it needs every node active."""
+    _check_n("exponential_directed", n, 2)
+    G = nx.empty_graph(n, create_using=nx.DiGraph)
+    G.add_edges_from((i, (i + hop) % n) for hop in _exponential_offsets(n) for i in range(n))
+    return TimeVarying(n, lambda round: G, directed_average)
+
+
 # name -> (builder taking n and the [topology] options of the config, one-line description)
 TOPOLOGIES: dict[str, tuple[Callable[..., nx.Graph], str]] = {
     "ring": (ring, "cycle, degree 2; slowest mixing"),
@@ -167,13 +181,15 @@ TOPOLOGIES: dict[str, tuple[Callable[..., nx.Graph], str]] = {
     "star": (star, "hub node 0 linked to all others"),
     "erdos_renyi": (erdos_renyi, "random G(n, p) conditioned on connectivity (p, seed)"),
     "regular": (regular, "random connected k-regular graph (k, seed)"),
-    "exponential": (exponential, "i linked to i + 2^k mod n; degree ~2 log2 n, gap ~1/log2 n"),
+    "exponential": (exponential, "undirected i <-> i + 2^k mod n, Metropolis-Hastings weights; degree ~2 log2 n"),
     "small_world": (small_world, "connected Watts-Strogatz ring with rewiring (k, p, seed)"),
 }
 
 TIME_VARYING: dict[str, tuple[Callable[..., TimeVarying], str]] = {
     "random_matching": (random_matching, "a fresh random perfect matching each round (seed)"),
     "one_peer_exponential": (one_peer_exponential, "one peer i + 2^(t mod log2 n) per round; directed"),
+    "exponential_directed": (exponential_directed, "Ying et al. 2021: i pulls from i + 2^k mod n, weights "
+                             "1/(ceil(log2 n) + 1); directed, static"),
 }
 
 
