@@ -78,7 +78,7 @@ class Workload:
     seed: int = 0
 
     def fedloom_config(self) -> dict[str, Any]:
-        model = {"name": self.model, **({"hidden": self.hidden} if self.hidden else {})}
+        model = {"name": self.model, "options": {"hidden": self.hidden} if self.hidden else {}}
         data = {"dataset": self.dataset, "n_clients": self.n_clients, "client_test_fraction": 0.0,
                 "options": dict(self.data_options)}
         return {

@@ -41,7 +41,7 @@ def overrides(graph: str, algorithm: str, seed: int, rounds: int) -> list[str]:
     return ['mode="decentralized"', "output.save=false", "output.progress=false", f"seed={seed}",
             f"rounds={rounds}", f"evaluation.every={rounds}", "evaluation.federated=false",
             "data.dataset=digits", "data.n_clients=64", "data.client_test_fraction=0",
-            "partition.name=dirichlet", "partition.alpha=0.1",
+            "partition.name=dirichlet", "partition.options.alpha=0.1",
             "client.steps=5", "client.batch_size=8", "client.lr=0.1",
             f"topology.name={graph}", f"decentralized.algorithm={algorithm}"]
 

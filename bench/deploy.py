@@ -87,7 +87,7 @@ def fedloom_server(clients: int, params: int, tokens: dict[int, str]):
     from fedloom.runner import Stepper
 
     cfg = load_config({"rounds": 1, "data": {"dataset": "digits", "n_clients": clients},
-                       "model": {"name": "mlp", "hidden": [hidden_width(params)]},
+                       "model": {"name": "mlp", "options": {"hidden": [hidden_width(params)]}},
                        "sampling": {"clients_per_round": clients}, "engine": {"name": "serial"},
                        "deploy": {"min_clients": clients, "round_timeout_s": 600},
                        "evaluation": {"federated": False}, "output": {"save": False, "progress": False}})

@@ -48,7 +48,7 @@ METRICS = ("node_accuracy_mean", "node_accuracy_min", "xbar_accuracy", "consensu
 def workload(dataset: str, nodes: int, rounds: int, seed: int) -> list[str]:
     return ["output.save=false", "output.progress=false", 'mode="decentralized"', f"seed={seed}",
             f"data.dataset={dataset}", f"data.n_clients={nodes}", "topology.name=torus", "partition.name=dirichlet",
-            "partition.alpha=0.5", "client.epochs=1", "client.lr=0.1", f"rounds={rounds}", f"evaluation.every={rounds}",
+            "partition.options.alpha=0.5", "client.epochs=1", "client.lr=0.1", f"rounds={rounds}", f"evaluation.every={rounds}",
             "evaluation.federated=false", "engine.name=vectorized"]
 
 

@@ -35,15 +35,15 @@ UPDATE_NORM = 0.5  # about the median honest update norm of a clean run (0.47 in
 AGGREGATORS: dict[str, list[str]] = {
     "mean": [],
     "median": ["server.aggregator.name=median"],
-    "trimmed_mean": ["server.aggregator.name=trimmed_mean", "server.aggregator.beta=0.2"],
-    "krum": ["server.aggregator.name=krum", f"server.aggregator.f={F}"],
-    "multikrum": ["server.aggregator.name=multikrum", f"server.aggregator.f={F}"],
-    "bulyan": ["server.aggregator.name=bulyan", f"server.aggregator.f={F}"],
+    "trimmed_mean": ["server.aggregator.name=trimmed_mean", "server.aggregator.options.beta=0.2"],
+    "krum": ["server.aggregator.name=krum", f"server.aggregator.options.f={F}"],
+    "multikrum": ["server.aggregator.name=multikrum", f"server.aggregator.options.f={F}"],
+    "bulyan": ["server.aggregator.name=bulyan", f"server.aggregator.options.f={F}"],
     "geomed": ["server.aggregator.name=geomed"],
-    "centered_clipping": ["server.aggregator.name=centered_clipping", f"server.aggregator.tau={UPDATE_NORM}",
-                          "server.aggregator.momentum=0.0"],
-    "norm_clip": ["server.aggregator.name=norm_clip", f"server.aggregator.max_norm={UPDATE_NORM}"],
-    "flag": ["server.aggregator.name=flag", "server.aggregator.m=5"],  # m = 1 barely trains on clean non-IID data
+    "centered_clipping": ["server.aggregator.name=centered_clipping", f"server.aggregator.options.tau={UPDATE_NORM}",
+                          "server.aggregator.options.momentum=0.0"],
+    "norm_clip": ["server.aggregator.name=norm_clip", f"server.aggregator.options.max_norm={UPDATE_NORM}"],
+    "flag": ["server.aggregator.name=flag", "server.aggregator.options.m=5"],  # m = 1 barely trains on clean non-IID data
 }
 
 BYZANTINE = [f"attack.f={F}"]
@@ -72,7 +72,7 @@ ATTACK_NOTES = {
 def workload(dataset: str, rounds: int, seed: int, sampled: int = N_CLIENTS) -> list[str]:
     return ["output.save=false", "output.progress=false", f"seed={seed}", f"data.dataset={dataset}",
             f"data.n_clients={N_CLIENTS}", f"sampling.clients_per_round={sampled}", "partition.name=dirichlet",
-            "partition.alpha=0.5", "client.lr=0.1", "client.epochs=1", "client.batch_size=8", f"rounds={rounds}",
+            "partition.options.alpha=0.5", "client.lr=0.1", "client.epochs=1", "client.batch_size=8", f"rounds={rounds}",
             f"evaluation.every={rounds}", "evaluation.federated=false", "engine.name=vectorized"]
 
 

@@ -18,7 +18,7 @@ from common import Workload, cli, ratio_lines, run_workload, save
 
 W3 = Workload(name="w3", title="MNIST-5k, LeNet-5, Dirichlet(0.5), 100 clients, 20 a round, 5 epochs, batch 32, "
               "lr 0.1", dataset="mnist5k", model="cnn", n_clients=100, clients_per_round=20, rounds=15, lr=0.1,
-              batch_size=32, epochs=5, partition={"name": "dirichlet", "alpha": 0.5})
+              batch_size=32, epochs=5, partition={"name": "dirichlet", "options": {"alpha": 0.5}})
 CONTESTANTS = ["fedloom-vectorized", "one-big-batch", "fedloom-serial", "plain", "flower", "pfl", "plain-seed1",
                "plain-seed2"]
 

@@ -10,7 +10,6 @@ Label flipping poisons data instead: ``flip_labels`` is applied in local trainin
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from statistics import NormalDist
 from typing import Callable
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fedloom.core.rng import Stream, torch_generator
+from fedloom.registry import Registry
 
 
 def _byzantine_rows(rows: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -111,26 +111,26 @@ def sample_byzantine(n: int, f: int, generator: torch.Generator | None = None) -
     return mask
 
 
-ATTACKS: dict[str, tuple[Callable[..., Tensor], str]] = {
+# attacks on the rows; their keyword arguments past the fixed ones are the options (attack.options)
+ATTACKS = Registry("attack", {
     "signflip": (signflip, "send -scale x the honest update"),
     "gaussian": (gaussian, "add N(0, std^2) noise to the honest update"),
     "scaling": (scaling, "boost the update by factor (model replacement)"),
     "alie": (alie, "mean - z * std of the visible updates (A Little Is Enough); z from Baruch et al.'s formula "
                    "with n and the number of attackers unless given"),
     "ipm": (ipm, "-epsilon x the mean of the visible updates (Inner Product Manipulation)"),
-}
+}, fixed=("U", "byz", "generator", "omniscient"))
 
 # data poisoning: goes through local training instead of replacing rows
-DATA_ATTACKS = {"label_flip": "class c becomes n_classes - 1 - c in the Byzantine clients' training data"}
+DATA_ATTACKS = Registry("attack", {
+    "label_flip": (flip_labels, "class c becomes n_classes - 1 - c in the Byzantine clients' training data"),
+}, fixed=("y", "n_classes"))
 ATTACK_NAMES = [*ATTACKS, *DATA_ATTACKS]
 
 
-def attack_options(name: str) -> dict[str, inspect.Parameter]:
-    """The keyword options an attack takes from the config (omniscient has its own key)."""
-    if name in DATA_ATTACKS:
-        return {}
-    parameters = list(inspect.signature(ATTACKS[name][0].__wrapped__).parameters.values())[3:]
-    return {p.name: p for p in parameters if p.name != "omniscient"}
+def attack_registry(name: str) -> Registry:
+    """The registry an attack name belongs to: row attacks or data poisoning."""
+    return DATA_ATTACKS if name in DATA_ATTACKS else ATTACKS
 
 
 class Adversary:

@@ -19,13 +19,14 @@ from fedloom.engines.ray_engine import RayEngine
 from fedloom.engines.serial import SerialEngine
 from fedloom.engines.vectorized import UnsupportedModel, VectorizedEngine, pays_to_vectorize
 from fedloom.models import build_model
+from fedloom.registry import Registry
 
 
 def build_data(cfg: ExperimentConfig) -> FederatedData:
     train, test = load_dataset(cfg.data.dataset, **cfg.data.options)
     return federate(train, test, cfg.partition.name, cfg.data.n_clients, cfg.seed,
                     test_fraction=cfg.data.test_fraction, client_test_fraction=cfg.data.client_test_fraction,
-                    **cfg.partition.options())
+                    **cfg.partition.options)
 
 
 def build_adversary(cfg: ExperimentConfig, data: FederatedData) -> Adversary | None:
@@ -43,13 +44,12 @@ def build_adversary(cfg: ExperimentConfig, data: FederatedData) -> Adversary | N
 def build_model_for(cfg: ExperimentConfig, data: FederatedData) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_for(cfg.seed, Stream.INIT))
-        return build_model(cfg.model.name, data.input_shape, data.n_classes, **cfg.model.options())
+        return build_model(cfg.model.name, data.input_shape, data.n_classes, **cfg.model.options)
 
 
 def build_algorithm(cfg: ExperimentConfig) -> FedAvg:
     """The federated algorithm's client and server rules (its hyperparameters only; no state)."""
-    extra = {"mu": cfg.algorithm.mu} if cfg.algorithm.name == "fedprox" else {}
-    return ALGORITHMS[cfg.algorithm.name].cls(**extra)
+    return ALGORITHMS.build(cfg.algorithm.name, cfg.algorithm.options)
 
 
 def local_training(cfg: ExperimentConfig) -> LocalTraining:
@@ -61,23 +61,44 @@ def local_training(cfg: ExperimentConfig) -> LocalTraining:
 
 
 def build_engine(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
-    """The configured engine; ``auto`` takes the vectorized one when the model allows it and
-    it is faster (not for convolutions on CPU)."""
-    name = cfg.engine.name
-    if name == "auto":
-        name = "vectorized" if pays_to_vectorize(model) else "serial"
-    if name == "serial":
-        return SerialEngine(model, data, local_training(cfg))
-    budget = int(cfg.engine.memory_budget_gb * 2**30)
-    if name == "ray":
-        try:
-            return RayEngine(model, data, local_training(cfg), address=cfg.engine.ray_address,
-                             workers=cfg.engine.ray_workers, memory_budget=budget)
-        except ImportError as err:
-            raise ConfigError(f'engine.name = "ray": {err}') from None
-        except ConnectionError as err:
-            raise ConfigError(f"engine.ray_address: {err}") from None
+    """The configured engine (``ENGINES``)."""
+    return ENGINES.factory(cfg.engine.name)(cfg, model, data)
+
+
+def _auto(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
+    """The vectorized engine when the model allows it and it is faster (not convolutions on CPU), else serial."""
+    return (_vectorized if pays_to_vectorize(model) else _serial)(cfg, model, data)
+
+
+def _serial(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
+    return SerialEngine(model, data, local_training(cfg))
+
+
+def _vectorized(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
     try:
-        return VectorizedEngine(model, data, local_training(cfg), memory_budget=budget)
+        return VectorizedEngine(model, data, local_training(cfg), memory_budget=_budget(cfg))
     except UnsupportedModel as err:
         raise ConfigError(f"engine.name: {err}") from None
+
+
+def _ray(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
+    try:
+        return RayEngine(model, data, local_training(cfg), address=cfg.engine.ray_address,
+                         workers=cfg.engine.ray_workers, memory_budget=_budget(cfg))
+    except ImportError as err:
+        raise ConfigError(f'engine.name = "ray": {err}') from None
+    except ConnectionError as err:
+        raise ConfigError(f"engine.ray_address: {err}") from None
+
+
+def _budget(cfg: ExperimentConfig) -> int:
+    return int(cfg.engine.memory_budget_gb * 2**30)
+
+
+# factories (cfg, model, data) -> engine; engine.name names one
+ENGINES = Registry("engine", {
+    "auto": (_auto, "vectorized when the model allows it (not conv nets), else serial (the default)"),
+    "vectorized": (_vectorized, "all sampled clients in one batched torch.func call"),
+    "serial": (_serial, "one client after another, any nn.Module (the reference)"),
+    "ray": (_ray, "clients on Ray actors (engine.ray_address, engine.ray_workers); pip install fedloom[ray]"),
+})

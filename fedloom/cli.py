@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -46,35 +47,34 @@ def _summary_table(summary: dict) -> Table:
     return table
 
 
-def _list(args: argparse.Namespace) -> int:
-    from fedloom.aggregation.base import AGGREGATORS
+def registries() -> dict[str, "Registry"]:  # noqa: F821
+    """Every registry of named parts, by the title ``fedloom list`` gives it."""
+    from fedloom.aggregation import AGGREGATORS
     from fedloom.algorithms import ALGORITHMS
+    from fedloom.algorithms.gossip import DECENTRALIZED, GOSSIP_RULES
     from fedloom.attacks import ATTACKS, DATA_ATTACKS
+    from fedloom.builders import ENGINES
     from fedloom.compression import COMPRESSORS, FEEDBACK
     from fedloom.data import DATASETS, PARTITIONERS
     from fedloom.models import MODELS
-    from fedloom.topology import TIME_VARYING, TOPOLOGIES
+    from fedloom.pipeline.transforms import TRANSFORMS
+    from fedloom.topology import TOPOLOGIES
 
-    sections = {
-        "algorithms": {k: v.description for k, v in ALGORITHMS.items()},
-        "datasets": {k: v[1] for k, v in DATASETS.items()},
-        "partitioners": {k: v[1] for k, v in PARTITIONERS.items()},
-        "models": {k: v[1] for k, v in MODELS.items()},
-        "aggregators": {k: (f.__doc__ or "").strip().splitlines()[0] if f.__doc__ else "" for k, f in
-                        AGGREGATORS.items()},
-        "attacks": {**{k: v[1] for k, v in ATTACKS.items()}, **DATA_ATTACKS},
-        "compressors": {k: v[1] for k, v in COMPRESSORS.items()},
-        "error feedback": {k: v[1] for k, v in FEEDBACK.items()},
-        "topologies": {k: v[1] for k, v in {**TOPOLOGIES, **TIME_VARYING}.items()},
-        "engines": {"auto": "vectorized when the model allows it (not conv nets), else serial (the default)",
-                    "vectorized": "all sampled clients in one batched torch.func call",
-                    "serial": "one client after another, any nn.Module (the reference)",
-                    "ray": "clients on Ray actors (engine.ray_address, engine.ray_workers); pip install fedloom[ray]"},
-    }
-    for title, entries in sections.items():
+    return {"algorithms (algorithm.name)": ALGORITHMS, "datasets (data.dataset)": DATASETS,
+            "partitioners (partition.name)": PARTITIONERS, "models (model.name)": MODELS,
+            "aggregators (server.aggregator.name)": AGGREGATORS, "server transforms (server.transforms)": TRANSFORMS,
+            "attacks on updates (attack.name)": ATTACKS, "data attacks (attack.name)": DATA_ATTACKS,
+            "compressors (compression.name)": COMPRESSORS, "error feedback (compression.feedback)": FEEDBACK,
+            "topologies (topology.name)": TOPOLOGIES,
+            "decentralized algorithms (decentralized.algorithm)": DECENTRALIZED,
+            "gossip rules (decentralized.gossip)": GOSSIP_RULES, "engines (engine.name)": ENGINES}
+
+
+def _list(args: argparse.Namespace) -> int:
+    for title, registry in registries().items():
         table = Table(title=title, show_header=False, title_justify="left")
-        for name, line in entries.items():
-            table.add_row(name, line)
+        for name, line in registry.describe().items():
+            table.add_row(Text(name), Text(line))  # Text: brackets in a description are not rich markup
         console.print(table)
     return 0
 

@@ -6,7 +6,6 @@ Every error names the key the user wrote and what is accepted instead.
 from __future__ import annotations
 
 import copy
-import inspect
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -14,14 +13,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedloom.algorithms import ALGORITHMS, server_optimizer
+from fedloom.algorithms import ALGORITHMS, SERVER_PRESETS, ServerPreset, server_optimizer
+from fedloom.algorithms.gossip import DECENTRALIZED, GOSSIP_RULES
 from fedloom.algorithms.server_opt import OptimizerFactory
-from fedloom.attacks import ATTACK_NAMES, attack_options
+from fedloom.attacks import ATTACK_NAMES, attack_registry
 from fedloom.compression import Compressor, make_compressor
 from fedloom.compression.base import Shapes
 from fedloom.models import MODELS
 from fedloom.pipeline.transforms import TRANSFORMS
-from fedloom.registry import check_options
+from fedloom.registry import Registry
 
 
 class ConfigError(ValueError):
@@ -39,60 +39,60 @@ class DataConfig(Section):
     client_test_fraction: float = Field(0.2, ge=0, lt=1, description="of each client's data, for local tests")
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the loader (path, alpha, ...)")
 
-
-PARTITION_OPTIONS = {
-    "iid": set(),
-    "dirichlet": {"alpha"},
-    "shards": {"classes_per_client"},
-    "quantity": {"power", "min_size"},
-    "natural": set(),
-}
-
-
-class PartitionConfig(Section):
-    name: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0)
-    classes_per_client: int = Field(2, ge=1)
-    power: float = Field(1.5, gt=0)
-    min_size: int = Field(2, ge=1)
-
     @model_validator(mode="after")
-    def _options_fit_the_partitioner(self) -> "PartitionConfig":
-        stray = (self.model_fields_set - {"name"}) - PARTITION_OPTIONS[self.name]
-        if stray:
-            allowed = ", ".join(sorted(PARTITION_OPTIONS[self.name])) or "none"
-            raise ValueError(f"{', '.join(sorted(stray))} does not apply to partition {self.name!r} "
-                             f"(its options: {allowed})")
+    def _known_dataset_and_options(self) -> "DataConfig":
+        from fedloom.data import DATASETS
+
+        DATASETS.check(self.dataset, self.options)
         return self
 
-    def options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in PARTITION_OPTIONS[self.name]}
+
+class Component(Section):
+    """A named part and its own options, checked against its factory's signature when the
+    config loads (``fedloom.registry``). Subclasses say which registry and the default name."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict, description="the part's own keyword options")
+
+    @staticmethod
+    def registry() -> Registry:
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _known_name_and_options(self) -> "Component":
+        self.registry().check(self.name, self.options)
+        return self
 
 
-class ModelConfig(BaseModel):
-    """``name`` plus the model's own options (e.g. ``hidden`` for the MLP)."""
+class PartitionConfig(Component):
+    """How the data is dealt to clients: iid | dirichlet (alpha) | shards (classes_per_client) | quantity
+    (power, min_size) | natural."""
 
-    model_config = ConfigDict(extra="allow")
+    name: str = "dirichlet"
+
+    @staticmethod
+    def registry() -> Registry:
+        from fedloom.data import PARTITIONERS
+
+        return PARTITIONERS
+
+
+class ModelConfig(Component):
+    """A registered model or a user's 'package.module:ClassName', with its options (e.g. hidden for the MLP)."""
+
     name: str = "mlp"
 
-    @model_validator(mode="after")
-    def _known_model_and_options(self) -> "ModelConfig":
-        if self.name in MODELS:
-            parameters = inspect.signature(MODELS[self.name][0]).parameters
-            check_options("model", self.name, {k: p for k, p in parameters.items()
-                                               if k not in ("input_shape", "n_classes")}, self.options())
-        elif ":" not in self.name:
-            raise ValueError(f"unknown model {self.name!r}; use one of {', '.join(MODELS)} "
-                             "or a user model as 'package.module:ClassName'")
-        return self
-
-    def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+    @staticmethod
+    def registry() -> Registry:
+        return MODELS
 
 
-class AlgorithmConfig(Section):
+class AlgorithmConfig(Component):
     name: Literal[tuple(ALGORITHMS)] = "fedavg"  # type: ignore[valid-type]
-    mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
+
+    @staticmethod
+    def registry() -> Registry:
+        return ALGORITHMS
 
 
 class ClientConfig(Section):
@@ -105,36 +105,24 @@ class ClientConfig(Section):
     batch_size: int = Field(8, ge=1)
 
 
-class AggregatorConfig(BaseModel):
-    """``name`` plus the aggregator's own options (e.g. ``f`` for Krum)."""
+class AggregatorConfig(Component):
+    """The robust (or plain) aggregator and its options, e.g. f for Krum."""
 
-    model_config = ConfigDict(extra="allow")
     name: str = "mean"
 
-    @model_validator(mode="after")
-    def _known_aggregator_and_options(self) -> "AggregatorConfig":
+    @staticmethod
+    def registry() -> Registry:
         from fedloom.aggregation import AGGREGATORS
 
-        if self.name not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {self.name!r}; available: {', '.join(sorted(AGGREGATORS))}")
-        check_options("aggregator", self.name, dict(inspect.signature(AGGREGATORS[self.name]).parameters),
-                      self.options())
-        return self
-
-    def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+        return AGGREGATORS
 
 
-class TransformConfig(Section):
+class TransformConfig(Component):
     """An extra server transform: a registry name or a user's 'package.module:factory', and its options."""
 
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _known_transform_and_options(self) -> "TransformConfig":
-        TRANSFORMS.check(self.name, self.options)
-        return self
+    @staticmethod
+    def registry() -> Registry:
+        return TRANSFORMS
 
 
 class ServerConfig(Section):
@@ -200,21 +188,21 @@ class TopologyConfig(Section):
 
     @model_validator(mode="after")
     def _known_topology(self) -> "TopologyConfig":
-        from fedloom.topology import TIME_VARYING, TOPOLOGIES
+        from fedloom.topology import TOPOLOGIES
 
-        if self.matrix is None and self.name not in TOPOLOGIES and self.name not in TIME_VARYING:
-            raise ValueError(f"unknown topology {self.name!r}; available: "
-                             f"{', '.join([*TOPOLOGIES, *TIME_VARYING])}, or give matrix = [[...], ...]")
+        if self.matrix is None:
+            TOPOLOGIES.check(self.name, self.options)
         return self
 
 
 class DecentralizedConfig(Section):
-    algorithm: Literal["dsgd", "gradient_tracking", "choco"] = "dsgd"
+    algorithm: Literal[tuple(DECENTRALIZED)] = "dsgd"  # type: ignore[valid-type]
     order: Literal["local_then_gossip", "gossip_then_local"] = "local_then_gossip"
     participation: float = Field(1.0, gt=0, le=1, description="fraction of nodes active each round (MoDeST-style)")
     churn: float = Field(0.0, ge=0, lt=1, description="probability a node is offline in a round")
     choco_gamma: float = Field(0.5, gt=0, le=1, description="CHOCO-SGD consensus step size")
-    gossip: Literal["mean", "clipped"] = Field("mean", description="clipped: ClippedGossip (He et al. 2023)")
+    gossip: Literal[tuple(GOSSIP_RULES)] = Field(  # type: ignore[valid-type]
+        "mean", description="clipped: ClippedGossip (He et al. 2023)")
     clip_tau: float | None = Field(None, gt=0, description="clipped: fixed clipping radius; unset: adaptive")
     clip_delta: float = Field(0.2, gt=0, lt=1, description="clipped, adaptive radius: share of each node's "
                               "gossip weight, farthest neighbours first, that is clipped")
@@ -253,7 +241,7 @@ class AttackConfig(Section):
                              "(one of them)")
         if self.name == "label_flip" and self.redraw:
             raise ValueError("attack 'label_flip' poisons the Byzantine clients' data once; it cannot be redrawn")
-        check_options("attack", self.name, attack_options(self.name), self.options)
+        attack_registry(self.name).check(self.name, self.options)
         return self
 
     def n_byzantine(self, n_clients: int) -> int:
@@ -380,7 +368,7 @@ class ExperimentConfig(Section):
         from fedloom.algorithms.gossip import GradientTracking
 
         algorithm = (GradientTracking if self.mode == "decentralized" and self.decentralized.algorithm ==
-                     "gradient_tracking" else ALGORITHMS[self.algorithm.name].cls if self.mode == "federated" else None)
+                     "gradient_tracking" else ALGORITHMS[self.algorithm.name].factory if self.mode == "federated" else None)
         plain = self.client.optimizer == "sgd" and self.client.momentum == 0
         if algorithm is not None and algorithm.plain_sgd_only and not plain:
             raise ValueError(f"{algorithm.name} assumes plain local SGD (its correction divides the model change "
@@ -390,11 +378,11 @@ class ExperimentConfig(Section):
 
     def server_optimizer(self) -> tuple[str, OptimizerFactory]:
         """The server optimizer's name and factory: [server] where given, else the algorithm's preset."""
-        spec, server = ALGORITHMS[self.algorithm.name], self.server
-        name = server.optimizer or spec.server_optimizer
+        preset, server = SERVER_PRESETS.get(self.algorithm.name, ServerPreset()), self.server
+        name = server.optimizer or preset.optimizer
         return name, server_optimizer(
-            name, lr=server.lr if server.lr is not None else spec.server_lr,
-            momentum=server.momentum if server.momentum is not None else spec.server_momentum,
+            name, lr=server.lr if server.lr is not None else preset.lr,
+            momentum=server.momentum if server.momentum is not None else preset.momentum,
             beta1=server.beta1, beta2=server.beta2, tau=server.tau)
 
     def clients_per_round(self) -> int:
@@ -406,10 +394,8 @@ class ExperimentConfig(Section):
         return min(10, self.data.n_clients)
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config, loadable again (only the chosen partitioner's options)."""
-        raw = self.model_dump(mode="json")
-        raw["partition"] = {"name": self.partition.name, **self.partition.options()}
-        return raw
+        """The resolved config, loadable again."""
+        return self.model_dump(mode="json")
 
 
 def _describe(error: dict[str, Any]) -> str:

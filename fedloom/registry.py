@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 
 def check_options(kind: str, name: str, parameters: dict[str, inspect.Parameter], given: dict[str, Any]) -> None:
@@ -35,40 +34,56 @@ def import_object(kind: str, path: str) -> Any:
         raise ValueError(f"{kind} {path!r} could not be imported: {err}") from err
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     factory: Callable[..., Any]
     description: str
 
 
-@dataclass
-class Registry:
-    kind: str  # what the entries are, for messages: "transform", "aggregator", ...
-    entries: dict[str, Entry] = field(default_factory=dict)
+class Registry(dict):
+    """name -> Entry(factory, description). ``fixed`` names the factory parameters fedloom
+    supplies itself (a model's input_shape and n_classes), which are not user options."""
+
+    def __init__(self, kind: str, entries: dict[str, tuple[Callable[..., Any], str]] | None = None,
+                 fixed: tuple[str, ...] = ()):
+        super().__init__({name: Entry(*entry) for name, entry in (entries or {}).items()})
+        self.kind, self.fixed = kind, fixed
 
     def add(self, name: str, description: str):
         """Decorator registering ``factory`` under ``name``."""
 
         def register(factory: Callable[..., Any]) -> Callable[..., Any]:
-            self.entries[name] = Entry(factory, description)
+            self[name] = Entry(factory, description)
             return factory
 
         return register
 
     def factory(self, name: str) -> Callable[..., Any]:
-        if name in self.entries:
-            return self.entries[name].factory
+        """The registered factory, or a user's named 'package.module:attr' (from the user's own config)."""
+        if name in self:
+            return self[name].factory
         if ":" in name:
             return import_object(self.kind, name)
-        raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self.entries))}, "
-                         f"or a user {self.kind} as 'package.module:name'")
+        raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self))}"
+                         + (f", or a user {self.kind} as 'package.module:name'" if self.kind in USER_KINDS else ""))
 
     def check(self, name: str, options: dict[str, Any]) -> None:
-        check_options(self.kind, name, dict(inspect.signature(self.factory(name)).parameters), options)
+        """Refuse an unknown name, and options the factory does not take or needs (``check_options``)."""
+        if ":" in name and self.kind not in USER_KINDS:
+            raise ValueError(f"{self.kind} {name!r}: {self.kind}s come from fedloom's registry "
+                             f"({', '.join(sorted(self))})")
+        parameters = inspect.signature(self.factory(name)).parameters
+        check_options(self.kind, name, {k: p for k, p in parameters.items() if k not in self.fixed}, options)
 
-    def build(self, name: str, options: dict[str, Any]) -> Any:
+    def build(self, name: str, options: dict[str, Any], *args: Any, **supplied: Any) -> Any:
+        """``factory(*args, **supplied, **options)`` after checking the options; ``supplied`` are
+        the fixed parameters the factory names (others are left out)."""
         self.check(name, options)
-        return self.factory(name)(**options)
+        factory = self.factory(name)
+        accepted = inspect.signature(factory).parameters
+        return factory(*args, **{k: v for k, v in supplied.items() if k in accepted}, **options)
 
     def describe(self) -> dict[str, str]:
-        return {name: entry.description for name, entry in self.entries.items()}
+        return {name: entry.description for name, entry in self.items()}
+
+
+USER_KINDS = {"model", "transform"}  # components a user may name by import path in their own config

@@ -46,14 +46,14 @@ def test_fedavg_with_one_client_and_one_epoch_is_centralized_sgd():
 def test_fedprox_with_mu_zero_is_fedavg_exactly(quick):
     common = ["rounds=3", "evaluation.federated=false"]
     fedavg = run(None, [*quick, *common])
-    fedprox = run(None, [*quick, *common, "algorithm.name=fedprox", "algorithm.mu=0.0"])
+    fedprox = run(None, [*quick, *common, "algorithm.name=fedprox", "algorithm.options.mu=0.0"])
     assert torch.equal(fedavg.params, fedprox.params)
     assert [r["central_accuracy"] for r in fedavg.history] == [r["central_accuracy"] for r in fedprox.history]
 
 
 def test_fedprox_reduces_client_drift(quick):
     def drift(mu):
-        round_ = make_round(*quick, "algorithm.name=fedprox", f"algorithm.mu={mu}", "client.epochs=10")
+        round_ = make_round(*quick, "algorithm.name=fedprox", f"algorithm.options.mu={mu}", "client.epochs=10")
         result = train_once(round_, round_.init_state()["x"], range(10))
         return result.U.norm(dim=1).mean().item()  # distance of client models to the global model
 
@@ -62,7 +62,7 @@ def test_fedprox_reduces_client_drift(quick):
 
 
 def test_scaffold_beats_fedavg_on_two_class_shards(quick):
-    common = ["partition.name=shards", "partition.classes_per_client=2", "data.n_clients=20",
+    common = ["partition.name=shards", "partition.options.classes_per_client=2", "data.n_clients=20",
               "sampling.clients_per_round=10", "rounds=15", "evaluation.federated=false", "model.name=logistic"]
     fedavg = run(None, [*quick, *common])
     scaffold = run(None, [*quick, *common, "algorithm.name=scaffold"])

@@ -1,6 +1,7 @@
 """The command line as a user types it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,9 +10,10 @@ import pytest
 from fedloom.cli import main
 
 
-def fedloom(*args, cwd=None):
+def fedloom(*args, cwd=None, env_columns=None):
+    env = {**os.environ, "COLUMNS": str(env_columns)} if env_columns else None
     return subprocess.run([sys.executable, "-m", "fedloom.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+                          timeout=600, env=env)
 
 
 @pytest.mark.slow
@@ -68,6 +70,19 @@ def test_list_names_every_kind_of_building_block():
     for word in ("fedavg", "scaffold", "fedyogi", "digits", "mnist5k", "synthetic", "dirichlet", "shards",
                  "cnn", "mean", "serial", "label_flip", "alie"):
         assert word in done.stdout
+
+
+def test_list_walks_every_registry_and_keeps_brackets():
+    from fedloom.cli import registries
+
+    done = fedloom("list", env_columns=400)
+    for title, registry in registries().items():
+        assert title in done.stdout
+        for name, description in registry.describe().items():
+            assert name in done.stdout and description in done.stdout, (title, name)
+    assert "hidden = [widths]" in done.stdout and "[C, H, W]" in done.stdout  # not eaten as rich markup
+    assert {"ring", "exponential_directed", "gradient_tracking", "clipped", "clip", "ray"} <= {
+        name for registry in registries().values() for name in registry}
 
 
 def test_report_redraws_from_metrics(tmp_path):

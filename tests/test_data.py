@@ -89,12 +89,12 @@ def test_synthetic_is_float32_with_labels_from_the_float64_inputs():
 def test_synthetic_option_errors():
     with pytest.raises(DataError, match="with iid=true leave them out"):
         load_dataset("synthetic", iid=True, alpha=1.0)
-    with pytest.raises(DataError, match=r"unknown option\(s\) n_users.*n_clients"):
+    with pytest.raises(DataError, match=r"dataset 'synthetic' takes no option n_users \(its options: alpha, beta, iid, n_clients, seed\)"):
         load_dataset("synthetic", n_users=5)
 
 
 def test_unknown_dataset_lists_names():
-    with pytest.raises(DataError, match=r"unknown dataset 'cifar'.*digits, mnist5k, synthetic, npz, csv"):
+    with pytest.raises(DataError, match=r"unknown dataset 'cifar'; available: csv, digits, mnist5k, npz, synthetic"):
         load_dataset("cifar")
 
 
@@ -146,7 +146,7 @@ def test_missing_files_name_the_path(tmp_path):
         path = tmp_path / f"nowhere.{name}"
         with pytest.raises(DataError, match=f"file not found: {path}"):
             load_dataset(name, path=path)
-    with pytest.raises(DataError, match=r"missing required option\(s\) path"):
+    with pytest.raises(DataError, match=r"dataset 'npz' needs option path"):
         load_dataset("npz")
 
 
@@ -331,7 +331,7 @@ def test_federate_errors():
         federate(digits, None, "natural", n_clients=10, seed=0)
     with pytest.raises(DataError, match=r"test_fraction must be in \[0, 1\), got 1.5"):
         federate(digits, None, "iid", n_clients=10, seed=0, test_fraction=1.5)
-    with pytest.raises(DataError, match=r"unknown option\(s\) alpha"):
+    with pytest.raises(DataError, match=r"partitioner 'iid' takes no option alpha \(its options: none\)"):
         federate(digits, None, "iid", n_clients=10, seed=0, alpha=0.1)
     with pytest.raises(DataError, match=r"test inputs have shape \(3,\)"):
         federate(tagged(), from_arrays(np.zeros((5, 3)), np.zeros(5, int), "t"), "iid", n_clients=2, seed=0)

@@ -34,7 +34,7 @@ def test_complete_graph_dsgd_equals_fedavg_with_full_participation(quick):
 
 
 def test_ring_keeps_nodes_apart_and_gossip_preserves_the_mean_of_local_models(quick):
-    exp = _decentralized(quick, "data.n_clients=16", "topology.name=ring", "partition.alpha=0.1")
+    exp = _decentralized(quick, "data.n_clients=16", "topology.name=ring", "partition.options.alpha=0.1")
     start = exp.state["X"].clone()
     result = train_once(exp, start, range(16))
     exp.round(1)
@@ -44,7 +44,7 @@ def test_ring_keeps_nodes_apart_and_gossip_preserves_the_mean_of_local_models(qu
 
 
 def test_gradient_tracking_corrections_sum_to_zero_and_help_on_a_ring(quick):
-    common = ["data.n_clients=32", "topology.name=ring", "partition.alpha=0.1", "client.steps=5", "client.lr=0.1",
+    common = ["data.n_clients=32", "topology.name=ring", "partition.options.alpha=0.1", "client.steps=5", "client.lr=0.1",
               "rounds=20", "evaluation.every=20"]
     tracking = _decentralized(quick, *common, "decentralized.algorithm=gradient_tracking")
     for r in range(1, 4):

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 N_CLIENTS = 10
 CONFIG = {"name": "deploy", "rounds": 5, "data": {"dataset": "digits", "n_clients": N_CLIENTS},
-          "model": {"name": "mlp", "hidden": [32]}, "client": {"epochs": 2, "batch_size": 16},
+          "model": {"name": "mlp", "options": {"hidden": [32]}}, "client": {"epochs": 2, "batch_size": 16},
           "sampling": {"clients_per_round": N_CLIENTS}, "engine": {"name": "serial"}, "output": {"progress": False}}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 RUN_TIMEOUT_S = 150

@@ -390,7 +390,7 @@ def test_tls_refuses_wrong_tokens_and_plaintext_clients(pki, mutual):
 
 def test_a_model_over_4_mb_crosses_in_chunks(tmp_path):
     config = {**CONFIG, "data": {"dataset": "digits", "n_clients": 2}, "sampling": {"clients_per_round": 1},
-              "model": {"name": "mlp", "hidden": [20000]}}  # 1.5 M parameters, 6 MB
+              "model": {"name": "mlp", "options": {"hidden": [20000]}}}  # 1.5 M parameters, 6 MB
     live = LiveRound(config)
     server, port = start_grpc(live.servicer, "127.0.0.1:0", None, workers=8)
     try:

@@ -9,7 +9,7 @@ from fedloom.runner import RunResult, run
 from fedloom.config import load_config
 
 
-@pytest.mark.parametrize("partition, target", [(["partition.name=iid"], 0.90), (["partition.alpha=0.1"], 0.80)])
+@pytest.mark.parametrize("partition, target", [(["partition.name=iid"], 0.90), (["partition.options.alpha=0.1"], 0.80)])
 def test_fedavg_on_digits_reaches_target_accuracy(quick, partition, target):
     result = run(None, [*quick, "evaluation.every=10", *partition])
     assert result.final["central_accuracy"] >= target
@@ -83,3 +83,14 @@ def test_the_readme_config_block_loads_and_holds_the_defaults():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"## Config.*?```toml\n(.*?)```", readme, re.S).group(1)
     assert load_config(tomllib.loads(block)).to_dict() == load_config().to_dict()
+
+
+def test_the_readme_import_lines_import():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = re.findall(r"`(from fedloom[\w.]* import [\w, ]+)`", readme)
+    assert len(lines) >= 4
+    for line in lines:
+        exec(line, {})

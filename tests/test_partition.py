@@ -139,7 +139,7 @@ def test_natural_client_count_mismatch_is_clear(labels, groups):
     "call, message",
     [
         (lambda y: partition("round_robin", y, 3, np.random.default_rng(0)), r"unknown partitioner 'round_robin'.*iid"),
-        (lambda y: partition("dirichlet", y, 3, np.random.default_rng(0), beta=1), r"unknown option\(s\) beta.*alpha"),
+        (lambda y: partition("dirichlet", y, 3, np.random.default_rng(0), beta=1), r"partitioner 'dirichlet' takes no option beta \(its options: alpha\)"),
         (lambda y: iid(y[:5], 6, np.random.default_rng(0)), r"6 clients .* from 5 examples"),
         (lambda y: shards(y[:10], 6, np.random.default_rng(0)), r"6 clients 2 example"),
         (lambda y: iid(y, 0, np.random.default_rng(0)), r"n_clients must be a positive integer"),

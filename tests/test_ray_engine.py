@@ -23,7 +23,7 @@ from fedloom.builders import local_training  # noqa: E402
 from helpers import stepper  # noqa: E402
 
 QUICK = ["output.save=false", "output.progress=false", "evaluation.federated=false", "client.epochs=2",
-         "partition.alpha=0.3", "engine.name=serial"]
+         "partition.options.alpha=0.3", "engine.name=serial"]
 
 
 def _experiment(*overrides):

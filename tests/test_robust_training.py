@@ -35,7 +35,7 @@ def test_a_round_with_only_bad_updates_keeps_the_model(quick):
 
 def test_robust_aggregators_train_and_compose_with_fedadam(quick):
     for aggregator in (["server.aggregator.name=median"],
-                       ["server.aggregator.name=trimmed_mean", "server.aggregator.beta=0.2", "algorithm.name=fedadam"]):
+                       ["server.aggregator.name=trimmed_mean", "server.aggregator.options.beta=0.2", "algorithm.name=fedadam"]):
         result = run(None, [*quick, *aggregator, "rounds=20", "evaluation.every=20", "evaluation.federated=false"])
         assert result.final["central_accuracy"] > 0.6, aggregator
 
@@ -97,7 +97,7 @@ def test_signflip_breaks_the_mean_and_not_the_median(quick):
     (["attack.name=ipm", "attack.f=200"], "attack.f = 200 is more than data.n_clients = 100"),
     (["server.aggregator.name=kurm"], "unknown aggregator 'kurm'; available: bulyan"),
     (["server.aggregator.name=centered_clipping"], "aggregator 'centered_clipping' needs option tau"),
-    (["server.aggregator.name=median", "server.aggregator.beta=0.1"], "aggregator 'median' takes no option beta"),
+    (["server.aggregator.name=median", "server.aggregator.options.beta=0.1"], "aggregator 'median' takes no option beta"),
 ])
 def test_attack_config_mistakes_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

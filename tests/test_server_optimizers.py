@@ -6,16 +6,16 @@ import torch
 from torch import nn
 
 from fedloom.aggregation.base import mean
-from fedloom.algorithms import ALGORITHMS, server_optimizer
+from fedloom.algorithms import SERVER_PRESETS, ServerPreset, server_optimizer
 from fedloom.pipeline.base import Context, Pipeline
 from fedloom.pipeline.transforms import aggregate, server_step
 
 
 def _round(name, lr, x0, locals_, weights):
     """Rounds of the pipeline's last two steps (mean, then the preset's server optimizer), its state carried."""
-    spec = ALGORITHMS[name]
-    optimizer = server_optimizer(spec.server_optimizer, lr=lr, momentum=spec.server_momentum)
-    pipeline = Pipeline((aggregate(mean()), server_step(spec.server_optimizer, optimizer)))
+    preset = SERVER_PRESETS.get(name, ServerPreset())
+    optimizer = server_optimizer(preset.optimizer, lr=lr, momentum=preset.momentum)
+    pipeline = Pipeline((aggregate(mean()), server_step(preset.optimizer, optimizer)))
     x, states = x0, pipeline.init(x0.numel())
     for r, local in enumerate(locals_, 1):
         U, _, states, _ = pipeline.apply(x - local, weights, states, Context(r, 0, list(range(len(local))), x))
@@ -82,8 +82,8 @@ def test_fedadam_follows_the_paper_by_hand():
     ms = torch.tensor([[0.1, -0.2], [0.19, -0.18]], dtype=torch.float64)
     vs = torch.tensor([[0.01000099, 0.04000099], [0.0199009801, 0.0396009801]], dtype=torch.float64)
     expected = (0.01 * ms / (vs.sqrt() + 1e-3)).sum(dim=0)
-    spec = ALGORITHMS["fedadam"]
-    pipeline = Pipeline((aggregate(mean()), server_step("adam", server_optimizer(spec.server_optimizer, lr=0.01))))
+    optimizer = server_optimizer(SERVER_PRESETS["fedadam"].optimizer, lr=0.01)
+    pipeline = Pipeline((aggregate(mean()), server_step("adam", optimizer)))
     x, states = torch.zeros(2, dtype=torch.float64), pipeline.init(2)
     for r, delta in enumerate(deltas, 1):  # U = x - local = -Delta
         U, _, states, _ = pipeline.apply(-delta[None], torch.ones(1, dtype=torch.float64), states, Context(r, 0, [0], x))

@@ -24,13 +24,13 @@ def _pair(quick, *overrides):
 
 @pytest.mark.parametrize("algorithm", [
     ["algorithm.name=fedavg"],
-    ["algorithm.name=fedprox", "algorithm.mu=0.1"],
+    ["algorithm.name=fedprox", "algorithm.options.mu=0.1"],
     ["algorithm.name=scaffold"],
     ["algorithm.name=fedadam", "client.optimizer=adam", "client.lr=0.01"],
     ["algorithm.name=fedavg", "client.momentum=0.9", "client.weight_decay=0.01"],
 ])
 def test_vectorized_equals_serial_per_round(quick, algorithm):
-    serial, vectorized = _pair(quick, *algorithm, "client.epochs=2", "partition.alpha=0.3")
+    serial, vectorized = _pair(quick, *algorithm, "client.epochs=2", "partition.options.alpha=0.3")
     sizes = serial.data.client_sizes()
     assert sizes.max() > sizes.min()  # unequal clients: masking is exercised
     for r in range(1, 4):

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from fedloom.registry import Registry
+
 ApplyFn = Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]
 
 
@@ -41,21 +43,18 @@ def mean() -> Aggregator:
     return stateless("mean", weighted_mean)
 
 
-# name -> factory taking the [aggregator] options of the config as keywords
-AGGREGATORS: dict[str, Callable[..., Aggregator]] = {"mean": mean}
+# factories taking the aggregator's options (server.aggregator.options) as keywords
+AGGREGATORS = Registry("aggregator", {"mean": (mean, "weighted mean (FedAvg): rows weighted by examples")})
 
 
 def register(name: str):
-    """Decorator adding an aggregator factory to the registry under ``name``."""
+    """Decorator adding an aggregator factory under ``name``; the first line of its docstring describes it."""
 
     def add(factory: Callable[..., Aggregator]) -> Callable[..., Aggregator]:
-        AGGREGATORS[name] = factory
-        return factory
+        return AGGREGATORS.add(name, (factory.__doc__ or "").strip().splitlines()[0])(factory)
 
     return add
 
 
 def make_aggregator(name: str, **options: Any) -> Aggregator:
-    if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; available: {', '.join(sorted(AGGREGATORS))}")
-    return AGGREGATORS[name](**options)
+    return AGGREGATORS.build(name, options)

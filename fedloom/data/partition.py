@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .datasets import DataError, check_options
+from fedloom.registry import Registry
+
+from .datasets import DataError, build_checked
 
 
 
@@ -133,14 +135,14 @@ def natural(
     return _finish(np.split(order, np.cumsum(np.bincount(inverse))[:-1]))
 
 
-# name -> (function, one-line description); extra keyword arguments are the options
-PARTITIONERS: dict[str, tuple[Callable[..., list[np.ndarray]], str]] = {
+# partitioners; their keyword arguments past the fixed ones are the options (partition.options)
+PARTITIONERS = Registry("partitioner", {
     "iid": (iid, "uniformly random, equal-sized clients"),
     "dirichlet": (dirichlet, "label skew: client class mix q ~ Dir(alpha p), Hsu et al. 2019 (option alpha)"),
     "shards": (shards, "label skew of McMahan et al.: label-sorted shards per client (option classes_per_client)"),
     "quantity": (quantity_skew, "power-law client sizes, iid labels (options power, min_size)"),
     "natural": (natural, "one client per natural client id in the data (synthetic, npz 'client', csv client column)"),
-}
+}, fixed=("labels", "n_clients", "rng", "groups"))
 
 
 def partition(
@@ -152,11 +154,7 @@ def partition(
     **options: Any,
 ) -> list[np.ndarray]:
     """Run the partitioner called ``name``; ``groups`` is used by "natural" only."""
-    if name not in PARTITIONERS:
-        raise DataError(f"unknown partitioner {name!r}; available: {', '.join(PARTITIONERS)}")
-    fn = PARTITIONERS[name][0]
-    check_options(fn, options, f"partitioner {name!r}", fixed=("labels", "n_clients", "rng", "groups"))
     labels = np.asarray(labels)
     if name == "natural":
-        return fn(labels, n_clients, rng, groups, **options)
-    return fn(labels, n_clients, rng, **options)
+        return build_checked(PARTITIONERS, name, options, labels, n_clients, rng, groups)
+    return build_checked(PARTITIONERS, name, options, labels, n_clients, rng)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from typing import Any, Callable
 
 from torch import nn
+
+from fedloom.registry import Registry
 
 
 def logistic(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
@@ -45,21 +45,11 @@ def cnn(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     )
 
 
-MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
+MODELS = Registry("model", {
     "logistic": (logistic, "multinomial logistic regression"),
     "mlp": (mlp, "ReLU MLP; option hidden = [widths]"),
     "cnn": (cnn, "LeNet-5 style CNN for image data [C, H, W]"),
-}
-
-
-def _import_path(path: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = path.partition(":")
-    if not attr:
-        raise ValueError(f"model {path!r}: a user model is written 'package.module:ClassName'")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"model {path!r} could not be imported: {err}") from err
+}, fixed=("input_shape", "n_classes"))
 
 
 def build_model(name: str, input_shape: tuple[int, ...], n_classes: int, **options: Any) -> nn.Module:
@@ -68,14 +58,7 @@ def build_model(name: str, input_shape: tuple[int, ...], n_classes: int, **optio
     A user model receives the [model] options, plus ``input_shape`` and
     ``n_classes`` when its signature names them.
     """
-    if name in MODELS:
-        return MODELS[name][0](input_shape, n_classes, **options)
-    if ":" not in name:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)} or 'package.module:ClassName'")
-    factory = _import_path(name)
-    accepted = inspect.signature(factory).parameters
-    extra = {k: v for k, v in (("input_shape", input_shape), ("n_classes", n_classes)) if k in accepted}
-    model = factory(**options, **extra)
+    model = MODELS.build(name, options, input_shape=input_shape, n_classes=n_classes)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

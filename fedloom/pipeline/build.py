@@ -28,7 +28,7 @@ def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: S
         steps.append(transforms.compress(compressor, cfg.seed))
     steps.extend(_user_transform(t.name, t.options) for t in cfg.server.transforms)
     aggregator = cfg.server.aggregator
-    steps.append(transforms.aggregate(make_aggregator(aggregator.name, **aggregator.options())))
+    steps.append(transforms.aggregate(make_aggregator(aggregator.name, **aggregator.options)))
     name, factory = cfg.server_optimizer()
     steps.append(transforms.server_step(name, factory))
     return Pipeline(tuple(steps))

@@ -8,7 +8,6 @@ Static graphs are plain ``nx.Graph`` objects built by the functions in
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import networkx as nx
 import numpy as np
 from torch import Tensor
 
+from fedloom.registry import Registry
 from fedloom.topology.mixing import Weights, directed_average, metropolis_hastings
 
 
@@ -173,8 +173,9 @@ def exponential_directed(n: int) -> TimeVarying:
     return TimeVarying(n, lambda round: G, directed_average)
 
 
-# name -> (builder taking n and the [topology] options of the config, one-line description)
-TOPOLOGIES: dict[str, tuple[Callable[..., nx.Graph], str]] = {
+# builders taking n and the topology's options (topology.options); the graphs that change every
+# round (or carry their own weights) build TimeVarying objects
+TOPOLOGIES = Registry("topology", {
     "ring": (ring, "cycle, degree 2; slowest mixing"),
     "torus": (torus, "2-D periodic grid, degree 4; n must be rows * cols with both >= 3"),
     "complete": (complete, "all pairs; one gossip step averages exactly"),
@@ -183,29 +184,17 @@ TOPOLOGIES: dict[str, tuple[Callable[..., nx.Graph], str]] = {
     "regular": (regular, "random connected k-regular graph (k, seed)"),
     "exponential": (exponential, "undirected i <-> i + 2^k mod n, Metropolis-Hastings weights; degree ~2 log2 n"),
     "small_world": (small_world, "connected Watts-Strogatz ring with rewiring (k, p, seed)"),
-}
-
-TIME_VARYING: dict[str, tuple[Callable[..., TimeVarying], str]] = {
     "random_matching": (random_matching, "a fresh random perfect matching each round (seed)"),
     "one_peer_exponential": (one_peer_exponential, "one peer i + 2^(t mod log2 n) per round; directed"),
     "exponential_directed": (exponential_directed, "Ying et al. 2021: i pulls from i + 2^k mod n, weights "
                              "1/(ceil(log2 n) + 1); directed, static"),
-}
+}, fixed=("n",))
+TIME_VARYING = frozenset({"random_matching", "one_peer_exponential", "exponential_directed"})
 
 
 def make_topology(name: str, n: int, **options: Any) -> nx.Graph | TimeVarying:
     """Build a registered topology, with errors that list what would be accepted."""
-    registry = TOPOLOGIES if name in TOPOLOGIES else TIME_VARYING
-    if name not in registry:
-        raise ValueError(f"unknown topology {name!r}; available: {', '.join(sorted({**TOPOLOGIES, **TIME_VARYING}))}")
-    builder = registry[name][0]
-    accepted = list(inspect.signature(builder).parameters)[1:]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"topology {name!r} has no option {', '.join(unknown)}; it accepts: {', '.join(accepted) or 'none'}"
-        )
-    return builder(n, **options)
+    return TOPOLOGIES.build(name, options, n)
 
 
 def draw_graph(G: nx.Graph, path: str | Path, max_nodes: int = 100) -> Path:

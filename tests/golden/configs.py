@@ -17,7 +17,7 @@ GOLDEN: dict[str, list[str]] = {
     "fedavg_vectorized": [*SMALL, "engine.name=vectorized"],
     "fedavg_serial": [*SMALL, "engine.name=serial"],
     "fedavg_ray": [*SMALL, "engine.name=ray", "engine.ray_workers=2"],
-    "fedprox": [*SMALL, "algorithm.name=fedprox", "algorithm.mu=0.1"],
+    "fedprox": [*SMALL, "algorithm.name=fedprox", "algorithm.options.mu=0.1"],
     "scaffold": [*SMALL, "algorithm.name=scaffold", "client.lr=0.05"],
     "fedadam": [*SMALL, "algorithm.name=fedadam"],
     "fedyogi": [*SMALL, "algorithm.name=fedyogi"],
