@@ -8,16 +8,18 @@ from __future__ import annotations
 import copy
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedloom.aggregation import AGGREGATORS
 from fedloom.algorithms import ALGORITHMS, SERVER_PRESETS, ServerPreset, server_optimizer
 from fedloom.algorithms.gossip import DECENTRALIZED, GOSSIP_RULES
 from fedloom.algorithms.server_opt import OptimizerFactory
 from fedloom.attacks import ATTACK_NAMES, attack_registry
 from fedloom.compression import Compressor, make_compressor
+from fedloom.data import DATASETS, PARTITIONERS
 from fedloom.compression.base import Shapes
 from fedloom.models import MODELS
 from fedloom.pipeline.transforms import TRANSFORMS
@@ -41,8 +43,6 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _known_dataset_and_options(self) -> "DataConfig":
-        from fedloom.data import DATASETS
-
         DATASETS.check(self.dataset, self.options)
         return self
 
@@ -54,13 +54,11 @@ class Component(Section):
     name: str
     options: dict[str, Any] = Field(default_factory=dict, description="the part's own keyword options")
 
-    @staticmethod
-    def registry() -> Registry:
-        raise NotImplementedError
+    registry: ClassVar[Registry]
 
     @model_validator(mode="after")
     def _known_name_and_options(self) -> "Component":
-        self.registry().check(self.name, self.options)
+        self.registry.check(self.name, self.options)
         return self
 
 
@@ -70,11 +68,7 @@ class PartitionConfig(Component):
 
     name: str = "dirichlet"
 
-    @staticmethod
-    def registry() -> Registry:
-        from fedloom.data import PARTITIONERS
-
-        return PARTITIONERS
+    registry: ClassVar[Registry] = PARTITIONERS
 
 
 class ModelConfig(Component):
@@ -82,17 +76,13 @@ class ModelConfig(Component):
 
     name: str = "mlp"
 
-    @staticmethod
-    def registry() -> Registry:
-        return MODELS
+    registry: ClassVar[Registry] = MODELS
 
 
 class AlgorithmConfig(Component):
     name: Literal[tuple(ALGORITHMS)] = "fedavg"  # type: ignore[valid-type]
 
-    @staticmethod
-    def registry() -> Registry:
-        return ALGORITHMS
+    registry: ClassVar[Registry] = ALGORITHMS
 
 
 class ClientConfig(Section):
@@ -110,19 +100,13 @@ class AggregatorConfig(Component):
 
     name: str = "mean"
 
-    @staticmethod
-    def registry() -> Registry:
-        from fedloom.aggregation import AGGREGATORS
-
-        return AGGREGATORS
+    registry: ClassVar[Registry] = AGGREGATORS
 
 
 class TransformConfig(Component):
     """An extra server transform: a registry name or a user's 'package.module:factory', and its options."""
 
-    @staticmethod
-    def registry() -> Registry:
-        return TRANSFORMS
+    registry: ClassVar[Registry] = TRANSFORMS
 
 
 class ServerConfig(Section):

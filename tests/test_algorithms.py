@@ -5,7 +5,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fedloom.algorithms import FedAvg
+from fedloom.algorithms import FedAvg, Scaffold
 from fedloom.core.local_optim import SGD
 from fedloom.core.store import ClientStore
 from fedloom.data import FederatedData, load_dataset
@@ -13,7 +13,8 @@ from fedloom.engines.base import LocalTraining, batch_order
 from fedloom.engines.serial import SerialEngine
 from fedloom.models import build_model
 from fedloom.runner import run
-from helpers import make_round, play, train_once
+from fedloom.rounds.federated import sample_clients
+from helpers import make_round, play, stepper, train_once
 
 
 def _one_client_data(n=200):
@@ -75,3 +76,20 @@ def test_scaffold_control_variates_average_to_server_variate(quick):
     # full participation: c is the mean of the client variates (c_i start at 0 and c = mean of c_i is kept)
     client_c = torch.stack([state["clients"][i]["c"] for i in range(10)])
     torch.testing.assert_close(state["algorithm"]["c"], client_c.mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_scaffold_moves_c_by_the_uniform_mean_of_the_sampled_deltas():
+    # Karimireddy et al. 2020, Algorithm 1: c <- c + |S|/N * (1/|S|) sum_i delta_c_i, whatever the clients' sizes
+    state = Scaffold().server_step({"c": torch.zeros(2)}, {"delta_c": torch.tensor([[1.0, 0.0], [3.0, 4.0]])}, 4)
+    assert torch.equal(state["c"], torch.tensor([1.0, 1.0]))  # 2/4 * ((1 + 3)/2, (0 + 4)/2)
+
+
+def test_scaffold_round_uses_the_uniform_mean_even_with_unequal_clients(quick):
+    round_ = stepper(*quick, "algorithm.name=scaffold", "data.n_clients=20", "sampling.clients_per_round=10",
+                     "partition.name=quantity", "client.lr=0.05")
+    clients = sample_clients(20, 10, 0, 1)
+    sizes = round_.data.client_sizes()[clients]
+    assert sizes.max() > 2 * sizes.min()  # example weights would differ from the uniform mean
+    delta_c = train_once(round_, round_.state["x"], clients, round_.algorithm.broadcast(round_.state["algorithm"]))
+    round_.round(1)
+    torch.testing.assert_close(round_.state["algorithm"]["c"], 10 / 20 * delta_c.aux["delta_c"].mean(0))

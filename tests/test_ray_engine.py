@@ -13,7 +13,6 @@ from torch import nn
 ray = pytest.importorskip("ray")
 
 from fedloom.algorithms import ALGORITHMS  # noqa: E402
-from fedloom.config import load_config  # noqa: E402
 from fedloom.core.store import ClientStore  # noqa: E402
 from fedloom.engines.ray_engine import (  # noqa: E402
     ClientWorker, RayEngine, RoundInputs, connect, import_ray, split_evenly)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedloom.config import ConfigError, load_config
+from fedloom.config import ConfigError
 from fedloom.core.local_optim import SGD
 from fedloom.engines.base import LocalTraining, batch_order, batch_plan, local_steps
 from fedloom.engines.vectorized import UnsupportedModel, VectorizedEngine, check_vectorizable

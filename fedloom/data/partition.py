@@ -8,7 +8,7 @@ label skew (dirichlet, shards), quantity skew, and real clients (natural).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
