@@ -1,4 +1,4 @@
-"""ParamSpec: a model's parameters as one flat vector (DESIGN.md: an update is a row).
+"""ParamSpec: a model's parameters as one flat vector (docs/architecture.md: an update is a row).
 
 Every algorithm, aggregator and engine works on flat float vectors of length d;
 ParamSpec is the one place that knows how names and shapes map to slices.

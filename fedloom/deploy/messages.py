@@ -1,5 +1,5 @@
 """Tensors to and from the wire: one header naming the buffers, then their raw
-float32 bytes in chunks (DESIGN.md: an update is a row, so bytes are exact).
+float32 bytes in chunks (docs/architecture.md: an update is a row, so bytes are exact).
 
 Both directions use the same three pieces: ``describe`` writes the header's
 buffer list, ``chunks`` cuts the bytes, ``Receiver`` puts them back together
