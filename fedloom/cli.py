@@ -16,7 +16,7 @@ err_console = Console(stderr=True)
 
 def _run(args: argparse.Namespace) -> int:
     from fedloom.config import ConfigError
-    from fedloom.runner import run
+    from fedloom.runner import RunFailed, run
 
     overrides = list(args.set or [])
     if args.quiet:
@@ -25,7 +25,12 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues the run directory's own config: give no config file and no --out")
     if args.out:
         overrides.append(f"output.dir={args.out!r}")
-    result = run(args.config, overrides, resume=args.resume)
+    try:
+        result = run(args.config, overrides, resume=args.resume)
+    except RunFailed as failed:
+        console.print(_summary_table(failed.result.summary))
+        _print_error("failed", failed)
+        return 1
     console.print(_summary_table(result.summary))
     if result.summary["status"] == "interrupted":
         err_console.print(f"interrupted after round {result.summary['rounds_done']}; "
@@ -118,12 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fedloom.config import ConfigError
     from fedloom.data import DataError
+    from fedloom.runner import RunDirError
 
     try:
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        _print_error("error", err)
         return 2
+    except RunDirError as err:
+        _print_error("error", err.strerror)
+        return 1
+
+
+def _print_error(label: str, message: object) -> None:
+    """One line, the message as plain text (a config key in brackets is not rich markup)."""
+    err_console.print(Text.assemble((f"{label}: ", "bold red"), str(message)), highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -276,6 +276,8 @@ class ExperimentConfig(Section):
     mode: Literal["federated", "decentralized"] = "federated"
     seed: int = 0
     rounds: int = Field(50, ge=1)
+    max_failed_rounds: int = Field(3, ge=1, description="rounds in a row in which every update is rejected "
+                                   "before the run stops as failed")
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -11,6 +11,7 @@ interrupted or killed run and ends where an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 import threading
 import time
@@ -59,13 +60,42 @@ def run(config: str | Path | dict | ExperimentConfig | None = None, overrides: l
     return drive(build_round(cfg), resume)
 
 
+class RunDirError(OSError):
+    """The run directory cannot be written (disk full, I/O error); the message names it."""
+
+
+class RunFailed(RuntimeError):
+    """The run stopped because no round could use any update; the run directory is complete."""
+
+    def __init__(self, message: str, result: RunResult):
+        super().__init__(message)
+        self.result = result
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 def drive(round_: Round, resume: str | Path | None = None,
           on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Play ``round_``'s rounds from the start, or from ``resume``'s checkpoint, to the end."""
-    cfg = round_.cfg
     run_dir, state, history = _open(round_, resume)
+    with _disk_errors(run_dir):
+        state, status = _loop(round_, state, history, run_dir, on_round)
+        with _signals_ignored():  # a second Ctrl-C must not cut the final writes short
+            result = _finish(round_, state, history, run_dir, status)
+    if status == "failed":
+        raise RunFailed(f"stopped after round {result.summary['rounds_done']}: no update was usable in "
+                        f"{round_.cfg.max_failed_rounds} rounds in a row (every one rejected as NaN/Inf or "
+                        "malformed); everything so far is kept" + (f" in {run_dir.path}" if run_dir else ""), result)
+    return result
+
+
+def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | None,
+          on_round: Callable[[dict[str, Any]], None] | None) -> tuple[dict, str]:
+    """Rounds to the end, Ctrl-C/SIGTERM, or too many rounds in a row without a usable update."""
+    cfg = round_.cfg
     started = time.perf_counter() - state["wall_seconds"]
-    status = "completed"
+    failed_in_a_row = 0
     try:
         with _signals_interrupt(), RoundProgress(cfg.rounds, state["round"], enabled=cfg.output.progress) as bar:
             for r in range(state["round"] + 1, cfg.rounds + 1):
@@ -78,10 +108,31 @@ def drive(round_: Round, resume: str | Path | None = None,
                 bar.update(record)
                 if on_round:
                     on_round(record)
+                failed_in_a_row = failed_in_a_row + 1 if _nothing_usable(record) else 0
+                if failed_in_a_row >= cfg.max_failed_rounds:
+                    return state, "failed"
     except KeyboardInterrupt:
-        status = "interrupted"
-    with _signals_ignored():  # a second Ctrl-C must not cut the final writes short
-        return _finish(round_, state, history, run_dir, status)
+        return state, "interrupted"
+    return state, "completed"
+
+
+def _nothing_usable(record: dict) -> bool:
+    """Every sampled client's update was rejected (a federated round that left the model as it was)."""
+    return record.get("n_sampled", 0) > 0 and record.get("n_rejected") == record["n_sampled"]
+
+
+@contextlib.contextmanager
+def _disk_errors(run_dir: RunDir | None) -> Iterator[None]:
+    """A full or failing disk stops the run with one message naming the directory; what was written
+    before (the last complete checkpoint, the metrics lines) stays, and the run can be resumed."""
+    try:
+        yield
+    except OSError as err:
+        if run_dir is None or err.errno not in DISK_ERRORS:
+            raise
+        raise RunDirError(err.errno, f"cannot write the run directory {run_dir.path} ({err.strerror}: "
+                          f"{err.filename or 'a file in it'}); the last complete checkpoint and the metrics "
+                          f"written so far are kept: free space, then `fedloom run --resume {run_dir.path}`") from None
 
 
 def _play(round_: Round, state: dict, r: int, started: float) -> tuple[dict, dict]:

@@ -80,6 +80,7 @@ def from_arrays(
     lengths = {"x": len(x), "y": len(y)} | ({} if groups is None else {"client": len(groups)})
     if len(set(lengths.values())) > 1:
         raise DataError(f"{source}: arrays must have one entry per example, got lengths {lengths}")
+    _check_finite(x, source)
     labels = _as_labels(y, source)
     if n_classes is not None and labels.max() >= n_classes:
         raise DataError(f"{source}: label {labels.max()} is out of range for {n_classes} classes")
@@ -177,6 +178,17 @@ def _check_file(path: str | Path, kind: str) -> Path:
     return path
 
 
+def _check_finite(x: np.ndarray, source: str) -> None:
+    """NaN or Inf features would poison every model trained on them: name the first bad example."""
+    if x.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{source}: example {row} (row {row} of x, 0-based) holds NaN or Inf; "
+                        f"{int(bad.sum())} example(s) do. Clean or drop them before training")
+
+
 def load_npz(*, path: str | Path) -> tuple[Dataset, None]:
     """A NumPy .npz with arrays ``x`` [N, ...] and ``y`` [N] (integer labels), optional ``client`` [N]."""
     path = _check_file(path, "npz")
@@ -216,7 +228,8 @@ def load_csv(
     labels = frame.pop(label_column)
     for name, column in [(label_column, labels), *frame.items()]:
         if column.isna().any():
-            raise DataError(f"{path}: column {name!r} has missing values")
+            line = int(column.isna().to_numpy().argmax()) + 2  # 1-based, after the header
+            raise DataError(f"{path}: column {name!r} has missing values (first on line {line})")
         if name != label_column and not pd.api.types.is_numeric_dtype(column):
             raise DataError(f"{path}: column {name!r} is not numeric; features must be numbers")
     if groups is not None and pd.isna(groups).any():

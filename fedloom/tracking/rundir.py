@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -38,7 +39,25 @@ def _jsonable(obj: Any) -> Any:
 
 
 def to_json(obj: Any, **kwargs: Any) -> str:
-    return json.dumps(obj, default=_jsonable, **kwargs)
+    """Strict JSON: a NaN or infinite number is written as null (``strict_record`` says why)."""
+    return json.dumps(_finite(obj), default=_jsonable, allow_nan=False, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_record(record: dict) -> dict:
+    """The record with a ``non_finite`` entry naming each top-level value that was NaN or infinite
+    (JSON has neither; they are written as null)."""
+    bad = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    return {**record, "non_finite": bad} if bad else record
 
 
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -98,7 +117,7 @@ class RunDir:
 
     def append_metrics(self, record: dict) -> None:
         """Append one JSON line and fsync it, so an interrupted run keeps every finished round."""
-        line = to_json(record) + "\n"
+        line = to_json(strict_record(record)) + "\n"
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -117,7 +136,7 @@ class RunDir:
         return kept
 
     def write_summary(self, summary: dict) -> None:
-        write_text_atomic(self.path / SUMMARY, to_json(summary, indent=2) + "\n")
+        write_text_atomic(self.path / SUMMARY, to_json(strict_record(summary), indent=2) + "\n")
 
     def save_model(self, tensors: dict[str, torch.Tensor]) -> Path:
         """Save contiguous CPU copies (safetensors refuses views, shared storage and GPU tensors)."""
