@@ -258,6 +258,12 @@ class DeployConfig(Section):
     min_clients: int = Field(1, ge=1, description="updates a round needs before its deadline may close it")
     round_timeout_s: float = Field(300.0, gt=0, description="round deadline: who has not submitted by then "
                                    "is left out")
+    weighting: Literal["examples", "uniform"] = Field("examples", description="how the server weighs updates: "
+                                                      "by the example counts clients report (capped), or equally")
+    max_examples_per_client: int | None = Field(None, ge=1, description="cap on a reported example count; unset: "
+                                                "the largest client of the configured federation")
+    max_update_norm: float | None = Field(None, gt=0, description="updates with a larger L2 norm are rejected "
+                                          "(set it when clients are untrusted)")
 
 
 class CheckpointConfig(Section):

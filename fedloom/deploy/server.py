@@ -45,14 +45,16 @@ class RemoteEngine:
 
     name = "grpc"
 
-    def __init__(self, coordinator: Coordinator, cfg: ExperimentConfig, n_classes: int):
+    def __init__(self, coordinator: Coordinator, cfg: ExperimentConfig, n_classes: int, max_examples: int):
         self.coord = coordinator
         self.deploy = cfg.deploy  # when a round closes
         self.local = local_to_proto(local_training(cfg))
         raw = cfg.to_dict()
         self.config_json = json.dumps({k: raw[k] for k in ("seed", "model", "algorithm")})
         self.n_classes = n_classes
+        self.max_examples = float(max_examples)
         self.participation: Participation | None = None
+        self.reported: list[float] = []
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:
@@ -68,8 +70,16 @@ class RemoteEngine:
         columns = split(rows, expected)
         for i, cid in enumerate(ids):
             store.put(cid, {k: v[i].clone() for k, v in prefixed(columns, "state").items()})
-        return RoundResult(ids, columns["update"], torch.tensor([u.n_examples for u in updates], dtype=torch.float32),
-                           prefixed(columns, "aux"), torch.tensor([u.train_loss for u in updates]))
+        self.reported = [u.n_examples for u in updates]
+        return RoundResult(ids, columns["update"], self._weights(self.reported), prefixed(columns, "aux"),
+                           torch.tensor([u.train_loss for u in updates]))
+
+    def _weights(self, reported: list[float]) -> Tensor:
+        """A client's example count is its own claim: capped (one client claiming 1e18 examples must not
+        own the average), or ignored with deploy.weighting = "uniform"."""
+        if self.deploy.weighting == "uniform":
+            return torch.ones(len(reported))
+        return torch.tensor(reported, dtype=torch.float32).clamp(max=self.max_examples)
 
     def _task(self, round_idx: int, client_id: int, shared: list[tuple[str, Tensor]], answer: Tensor,
               store: ClientStore) -> Task:
@@ -81,8 +91,10 @@ class RemoteEngine:
         return Task(header, tensors, answer)
 
     def round_record(self) -> dict:
-        """Participation and the bytes that really crossed the wire, for the round's metrics."""
-        return self.participation.record()
+        """Participation, the example counts clients reported (and how many were capped), and the bytes
+        that really crossed the wire, for the round's metrics."""
+        return {**self.participation.record(), "reported_examples": self.reported,
+                "n_examples_capped": sum(n > self.max_examples for n in self.reported)}
 
 
 def expected_layout(algorithm, x0: Tensor, sent: dict[str, Tensor]) -> list[tuple[str, str, int]]:
@@ -94,7 +106,11 @@ def expected_layout(algorithm, x0: Tensor, sent: dict[str, Tensor]) -> list[tupl
 
 def remote_round(cfg: ExperimentConfig, coordinator: Coordinator) -> FederatedRound:
     """The federated round of ``cfg`` with its clients behind ``coordinator``."""
-    return FederatedRound(cfg, make_engine=lambda model, data: RemoteEngine(coordinator, cfg, data.n_classes))
+    def engine(model, data):
+        cap = cfg.deploy.max_examples_per_client or int(data.client_sizes().max())
+        return RemoteEngine(coordinator, cfg, data.n_classes, cap)
+
+    return FederatedRound(cfg, make_engine=engine)
 
 
 def start_grpc(servicer: Servicer, address: str, tls: ServerTLS | None, workers: int) -> tuple[grpc.Server, int]:

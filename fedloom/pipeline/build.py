@@ -23,6 +23,8 @@ def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: S
     if adversary is not None:
         steps.append(transforms.attack(adversary))
     steps.append(transforms.validate())
+    if cfg.deploy.max_update_norm is not None:
+        steps.append(transforms.reject_longer(cfg.deploy.max_update_norm))
     compressor = cfg.compression.build(shapes)
     if compressor is not None:
         steps.append(transforms.compress(compressor, cfg.seed))

@@ -36,6 +36,18 @@ def validate() -> Transform:
     return Transform("validate", apply)
 
 
+def reject_longer(max_norm: float) -> Transform:
+    """Rows longer than ``max_norm`` (L2) are dropped (metric ``n_too_long``): one finite but huge update
+    (3e38) must not move the model."""
+
+    def apply(U: Tensor, w: Tensor, state: None, ctx: Context):
+        too_long = torch.linalg.vector_norm(U.double(), dim=1) > max_norm
+        ctx.keep(~too_long)
+        return U[~too_long], w[~too_long], state, {"n_too_long": int(too_long.sum())}
+
+    return Transform("reject_longer", apply)
+
+
 def attack(adversary: Adversary) -> Transform:
     """Simulated Byzantine clients replace their rows with crafted ones (metric ``n_byzantine``)."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from fedloom import evaluation
@@ -71,10 +72,13 @@ class FederatedRound:
         ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), state["x"], dict(result.aux))
         U, _, pipeline_states, metrics = self.pipeline.apply(result.U, result.weights, state["pipeline"], ctx)
         new = {**state, "pipeline": pipeline_states, "clients": store.states, "downlink": downlink}
-        if len(U):  # else no update was usable: the model stays as it was
+        model_rejected = len(U) > 0 and not bool(torch.isfinite(U[0]).all())
+        if len(U) and not model_rejected:  # else no usable update, or a non-finite model: it stays as it was
             new["x"] = U[0]
             new["algorithm"] = self.algorithm.server_step(state["algorithm"], ctx.aux, self.data.n_clients)
         record = self._record(round_idx, len(clients), result, ctx, metrics, sent, model_bytes)
+        if model_rejected:
+            record["model_rejected"] = "the aggregated model held NaN/Inf; the previous one is kept"
         new["counters"] = _add_totals(state["counters"], record)
         return new, record
 
