@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -16,10 +17,14 @@ err_console = Console(stderr=True)
 def _run(args: argparse.Namespace) -> int:
     from fedloom.experiment import run
 
+    from fedloom.config import ConfigError
+
     overrides = list(args.set or [])
     if args.quiet:
         overrides.append("output.progress=false")
     if args.out:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} is a file; give a directory (it is made if missing)")
         overrides.append(f"output.dir={args.out!r}")
     result = run(args.config, overrides)
     console.print(_summary_table(result.summary))
@@ -111,13 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fedloom.config import ConfigError
+    from fedloom.core.options import OptionError
     from fedloom.data import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        return 2
+    except (ConfigError, DataError, OptionError) as err:
+        return _error(str(err))
+    except OSError as err:  # the output directory cannot be written, a file cannot be read
+        return _error(f"{err.filename or 'a file'}: {err.strerror or err}")
+
+
+def _error(message: str) -> int:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return 2
 
 
 if __name__ == "__main__":

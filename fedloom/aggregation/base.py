@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from fedloom.core.options import OptionError, check_option_types
+
 ApplyFn = Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]
 
 
@@ -58,4 +60,8 @@ def register(name: str):
 def make_aggregator(name: str, **options: Any) -> Aggregator:
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; available: {', '.join(sorted(AGGREGATORS))}")
-    return AGGREGATORS[name](**options)
+    check_option_types("aggregator", name, AGGREGATORS[name], options)
+    try:
+        return AGGREGATORS[name](**options)
+    except ValueError as err:  # the factory's own check of its options' values
+        raise OptionError(f"aggregator {name!r}: {err}") from None

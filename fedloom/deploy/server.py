@@ -104,7 +104,8 @@ def play_round(exp: Experiment, round_idx: int) -> dict:
 def start_grpc(servicer: Servicer, address: str, tls: ServerTLS | None, workers: int) -> tuple[grpc.Server, int]:
     """Listen on ``address``; every subscribed client holds a worker thread, so ``workers``
     must cover them all plus their submissions."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=workers,
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers), interceptors=[servicer.gate],
+                         maximum_concurrent_rpcs=workers,
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.so_reuseport", 0)])
     add_to_server(servicer, server)
@@ -118,7 +119,7 @@ def start_grpc(servicer: Servicer, address: str, tls: ServerTLS | None, workers:
     return server, port
 
 
-def serve(config=None, address: str = "0.0.0.0:8080", tokens: dict[int, str] | None = None,
+def serve(config=None, address: str = "127.0.0.1:8080", tokens: dict[int, str] | None = None,
           tls: ServerTLS | None = None, resume: str | Path | None = None, overrides: list[str] = ()) -> RunResult:
     """Run the experiment with remote clients to the end (or to Ctrl-C), like fedloom.experiment.run;
     its ``[deploy]`` section says when a round closes."""

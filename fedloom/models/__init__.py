@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from fedloom.core.options import OptionError, check_option_types
+
 
 def logistic(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     """Multinomial logistic regression."""
@@ -54,12 +56,30 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
 
 def _import_path(path: str) -> Callable[..., nn.Module]:
     module_name, _, attr = path.partition(":")
-    if not attr:
-        raise ValueError(f"model {path!r}: a user model is written 'package.module:ClassName'")
+    if not (module_name and attr):
+        raise OptionError(f"model {path!r}: a user model is written 'package.module:ClassName'")
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"model {path!r} could not be imported: {err}") from err
+        raise OptionError(f"model {path!r} could not be imported: {err}") from None
+
+
+def _user_arguments(name: str, factory, options: dict[str, Any], input_shape, n_classes) -> dict[str, Any]:
+    """The keywords a user model is called with: its options, and ``input_shape`` and ``n_classes``
+    where its signature names them; refused when the options do not fit that signature."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        raise OptionError(f"model {name!r}: its parameters cannot be read (a built-in {type(factory).__name__}?); "
+                          "a user model is a Python class or function that returns a torch.nn.Module") from None
+    accepted = signature.parameters
+    extra = {k: v for k, v in (("input_shape", input_shape), ("n_classes", n_classes)) if k in accepted}
+    try:
+        signature.bind(**options, **extra)
+    except TypeError as err:
+        raise OptionError(f"model {name!r} options {sorted(options)}: {err} "
+                          f"(its parameters: {', '.join(accepted) or 'none'})") from None
+    return {**options, **extra}
 
 
 def build_model(name: str, input_shape: tuple[int, ...], n_classes: int, **options: Any) -> nn.Module:
@@ -69,13 +89,12 @@ def build_model(name: str, input_shape: tuple[int, ...], n_classes: int, **optio
     ``n_classes`` when its signature names them.
     """
     if name in MODELS:
+        check_option_types("model", name, MODELS[name][0], options)
         return MODELS[name][0](input_shape, n_classes, **options)
     if ":" not in name:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)} or 'package.module:ClassName'")
+        raise OptionError(f"unknown model {name!r}; available: {', '.join(MODELS)} or 'package.module:ClassName'")
     factory = _import_path(name)
-    accepted = inspect.signature(factory).parameters
-    extra = {k: v for k, v in (("input_shape", input_shape), ("n_classes", n_classes)) if k in accepted}
-    model = factory(**options, **extra)
+    model = factory(**_user_arguments(name, factory, options, input_shape, n_classes))
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise OptionError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
