@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -74,7 +75,7 @@ def fake_server(config_json: str) -> tuple[grpc.Server, int]:
         while context.is_active():
             time.sleep(0.05)
 
-    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(4))
+    server = grpc.server(ThreadPoolExecutor(4))
     handler = grpc.unary_stream_rpc_method_handler(subscribe, request_deserializer=pb.SubscribeRequest.FromString,
                                                    response_serializer=encode)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -99,7 +100,7 @@ def test_a_client_never_imports_the_model_its_server_names(tmp_path, model, clie
     server, port = fake_server(config_json)
     try:
         proc = client_process(f"127.0.0.1:{port}", client_data(tmp_path / "c.npz"), 0, "t", "--patience", "30",
-                              *client_args, env={**ENV, "PYTHONPATH": f"{modules}{os.pathsep}{ENV.get('PYTHONPATH', '')}"})
+                              *client_args, env={**ENV, "PYTHONPATH": os.pathsep.join([str(modules), *sys.path])})
         code, out = outcome(proc)
     finally:
         server.stop(None)
@@ -170,7 +171,7 @@ def test_a_token_holder_gets_three_calls_and_each_read_has_a_deadline():
     client_id = live.sampled[0]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            calls = [channel.stream_stream(SUBSCRIBE)(iter(lambda: release.wait(), True),
+            calls = [channel.stream_stream(SUBSCRIBE)(iter(lambda: release.wait(), True), timeout=30,
                                                       metadata=live.metadata(client_id)) for _ in range(4)]
             ends = []
             for call in calls:
@@ -303,7 +304,8 @@ def test_a_client_gone_before_its_round_opens_does_not_cost_the_deadline():
     _submit(coord, 1, 0)
     _submit(coord, 1, 1)
     closed = []
-    closer = threading.Thread(target=lambda: closed.append(coord.close_round(timeout_s=600, min_clients=1)))
+    closer = threading.Thread(target=lambda: closed.append(coord.close_round(timeout_s=600, min_clients=1)),
+                              daemon=True)
     closer.start()
     closer.join(10)
     assert closed, "the round waited out its deadline for a client that was already gone"

@@ -71,7 +71,8 @@ def task_config(config_json: str, own_model: str | None) -> ExperimentConfig:
         raise unusable(f"its config is not JSON ({err})") from None
     stray = sorted(set(raw) - TASK_SECTIONS) if isinstance(raw, dict) else [type(raw).__name__]
     if stray:
-        raise unusable(f"its config holds {', '.join(stray)}; a task carries only {', '.join(sorted(TASK_SECTIONS))}")
+        raise unusable(f"its config holds {', '.join(stray)}; a task carries only "
+                       f"{', '.join(sorted(TASK_SECTIONS))}")
     try:
         cfg = load_config(raw)  # validation only reads names; it imports nothing
     except ConfigError as err:
