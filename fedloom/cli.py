@@ -24,6 +24,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume and (args.config or args.out):
         raise ConfigError("--resume continues the run directory's own config: give no config file and no --out")
     if args.out:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} is a file; give a directory (it is made if missing)")
         overrides.append(f"output.dir={args.out!r}")
     try:
         result = run(args.config, overrides, resume=args.resume)
@@ -122,17 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fedloom.config import ConfigError
+    from fedloom.registry import OptionError
     from fedloom.data import DataError
     from fedloom.runner import RunDirError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, OptionError, FileNotFoundError) as err:
         _print_error("error", err)
         return 2
     except RunDirError as err:
         _print_error("error", err.strerror)
         return 1
+    except OSError as err:  # the output directory cannot be written, a file cannot be read
+        _print_error("error", f"{err.filename or 'a file'}: {err.strerror or err}")
+        return 2
 
 
 def _print_error(label: str, message: object) -> None:

@@ -426,12 +426,20 @@ def read_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):
-            return yaml.safe_load(text) or {}
+            return _table(path, yaml.safe_load(text) or {})
         if path.suffix == ".toml":
             return tomllib.loads(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path} is not valid {path.suffix[1:].upper()}: {err}") from None
     raise ConfigError(f"{path}: config files are .toml, .yaml or .yml")
+
+
+def _table(path: Path, loaded: Any) -> dict[str, Any]:
+    """A YAML document's top level, which must map keys to values as a TOML file always does."""
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level is a {type(loaded).__name__}; a config is a mapping of keys "
+                          "such as 'rounds: 50' and 'model: {name: mlp}'")
+    return loaded
 
 
 def parse_value(text: str) -> Any:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from typing import Any, Callable, NamedTuple
+
+from pydantic import TypeAdapter, ValidationError
+
+
+class OptionError(ValueError):
+    """A part that cannot be built as configured; the message names it and the option."""
 
 
 def check_options(kind: str, name: str, parameters: dict[str, inspect.Parameter], given: dict[str, Any]) -> None:
@@ -20,18 +27,35 @@ def check_options(kind: str, name: str, parameters: dict[str, inspect.Parameter]
     missing = {k for k, p in named.items() if p.default is p.empty} - set(given)
     if stray or missing:
         problem = f"takes no option {', '.join(sorted(stray))}" if stray else f"needs option {', '.join(sorted(missing))}"
-        raise ValueError(f"{kind} {name!r} {problem} (its options: {', '.join(sorted(named)) or 'none'})")
+        raise OptionError(f"{kind} {name!r} {problem} (its options: {', '.join(sorted(named)) or 'none'})")
+
+
+def check_option_types(kind: str, name: str, factory: Callable[..., Any], given: dict[str, Any]) -> None:
+    """Refuse an option whose value does not fit the type the factory annotates it with, so a mistake
+    fails before the run with the option's name instead of deep inside torch."""
+    try:
+        hints = typing.get_type_hints(factory)
+    except (NameError, TypeError):  # annotations that cannot be resolved: nothing to check against
+        return
+    for key, value in given.items():
+        if key not in hints:
+            continue
+        try:
+            TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError as err:
+            raise OptionError(f"{kind} {name!r}: option {key} = {value!r}: {err.errors()[0]['msg']} "
+                              f"(expected {inspect.formatannotation(hints[key])})") from None
 
 
 def import_object(kind: str, path: str) -> Any:
     """The object a user names as ``package.module:attr``."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"{kind} {path!r}: a user {kind} is written 'package.module:name'")
+        raise OptionError(f"{kind} {path!r}: a user {kind} is written 'package.module:name'")
     try:
         return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"{kind} {path!r} could not be imported: {err}") from err
+    except Exception as err:  # the user's module may fail in any way while importing
+        raise OptionError(f"{kind} {path!r} could not be imported: {type(err).__name__}: {err}") from None
 
 
 class Entry(NamedTuple):
@@ -63,16 +87,22 @@ class Registry(dict):
             return self[name].factory
         if ":" in name:
             return import_object(self.kind, name)
-        raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self))}"
+        raise OptionError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self))}"
                          + (f", or a user {self.kind} as 'package.module:name'" if self.kind in USER_KINDS else ""))
 
     def check(self, name: str, options: dict[str, Any]) -> None:
         """Refuse an unknown name, and options the factory does not take or needs (``check_options``)."""
         if ":" in name and self.kind not in USER_KINDS:
-            raise ValueError(f"{self.kind} {name!r}: {self.kind}s come from fedloom's registry "
+            raise OptionError(f"{self.kind} {name!r}: {self.kind}s come from fedloom's registry "
                              f"({', '.join(sorted(self))})")
-        parameters = inspect.signature(self.factory(name)).parameters
+        factory = self.factory(name)
+        try:
+            parameters = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            raise OptionError(f"{self.kind} {name!r}: its parameters cannot be read (a built-in "
+                              f"{type(factory).__name__}?); it must be a Python class or function") from None
         check_options(self.kind, name, {k: p for k, p in parameters.items() if k not in self.fixed}, options)
+        check_option_types(self.kind, name, factory, options)
 
     def build(self, name: str, options: dict[str, Any], *args: Any, **supplied: Any) -> Any:
         """``factory(*args, **supplied, **options)`` after checking the options; ``supplied`` are
@@ -80,7 +110,12 @@ class Registry(dict):
         self.check(name, options)
         factory = self.factory(name)
         accepted = inspect.signature(factory).parameters
-        return factory(*args, **{k: v for k, v in supplied.items() if k in accepted}, **options)
+        try:
+            return factory(*args, **{k: v for k, v in supplied.items() if k in accepted}, **options)
+        except OptionError:
+            raise
+        except ValueError as err:  # the factory's own check of its options' values
+            raise OptionError(f"{self.kind} {name!r}: {err}") from None
 
     def describe(self) -> dict[str, str]:
         return {name: entry.description for name, entry in self.items()}

@@ -18,7 +18,8 @@ def server_args(*argv: str) -> argparse.Namespace:
 
 
 def test_deploy_defaults_and_values_from_the_config():
-    assert load_config().deploy.model_dump() == {"min_clients": 1, "round_timeout_s": 300.0}
+    assert load_config().deploy.model_dump() == {"min_clients": 1, "round_timeout_s": 300.0, "weighting": "examples",
+                                                 "max_examples_per_client": None, "max_update_norm": None}
     cfg = load_config({"deploy": {"min_clients": 3, "round_timeout_s": 2.5}})
     assert (cfg.deploy.min_clients, cfg.deploy.round_timeout_s) == (3, 2.5)
     assert load_config(cfg).deploy == cfg.deploy  # kept in the run directory's resolved config

@@ -70,6 +70,9 @@ class Context:
     def add_callback(self, callback) -> bool:
         return True
 
+    def cancel(self) -> None:
+        raise AssertionError("the servicer cancelled an in-process call: a read timed out")
+
 
 class LiveRound:
     """Round 1 of CONFIG open on a server, its round loop waiting in a thread for the updates,
@@ -104,7 +107,8 @@ class LiveRound:
         return Dataset(self.exp.data.x[idx], self.exp.data.y[idx], self.exp.data.n_classes, f"client{client_id}")
 
     def _receive_task(self, client_id: int):
-        stream = self.servicer.Subscribe(pb.SubscribeRequest(client_id=client_id), Context(self.metadata(client_id)))
+        stream = self.servicer.Subscribe(iter([pb.SubscribeRequest(client_id=client_id)]),
+                                         Context(self.metadata(client_id)))
         return next(receive_tasks(decoder(pb.ServerMessage.FromString)(encode(m)) for m in stream))
 
     def submit(self, messages, metadata) -> bool:

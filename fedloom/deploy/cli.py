@@ -10,8 +10,11 @@ import sys
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+DEFAULT_ADDRESS = "127.0.0.1:8080"
+
+
 def _server(args: argparse.Namespace) -> int:
-    from fedloom.deploy.security import ServerTLS, read_tokens
+    from fedloom.deploy.security import ServerTLS, read_tokens, refuse_plaintext_network
     from fedloom.deploy.server import serve
 
     if args.resume and (args.config or args.set):
@@ -20,6 +23,7 @@ def _server(args: argparse.Namespace) -> int:
     tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert or args.tls_key else None
     if tls and not (args.tls_cert and args.tls_key):
         raise SystemExit("fedloom server: TLS needs both --tls-cert and --tls-key")
+    refuse_plaintext_network(args.address, tls, args.insecure)
     overrides = [*(args.set or []), *deploy_overrides(args)]
     result = serve(args.config, args.address, read_tokens(args.tokens), tls, args.resume, overrides)
     print(f"run directory: {result.run_dir}")
@@ -41,7 +45,16 @@ def _client(args: argparse.Namespace) -> int:
     if not token:
         raise SystemExit("fedloom client: give --token or set FEDLOOM_TOKEN")
     tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca or args.tls_cert else None
-    return run_client(args.server, args.data, args.client_id, token, tls, args.patience)
+    return run_client(args.server, args.data, args.client_id, token, tls, args.patience, args.model)
+
+
+def client_id(text: str) -> int:
+    """A --client-id: the wire carries ids as uint64."""
+    from fedloom.deploy.security import MAX_CLIENT_ID, is_client_id
+
+    if not is_client_id(text):
+        raise argparse.ArgumentTypeError(f"{text[:30]!r} is not an integer 0..{MAX_CLIENT_ID}")
+    return int(text)
 
 
 def add_commands(subparsers) -> None:
@@ -49,7 +62,10 @@ def add_commands(subparsers) -> None:
                                    description="Run an experiment whose clients are `fedloom client` processes.")
     server.add_argument("--config", help="experiment config, .toml or .yaml (default: built-in defaults)")
     server.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
-    server.add_argument("--address", default="0.0.0.0:8080", help="host:port to listen on (default 0.0.0.0:8080)")
+    server.add_argument("--address", default=DEFAULT_ADDRESS,
+                        help=f"host:port to listen on (default {DEFAULT_ADDRESS}: this machine only)")
+    server.add_argument("--insecure", action="store_true",
+                        help="allow listening on a network address without TLS (tokens and models in the clear)")
     server.add_argument("--tokens", required=True, help="file of 'client_id token' lines, one per client")
     server.add_argument("--resume", metavar="RUN_DIR", help="continue a crashed run from its last checkpoint")
     server.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key turns TLS on")
@@ -67,7 +83,10 @@ def add_commands(subparsers) -> None:
                                    description="Train on local data for a `fedloom server` run.")
     client.add_argument("--server", required=True, help="host:port of the server")
     client.add_argument("--data", required=True, help=".npz with arrays x [N, ...] and y [N]: this client's data")
-    client.add_argument("--client-id", type=int, required=True)
+    client.add_argument("--client-id", type=client_id, required=True)
+    client.add_argument("--model", metavar="PACKAGE.MODULE:NAME",
+                        help="the user model this client agrees to build when the server asks for it "
+                             "(default: fedloom's own models only; a client never imports a name the server sends)")
     client.add_argument("--token", help="this client's token (default: $FEDLOOM_TOKEN)")
     client.add_argument("--tls-ca", help="CA that signed the server certificate (PEM); turns TLS on")
     client.add_argument("--tls-cert", help="client certificate for mutual TLS (PEM)")
@@ -82,6 +101,7 @@ def _reported(command):
 
     def run(args: argparse.Namespace) -> int:
         from fedloom.config import ConfigError
+        from fedloom.registry import OptionError
         from fedloom.data import DataError
         from fedloom.deploy.client import ClientError
         from fedloom.deploy.security import SecurityError
@@ -89,7 +109,7 @@ def _reported(command):
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
         try:
             return command(args)
-        except (ConfigError, DataError, SecurityError, ClientError, OSError) as err:
+        except (ConfigError, DataError, SecurityError, ClientError, OptionError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
 

@@ -4,8 +4,14 @@ It keeps a subscription to the server open, and for each task it receives
 trains with the serial engine's local-training code (the same function, the
 same seeded batch order and dropout streams as in simulation) on a one-client
 FederatedData made from its .npz, then streams its update back. When the server
-is unreachable it retries until ``patience_s`` pass without progress, so a
-server restarted with ``--resume`` finds its clients again.
+is unreachable, or says it was interrupted, the client keeps reconnecting (with
+backoff) until ``patience_s`` pass without a running server, so a server
+restarted with ``--resume`` finds its clients again.
+
+A server is not trusted with this machine: a task names its model and
+algorithm, and the client builds them only from fedloom's registries or from
+the model its own command line names (``--model``). Nothing the wire names is
+ever imported.
 """
 
 from __future__ import annotations
@@ -21,28 +27,68 @@ import grpc
 import torch
 from torch import Tensor
 
-from fedloom.config import load_config
+from fedloom.config import ConfigError, ExperimentConfig, load_config
+from fedloom.registry import OptionError
 from fedloom.core.params import ParamSpec
 from fedloom.core.store import ClientStore
 from fedloom.data import Dataset, FederatedData, load_dataset
 from fedloom.deploy import deploy_pb2 as pb
 from fedloom.deploy.codec import Data, Malformed, decoder, encode
+from fedloom.deploy.coordinator import INTERRUPTED
 from fedloom.deploy.messages import (MAX_MESSAGE_BYTES, Receiver, Refused, chunks, describe, local_from_proto, prefixed,
                                      result_tensors)
-from fedloom.deploy.security import ClientTLS, call_metadata
+from fedloom.deploy.security import ClientTLS, call_metadata, tls_mismatch
 from fedloom.engines.serial import SerialEngine
 from fedloom.builders import build_algorithm, build_model_for
+from fedloom.models import MODELS
 
 log = logging.getLogger("fedloom.deploy")
 
-RETRY_S = 0.5
-FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+RETRY_S = 0.5  # the first wait before reconnecting; it doubles up to MAX_RETRY_S while the server stays away
+MAX_RETRY_S = 8.0
+PROBE_S = 3.0  # how long a connection may stay unready before the client checks for a TLS mismatch
+FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+TASK_SECTIONS = {"seed", "model", "algorithm"}  # what a task's config_json holds (server.RemoteEngine)
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class ClientError(RuntimeError):
-    """This client cannot take part (bad data for the server's model, refused credentials)."""
+    """This client cannot take part (bad data for the server's model, refused credentials, a task it
+    will not run)."""
+
+
+def unusable(err: Exception) -> ClientError:
+    return ClientError(f"the server sent an unusable task: {err}")
+
+
+def task_config(config_json: str, own_model: str | None) -> ExperimentConfig:
+    """The model and algorithm a task asks for, refused unless this client builds them from its own
+    code: a registry model, or exactly the ``own_model`` its command line names."""
+    try:
+        raw = json.loads(config_json)
+    except json.JSONDecodeError as err:
+        raise unusable(f"its config is not JSON ({err})") from None
+    stray = sorted(set(raw) - TASK_SECTIONS) if isinstance(raw, dict) else [type(raw).__name__]
+    if stray:
+        raise unusable(f"its config holds {', '.join(stray)}; a task carries only "
+                       f"{', '.join(sorted(TASK_SECTIONS))}")
+    _check_model_name(raw.get("model", {}), own_model)  # before validation, which imports a user model
+    try:
+        return load_config(raw)
+    except ConfigError as err:
+        raise unusable(err) from None
+
+
+def _check_model_name(model: object, own_model: str | None) -> None:
+    name = model.get("name", "mlp") if isinstance(model, dict) else model
+    if not isinstance(name, str):
+        raise unusable(f"its model name is a {type(name).__name__}, not a name")
+    if own_model is not None and name != own_model:
+        raise ClientError(f"the server's model {name!r} is not this client's --model {own_model!r}")
+    if own_model is None and name not in MODELS:
+        raise ClientError(f"the server's model {name!r} is not one of fedloom's models ({', '.join(MODELS)}); "
+                          "a client builds a user model only when its own --model names it")
 
 
 def one_client_data(client_id: int, data: Dataset, n_classes: int) -> FederatedData:
@@ -57,19 +103,23 @@ def one_client_data(client_id: int, data: Dataset, n_classes: int) -> FederatedD
 
 
 class Trainer:
-    """Runs tasks for one client: the model and algorithm come from the config in the task."""
+    """Runs tasks for one client: the model and algorithm the task asks for, as task_config allows."""
 
-    def __init__(self, client_id: int, data: Dataset):
+    def __init__(self, client_id: int, data: Dataset, model: str | None = None):
         self.client_id = client_id
         self.dataset = data
+        self.own_model = model  # a user model 'package.module:Name' from this client's command line
         self._built: tuple | None = None  # (config json, n_classes) -> (data, model, algorithm)
 
     def _setup(self, header: pb.TaskHeader):
         key = (header.config_json, header.n_classes)
         if self._built is None or self._built[0] != key:
-            cfg = load_config(json.loads(header.config_json))
+            cfg = task_config(header.config_json, self.own_model)
             data = one_client_data(self.client_id, self.dataset, header.n_classes)
-            self._built = key, (data, build_model_for(cfg, data), build_algorithm(cfg))
+            try:
+                self._built = key, (data, build_model_for(cfg, data), build_algorithm(cfg))
+            except OptionError as err:
+                raise unusable(err) from None
         return self._built[1]
 
     def train(self, header: pb.TaskHeader, tensors: dict[str, Tensor]) -> tuple[pb.UpdateHeader, list]:
@@ -82,7 +132,11 @@ class Trainer:
         state = {k: v.clone() for k, v in prefixed(tensors, "state").items()}
         if state:
             store.put(self.client_id, state)
-        engine = SerialEngine(model, data, local_from_proto(header.local))
+        try:
+            local = local_from_proto(header.local)
+        except Refused as err:
+            raise unusable(err) from None
+        engine = SerialEngine(model, data, local)
         sent = {k: v.clone() for k, v in prefixed(tensors, "sent").items()}
         result = engine.run_round(algorithm, params, sent, [self.client_id], header.round, store)
         named = result_tensors(result.U[0], {k: v[0] for k, v in result.aux.items()},
@@ -93,9 +147,9 @@ class Trainer:
         return update, named
 
 
-def receive_tasks(stream) -> Iterator[tuple[pb.TaskHeader, dict[str, Tensor]] | None]:
-    """Whole tasks from the subscription stream (decoded by codec.decoder); None when the server
-    says the run is over."""
+def receive_tasks(stream) -> Iterator[tuple[pb.TaskHeader, dict[str, Tensor]] | pb.Done]:
+    """Whole tasks from the subscription stream (decoded by codec.decoder), then the server's Done
+    when it ends the run."""
     header = receiver = None
     try:
         for msg in stream:
@@ -103,7 +157,7 @@ def receive_tasks(stream) -> Iterator[tuple[pb.TaskHeader, dict[str, Tensor]] | 
                 raise Refused(f"a malformed message ({msg.error})")
             kind = "data" if isinstance(msg, Data) else msg.WhichOneof("kind")
             if kind == "done":
-                yield None
+                yield msg.done
                 return
             if kind == "task":
                 header, receiver = msg.task, Receiver(msg.task.buffers)
@@ -113,7 +167,7 @@ def receive_tasks(stream) -> Iterator[tuple[pb.TaskHeader, dict[str, Tensor]] | 
                 yield header, receiver.tensors()
                 receiver = None
     except Refused as err:
-        raise ClientError(f"the server sent an unusable task: {err}") from None
+        raise unusable(err) from None
 
 
 def update_messages(header: pb.UpdateHeader, named: list) -> Iterator[pb.ClientMessage | memoryview]:
@@ -140,32 +194,81 @@ def open_channel(server: str, tls: ClientTLS | None) -> grpc.Channel:
     return grpc.secure_channel(server, tls.credentials(), options=CHANNEL_OPTIONS)
 
 
+class Backoff:
+    """The wait before the next reconnection: RETRY_S, doubling up to MAX_RETRY_S, and RETRY_S again
+    once a task arrives."""
+
+    def __init__(self) -> None:
+        self.delay = RETRY_S
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(MAX_RETRY_S, 2 * self.delay)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = RETRY_S
+
+
+def wait_for_server(channel: grpc.Channel, server: str, tls_on: bool, give_up_at: float) -> bool:
+    """Whether the channel became ready before ``give_up_at``; a TLS mismatch, which no waiting
+    cures, is a ClientError."""
+    ready = grpc.channel_ready_future(channel)
+    try:
+        while (left := give_up_at - time.monotonic()) > 0:
+            try:
+                ready.result(timeout=min(left, PROBE_S))
+                return True
+            except grpc.FutureTimeoutError:
+                mismatch = tls_mismatch(server, tls_on)
+                if mismatch:
+                    raise ClientError(mismatch) from None
+        return False
+    finally:
+        ready.cancel()
+
+
+def take_part(calls: Calls, trainer: Trainer, metadata, retry: Backoff) -> str | None:
+    """Train on each task of one subscription; the reason the server ended the run with, or None
+    when the stream ended without one (a newer connection of this client replaced it)."""
+    stream = calls.subscribe(pb.SubscribeRequest(client_id=trainer.client_id), metadata=metadata)
+    for task in receive_tasks(stream):
+        if isinstance(task, pb.Done):
+            return task.reason
+        retry.reset()
+        reply = calls.submit(update_messages(*trainer.train(*task)), metadata=metadata)
+        log.info("client %d: round %d update %s", trainer.client_id, task[0].round,
+                 "accepted" if reply.accepted else f"refused: {reply.reason}")
+    return None
+
+
 def run_client(server: str, data_path: str | Path, client_id: int, token: str, tls: ClientTLS | None = None,
-               patience_s: float = 60.0) -> int:
-    """Serve tasks until the server says the run is over (0), or cannot be reached for ``patience_s`` (1)."""
-    trainer = Trainer(client_id, load_dataset("npz", path=data_path)[0])
+               patience_s: float = 60.0, model: str | None = None) -> int:
+    """Serve tasks until the server says the run finished (0), or ``patience_s`` pass without a
+    running server (1): unreachable, or interrupted and not back. ``model`` is the user model
+    this client agrees to build ('package.module:Name'); None: fedloom's own models only."""
+    trainer = Trainer(client_id, load_dataset("npz", path=data_path)[0], model)
     metadata = call_metadata(client_id, token)
+    retry = Backoff()
     with open_channel(server, tls) as channel:
         calls = Calls(channel)
-        while True:
+        give_up_at = time.monotonic() + patience_s
+        while wait_for_server(channel, server, tls is not None, give_up_at):
             try:
-                grpc.channel_ready_future(channel).result(timeout=patience_s)
-            except grpc.FutureTimeoutError:
-                log.error("client %d: no server at %s for %.0f s; giving up", client_id, server, patience_s)
-                return 1
-            try:
-                for task in receive_tasks(calls.subscribe(pb.SubscribeRequest(client_id=client_id), metadata=metadata)):
-                    if task is None:
-                        log.info("client %d: the run is over", client_id)
-                        return 0
-                    reply = calls.submit(update_messages(*trainer.train(*task)), metadata=metadata)
-                    log.info("client %d: round %d update %s", client_id, task[0].round,
-                             "accepted" if reply.accepted else f"refused: {reply.reason}")
+                reason = take_part(calls, trainer, metadata, retry)
             except grpc.RpcError as err:
                 if err.code() in FATAL:
                     raise ClientError(f"the server refused client {client_id}: {err.details()}") from None
                 log.info("client %d: lost the server (%s); reconnecting", client_id, err.code().name)
-            time.sleep(RETRY_S)
+                reason = None
+            if reason not in (None, INTERRUPTED):
+                log.info("client %d: the run is over", client_id)
+                return 0
+            if reason == INTERRUPTED:
+                log.info("client %d: the server was interrupted; reconnecting until it is back", client_id)
+            give_up_at = time.monotonic() + patience_s  # the server was there until now
+            time.sleep(retry.next())
+    log.error("client %d: no running server at %s for %.0f s; giving up", client_id, server, patience_s)
+    return 1
 
 
 if __name__ == "__main__":

@@ -4,9 +4,14 @@ round loop meet on one condition variable.
 
 A round closes when every sampled client has submitted, or, once at least
 ``min_clients`` updates are in, when the deadline passes or every client still
-missing has lost its connection during the round (it was killed or cut off;
-waiting for it helps nobody). A client that reconnects while its round is open
-gets its task again.
+missing has no connection (it was killed or cut off during the round, or had
+been connected before and was gone when the round began; waiting for it helps
+nobody). A client never seen yet is waited for: it may still be starting. A
+client that reconnects while its round is open gets its task again.
+
+When the run ends every subscription is told why: FINISHED (clients exit) or
+INTERRUPTED (clients keep trying to reconnect, for a server resumed with
+``--resume``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ log = logging.getLogger("fedloom.deploy")
 
 DONE = "done"  # wait_for_task: the run is over
 REPLACED = "replaced"  # wait_for_task: a newer connection of the same client took over
+FINISHED = "finished"  # finish(): the run completed
+INTERRUPTED = "interrupted"  # finish(): the server stops before the end (Ctrl-C, an error); it may be resumed
 
 
 @dataclass
@@ -58,7 +65,7 @@ class Slot:
 class Participation:
     submitted: list[int]
     dropped: list[int]  # sampled but no accepted update when the round closed
-    disconnected: list[int]  # of the dropped, those whose connection broke during the round
+    disconnected: list[int]  # of the dropped, those with no connection: it broke during the round or never was
     refused: list[int]  # sent at least one update that was refused
     bytes_up: int
     bytes_down: int
@@ -76,7 +83,7 @@ class _Round:
     tasks: dict[int, Task] = field(default_factory=dict)
     updates: dict[int, Update] = field(default_factory=dict)
     expected: list[tuple[str, str, int]] = field(default_factory=list)  # (name, dtype, length) of a valid update
-    lost: set[int] = field(default_factory=set)
+    lost: set[int] = field(default_factory=set)  # sampled clients without a connection
     streaming: set[int] = field(default_factory=set)  # clients whose update is arriving
     refused: set[int] = field(default_factory=set)
     bytes_up: int = 0
@@ -88,7 +95,9 @@ class Coordinator:
         self._cond = threading.Condition()
         self._round = _Round()
         self._live: dict[int, object] = {}  # client id -> its current subscription
+        self._seen: set[int] = set()  # clients that have subscribed at least once
         self._finished = False
+        self.finish_reason = FINISHED
 
     # -- connections -------------------------------------------------------------------------------------------
     def connect(self, client_id: int) -> object:
@@ -96,6 +105,7 @@ class Coordinator:
         handle = object()
         with self._cond:
             self._live[client_id] = handle
+            self._seen.add(client_id)
             self._round.lost.discard(client_id)
             self._cond.notify_all()
         return handle
@@ -130,15 +140,23 @@ class Coordinator:
             return None
         return task
 
-    def finish(self) -> None:
+    def finish(self, reason: str = FINISHED) -> None:
+        """End every subscription with ``reason``: FINISHED or INTERRUPTED."""
+        if reason not in (FINISHED, INTERRUPTED):
+            raise ValueError(f"finish reason {reason!r}: use {FINISHED!r} or {INTERRUPTED!r}")
         with self._cond:
             self._finished = True
+            self.finish_reason = reason
             self._cond.notify_all()
 
     # -- rounds ------------------------------------------------------------------------------------------------
     def open_round(self, index: int, tasks: dict[int, Task], expected: list[tuple[str, str, int]]) -> None:
         with self._cond:
-            self._round = _Round(index, tasks, expected=expected)
+            absent = (set(tasks) - set(self._live)) & self._seen
+            if absent:
+                log.warning("round %d: clients %s lost their connection; the round will not wait for them",
+                            index, sorted(absent))
+            self._round = _Round(index, tasks, expected=expected, lost=absent)
             self._cond.notify_all()
 
     def close_round(self, timeout_s: float, min_clients: int) -> tuple[list[Update], Participation]:

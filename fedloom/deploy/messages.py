@@ -9,6 +9,7 @@ into one preallocated buffer and refuses anything that does not fit it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ HEADER_SLACK = 1 << 16  # room for a header beside a chunk in the receive limit
 MAX_MESSAGE_BYTES = CHUNK_BYTES + HEADER_SLACK
 DTYPE = "float32"
 ITEM_BYTES = 4
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # header numbers are doubles on the wire, float32 in the round
 
 
 class Refused(ValueError):
@@ -33,6 +35,11 @@ class Refused(ValueError):
 def as_bytes(t: Tensor) -> memoryview:
     """The tensor's float32 bytes, without a copy when it is already contiguous float32."""
     return memoryview(t.detach().to(torch.float32).contiguous().reshape(-1).numpy()).cast("B")
+
+
+def fits_float32(x: float) -> bool:
+    """Finite, and still finite as the float32 the round holds it in."""
+    return math.isfinite(x) and abs(x) <= FLOAT32_MAX
 
 
 def describe(named: Sequence[tuple[str, Tensor]]) -> list[pb.Buffer]:
@@ -107,8 +114,14 @@ def local_to_proto(local: LocalTraining) -> pb.LocalTraining:
 
 
 def local_from_proto(msg: pb.LocalTraining) -> LocalTraining:
+    """The local-training settings of a task, from the registry's optimizers and their own fields only."""
     if msg.optimizer not in LOCAL_OPTIMIZERS:
         raise Refused(f"unknown local optimizer {msg.optimizer!r}; known: {', '.join(LOCAL_OPTIMIZERS)}")
+    fields = {f.name for f in dataclasses.fields(LOCAL_OPTIMIZERS[msg.optimizer])}
+    stray = sorted(set(msg.options) - fields)
+    if stray:
+        raise Refused(f"local optimizer {msg.optimizer!r} takes no option {', '.join(stray)} "
+                      f"(its options: {', '.join(sorted(fields))})")
     return LocalTraining(LOCAL_OPTIMIZERS[msg.optimizer](**dict(msg.options)), msg.epochs, msg.batch_size, msg.seed,
                          msg.steps or None)
 

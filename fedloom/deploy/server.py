@@ -25,7 +25,7 @@ from fedloom.builders import local_training
 from fedloom.config import ConfigError, ExperimentConfig, load_config
 from fedloom.core.store import ClientStore
 from fedloom.deploy import deploy_pb2 as pb
-from fedloom.deploy.coordinator import Coordinator, Participation, Task
+from fedloom.deploy.coordinator import FINISHED, INTERRUPTED, Coordinator, Participation, Task
 from fedloom.deploy.messages import (MAX_MESSAGE_BYTES, describe, layout, local_to_proto, prefixed, result_tensors,
                                      split)
 from fedloom.deploy.security import ServerTLS
@@ -116,7 +116,8 @@ def remote_round(cfg: ExperimentConfig, coordinator: Coordinator) -> FederatedRo
 def start_grpc(servicer: Servicer, address: str, tls: ServerTLS | None, workers: int) -> tuple[grpc.Server, int]:
     """Listen on ``address``; every subscribed client holds a worker thread, so ``workers``
     must cover them all plus their submissions."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=workers,
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers), interceptors=[servicer.gate],
+                         maximum_concurrent_rpcs=workers,
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.so_reuseport", 0)])
     add_to_server(servicer, server)
@@ -130,7 +131,7 @@ def start_grpc(servicer: Servicer, address: str, tls: ServerTLS | None, workers:
     return server, port
 
 
-def serve(config=None, address: str = "0.0.0.0:8080", tokens: dict[int, str] | None = None,
+def serve(config=None, address: str = "127.0.0.1:8080", tokens: dict[int, str] | None = None,
           tls: ServerTLS | None = None, resume: str | Path | None = None, overrides: list[str] = ()) -> RunResult:
     """Run the experiment with remote clients to the end (or to Ctrl-C), like fedloom.runner.run;
     its ``[deploy]`` section says when a round closes."""
@@ -143,12 +144,16 @@ def serve(config=None, address: str = "0.0.0.0:8080", tokens: dict[int, str] | N
     coordinator = Coordinator()
     round_ = remote_round(cfg, coordinator)
     server, port = start_grpc(Servicer(coordinator, tokens), address, tls, workers=2 * len(tokens) + 4)
+    reason = INTERRUPTED  # what clients are told unless the run completes: stay, the server may come back
     try:
         log.info("listening on %s (port %d); rounds up to %d%s", address, port, cfg.rounds,
                  f", resuming {resume}" if resume else "")
-        return drive(round_, resume, on_round=lambda record: _log_round(record, cfg.rounds))
+        result = drive(round_, resume, on_round=lambda record: _log_round(record, cfg.rounds))
+        if result.summary["status"] == "completed":
+            reason = FINISHED
+        return result
     finally:
-        coordinator.finish()
+        coordinator.finish(reason)
         server.stop(grace=5).wait(10)
 
 

@@ -10,7 +10,8 @@ still sees every row before aggregation (Experiment.round).
 from __future__ import annotations
 
 import logging
-import math
+import threading
+from collections.abc import Iterable, Iterator
 
 import grpc
 
@@ -18,19 +19,21 @@ from fedloom.deploy import deploy_pb2 as pb
 from fedloom.deploy import deploy_pb2_grpc as pb_grpc
 from fedloom.deploy.codec import Data, Malformed, decoder, encode, encoded_size
 from fedloom.deploy.coordinator import DONE, REPLACED, Coordinator, Task, Update
-from fedloom.deploy.messages import Receiver, Refused, chunks, layout
-from fedloom.deploy.security import authenticate
+from fedloom.deploy.messages import FLOAT32_MAX, Receiver, Refused, chunks, fits_float32, layout
+from fedloom.deploy.security import Gate, Refusal, authenticate
 
 log = logging.getLogger("fedloom.deploy")
 
 POLL_S = 1.0  # how often an idle subscription checks that its client is still there
+READ_TIMEOUT_S = 30.0  # the longest a started call may keep the server waiting for its next message
 
 
 def add_to_server(servicer: "Servicer", server: grpc.Server) -> None:
     """Register the Coordinator service, as the generated add_CoordinatorServicer_to_server does,
-    but with fedloom.deploy.codec's (de)serializers."""
+    but with fedloom.deploy.codec's (de)serializers, and Subscribe as a stream handler: its one
+    request is then read under the servicer's read deadline (gRPC waits for a unary request without one)."""
     handlers = {
-        "Subscribe": grpc.unary_stream_rpc_method_handler(
+        "Subscribe": grpc.stream_stream_rpc_method_handler(
             servicer.Subscribe, request_deserializer=decoder(pb.SubscribeRequest.FromString),
             response_serializer=encode),
         "Submit": grpc.stream_unary_rpc_method_handler(
@@ -38,6 +41,23 @@ def add_to_server(servicer: "Servicer", server: grpc.Server) -> None:
             response_serializer=encode),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedloom.deploy.Coordinator", handlers),))
+
+
+def within(messages: Iterable, context, timeout_s: float) -> Iterator:
+    """The call's incoming messages; the call is cancelled when the peer keeps the next one waiting
+    over ``timeout_s`` (gRPC's reads have no deadline, and a waiting read holds a worker thread)."""
+    messages = iter(messages)
+    while True:
+        watchdog = threading.Timer(timeout_s, context.cancel)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            msg = next(messages, None)
+        finally:
+            watchdog.cancel()
+        if msg is None:
+            return
+        yield msg
 
 
 class _Counted:
@@ -63,21 +83,28 @@ class _Counted:
 
 
 class Servicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator, tokens: dict[int, str]):
+    """Serve it behind ``gate`` (start_grpc does): the gate turns strangers away before they hold a
+    thread; the servicer checks the token again, so it is closed on a server without the gate too."""
+
+    def __init__(self, coordinator: Coordinator, tokens: dict[int, str], read_timeout_s: float = READ_TIMEOUT_S):
         self.coord = coordinator
         self.tokens = tokens
+        self.gate = Gate(tokens)
+        self.read_timeout_s = read_timeout_s
 
     def _authenticate(self, context) -> int:
-        client_id = authenticate(self.tokens, context.invocation_metadata())
-        if client_id is None:
-            log.warning("refused a call from %s: unknown client id or wrong token", context.peer())
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown client id or wrong token")
-        return client_id
+        verdict = authenticate(self.tokens, context.invocation_metadata())
+        if isinstance(verdict, Refusal):
+            log.warning("refused a call from %s: %s", context.peer(), verdict.reason)
+            context.abort(verdict.code, verdict.reason)
+        return verdict
 
-    def Subscribe(self, request: pb.SubscribeRequest, context):
+    def Subscribe(self, requests, context):
         client_id = self._authenticate(context)
-        if isinstance(request, Malformed):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed SubscribeRequest")
+        request = next(within(requests, context, self.read_timeout_s), None)
+        if not isinstance(request, pb.SubscribeRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a SubscribeRequest "
+                          f"within {self.read_timeout_s:g} s, got {'none' if request is None else 'a malformed one'}")
         if request.client_id != client_id:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the token is client {client_id}'s")
         handle = self.coord.connect(client_id)
@@ -89,7 +116,7 @@ class Servicer(pb_grpc.CoordinatorServicer):
         while context.is_active():
             task = self.coord.wait_for_task(client_id, handle, last_task_id, POLL_S)
             if task is DONE:
-                yield pb.ServerMessage(done=pb.Done(reason="the run is over"))
+                yield pb.ServerMessage(done=pb.Done(reason=self.coord.finish_reason))
                 return
             if task is REPLACED:
                 return
@@ -107,7 +134,7 @@ class Servicer(pb_grpc.CoordinatorServicer):
 
     def Submit(self, request_iterator, context) -> pb.SubmitReply:
         client_id = self._authenticate(context)
-        messages = _Counted(request_iterator)
+        messages = _Counted(within(request_iterator, context, self.read_timeout_s))
         slot = None
         try:
             header, slot = self._claim(client_id, messages)
@@ -130,10 +157,12 @@ class Servicer(pb_grpc.CoordinatorServicer):
         if not isinstance(first, pb.ClientMessage) or first.WhichOneof("kind") != "header":
             raise Refused("the first message must be the update header")
         header = first.header
-        if not (math.isfinite(header.num_examples) and header.num_examples >= 1):
-            raise Refused(f"num_examples must be a finite number >= 1, got {header.num_examples}")
-        if not math.isfinite(header.train_loss):
-            raise Refused(f"train_loss must be finite, got {header.train_loss}")
+        if not (fits_float32(header.num_examples) and header.num_examples >= 1):
+            raise Refused(f"num_examples must be a number from 1 to {FLOAT32_MAX:g} (a float32), "
+                          f"got {header.num_examples}")
+        if not fits_float32(header.train_loss):
+            raise Refused(f"train_loss must be a finite float32 (at most {FLOAT32_MAX:g} in size), "
+                          f"got {header.train_loss}")
         slot = self.coord.claim(client_id, header)
         if layout(header.buffers) != slot.expected:
             self.coord.release(slot)

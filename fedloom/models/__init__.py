@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from fedloom.registry import Registry
+from fedloom.registry import OptionError, Registry
 
 
 def logistic(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
@@ -60,5 +60,5 @@ def build_model(name: str, input_shape: tuple[int, ...], n_classes: int, **optio
     """
     model = MODELS.build(name, options, input_shape=input_shape, n_classes=n_classes)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise OptionError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
