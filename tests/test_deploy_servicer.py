@@ -413,3 +413,64 @@ def test_a_model_over_4_mb_crosses_in_chunks(tmp_path):
         torch.testing.assert_close(live.exp.state["x"], run(config).params, rtol=0, atol=1e-6)
     finally:
         server.stop(None)
+
+
+# -- clients that lie about their weight or send huge updates ------------------------------------------------
+def _claiming(live: LiveRound, client_id: int, n_examples: float) -> list[pb.ClientMessage]:
+    """The client's honest update with another example count in its header."""
+    header = pb.UpdateHeader()
+    header.CopyFrom(live.honest[client_id][0].header)
+    header.num_examples = n_examples
+    return [pb.ClientMessage(header=header), *live.honest[client_id][1:]]
+
+
+def _finish_with(live: LiveRound, updates: dict[int, list[pb.ClientMessage]]) -> dict:
+    for c in live.sampled:
+        assert live.submit(updates.get(c, live.honest[c]), live.metadata(c))
+    live.thread.join(60)
+    return live.record
+
+
+def test_a_client_claiming_1e18_examples_gets_only_the_capped_weight():
+    liar = LiveRound()
+    c = liar.sampled[0]
+    cap = int(liar.exp.data.client_sizes().max())  # the default cap: the federation's largest client
+    record = _finish_with(liar, {c: _claiming(liar, c, 1e18)})
+    assert record["reported_examples"][liar.sampled.index(c)] == 1e18 and record["n_examples_capped"] == 1
+    at_cap = LiveRound()
+    _finish_with(at_cap, {c: _claiming(at_cap, c, float(cap))})
+    assert torch.equal(liar.exp.state["x"], at_cap.exp.state["x"])  # the lie bought nothing beyond the cap
+    honest = LiveRound()
+    _finish_with(honest, {})
+    other = liar.sampled[1]
+    share = cap / (cap + float(honest.honest[other][0].header.num_examples))
+    assert share < 0.9  # the liar holds a bounded share, not 1 - 1e-15
+
+
+def test_uniform_weighting_ignores_the_claimed_counts():
+    config = {**CONFIG, "deploy": {**CONFIG["deploy"], "weighting": "uniform"}}
+    liar, honest = LiveRound(config), LiveRound(config)
+    c = liar.sampled[0]
+    _finish_with(liar, {c: _claiming(liar, c, 1e18)})
+    _finish_with(honest, {})
+    assert torch.equal(liar.exp.state["x"], honest.exp.state["x"])
+
+
+def _huge(live: LiveRound, client_id: int) -> list[pb.ClientMessage]:
+    """A finite update that would poison the model: 3e38 in one coordinate."""
+    header = live.honest[client_id][0].header
+    row = np.frombuffer(b"".join(m.data for m in live.honest[client_id][1:]), dtype=np.float32).copy()
+    row[0] = 3e38
+    return [pb.ClientMessage(header=header), *[pb.ClientMessage(data=bytes(p)) for p in chunks([("row", torch.from_numpy(row))])]]
+
+
+def test_max_update_norm_rejects_a_huge_finite_update():
+    bounded = LiveRound({**CONFIG, "deploy": {**CONFIG["deploy"], "max_update_norm": 1e6}})
+    c = bounded.sampled[0]
+    before = bounded.exp.state["x"].clone()
+    record = _finish_with(bounded, {c: _huge(bounded, c)})
+    assert record["n_too_long"] == 1 and torch.isfinite(bounded.exp.state["x"]).all()
+    assert float((bounded.exp.state["x"] - before).abs().max()) < 10  # the other client's step only
+    unbounded = LiveRound()
+    _finish_with(unbounded, {c: _huge(unbounded, c)})
+    assert float(unbounded.exp.state["x"].abs().max()) > 1e36  # what the bound prevents

@@ -226,3 +226,10 @@ def test_state_of_a_round_is_left_as_it_was(quick):
     assert torch.equal(state["x"], before)
     for c, m in memories.items():
         assert all(torch.equal(state["pipeline"][1][c][k], v) for k, v in m.items())
+
+
+def test_a_non_finite_aggregate_keeps_the_previous_model(quick):
+    round_ = stepper(*quick, *SMALL, 'server.transforms=[{name = "user_parts:scale", options = {factor = inf}}]')
+    before = round_.state["x"].clone()
+    record = round_.round(1)
+    assert "NaN/Inf" in record["model_rejected"] and torch.equal(round_.state["x"], before)
