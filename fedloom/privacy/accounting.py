@@ -33,6 +33,7 @@ from dp_accounting.rdp import RdpAccountant
 Mechanism = Literal["central", "local"]
 Accountant = Literal["rdp", "pld"]
 NOISE_MULTIPLIER_RANGE = (1e-2, 1e3)  # where calibration looks; beyond it a run learns nothing or leaks everything
+CALIBRATION_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ def _calibrate(accounting: Accounting, target_epsilon: float, rounds: int) -> fl
                          f"{accounting.delta:g} in {rounds} rounds (the least is {least:.3g})")
     if accounting.epsilon(low, rounds) <= target_epsilon:
         return low
-    return float(dp_accounting.calibrate_dp_mechanism(
+    z = float(dp_accounting.calibrate_dp_mechanism(
         accounting.new_accountant, lambda z: accounting.event(z, rounds), target_epsilon, accounting.delta,
-        dp_accounting.ExplicitBracketInterval(low, high), tol=1e-4))
+        dp_accounting.ExplicitBracketInterval(low, high), tol=CALIBRATION_TOL))
+    # the root is found within the tolerance, on either side: step to the side that meets the target
+    return z if accounting.epsilon(z, rounds) <= target_epsilon else z + CALIBRATION_TOL
