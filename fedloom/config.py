@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedloom.aggregation import AGGREGATORS
 from fedloom.algorithms import ALGORITHMS, SERVER_PRESETS, ServerPreset, server_optimizer
+from fedloom.algorithms.base import NoServerState
 from fedloom.algorithms.gossip import DECENTRALIZED, GOSSIP_RULES
 from fedloom.algorithms.server_opt import OptimizerFactory
 from fedloom.attacks import ATTACK_NAMES, attack_registry
@@ -23,6 +24,7 @@ from fedloom.data import DATASETS, PARTITIONERS
 from fedloom.compression.base import Shapes
 from fedloom.models import MODELS
 from fedloom.pipeline.transforms import TRANSFORMS
+from fedloom.privacy.accounting import Accounting
 from fedloom.registry import Registry
 
 
@@ -271,6 +273,33 @@ class CheckpointConfig(Section):
                               "took more than a second, and always at the end and on Ctrl-C")
 
 
+class PrivacyConfig(Section):
+    """User-level differential privacy, DP-FedAvg (McMahan et al. 2018): rows clipped to ``clip``, averaged
+    over the clients sampled per round with uniform weights, Gaussian noise of std noise_multiplier * clip
+    on the sum (central: the server adds it; local: each client adds it to its own row)."""
+
+    mechanism: Literal["none", "central", "local"] = "none"
+    clip: float = Field(1.0, gt=0, description="L2 norm every client's row is clipped to")
+    noise_multiplier: float | None = Field(None, gt=0, description="noise std over clip; or give target_epsilon")
+    target_epsilon: float | None = Field(None, gt=0, description="calibrate noise_multiplier to reach this "
+                                         "epsilon after all rounds")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp_accounting's; pld only without sampling")
+
+    @model_validator(mode="after")
+    def _noise_given_once(self) -> "PrivacyConfig":
+        if self.mechanism == "none":
+            # compare with the defaults, not the keys given: a saved (resolved) config writes every key
+            changed = [k for k in type(self).model_fields if getattr(self, k) != type(self).model_fields[k].default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} applies with privacy.mechanism = 'central' or 'local' "
+                                 "(mechanism is 'none')")
+        elif (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(f"privacy.mechanism = {self.mechanism!r}: give noise_multiplier or target_epsilon "
+                             "(one of them)")
+        return self
+
+
 class OutputConfig(Section):
     dir: str = "runs"
     save: bool = Field(True, description="write a run directory")
@@ -299,6 +328,7 @@ class ExperimentConfig(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
@@ -367,6 +397,45 @@ class ExperimentConfig(Section):
                              f"by steps * lr); set client.optimizer = 'sgd' and client.momentum = 0 (got "
                              f"{self.client.optimizer!r}, momentum {self.client.momentum})")
         return self
+
+    @model_validator(mode="after")
+    def _privacy_rules(self) -> "ExperimentConfig":
+        accounting = self.privacy_accounting()
+        if accounting is None:
+            return self
+        if self.mode == "decentralized":
+            raise ValueError("privacy.mechanism: differential privacy runs in federated mode (DP-FedAvg); "
+                             "decentralized runs have no server aggregate to clip and noise")
+        if self.server.aggregator.name != "mean":
+            raise ValueError(f"server.aggregator = {self.server.aggregator.name!r} with privacy: the noise is "
+                             "calibrated to one client moving the clipped mean by clip / clients_per_round; a robust "
+                             "aggregator's output can move further, so the accounted epsilon would not hold "
+                             "(privacy aggregates with its own mean; leave aggregator.name = 'mean')")
+        if ALGORITHMS[self.algorithm.name].factory.server_step is not NoServerState.server_step:
+            raise ValueError(f"algorithm.name = {self.algorithm.name!r} with privacy: its side matrices reach the "
+                             "server unclipped and without noise")
+        if (why := accounting.unsupported()) is not None:
+            raise ValueError(why)
+        self.privacy_noise_multiplier()
+        return self
+
+    def privacy_accounting(self) -> Accounting | None:
+        """What the accountant needs of this run, or None when privacy is off."""
+        p = self.privacy
+        if p.mechanism == "none":
+            return None
+        return Accounting(p.mechanism, p.accountant, self.data.n_clients, self.clients_per_round(), p.delta)
+
+    def privacy_noise_multiplier(self) -> float:
+        """privacy.noise_multiplier, or the one calibrated to privacy.target_epsilon for the planned rounds."""
+        p = self.privacy
+        if p.noise_multiplier is not None:
+            return p.noise_multiplier
+        try:
+            return self.privacy_accounting().calibrate(p.target_epsilon, self.rounds)
+        except ValueError as err:
+            raise ValueError(f"privacy.target_epsilon = {p.target_epsilon:g} cannot be reached: {err}; raise "
+                             "privacy.target_epsilon or privacy.delta, or lower rounds") from None
 
     def server_optimizer(self) -> tuple[str, OptimizerFactory]:
         """The server optimizer's name and factory: [server] where given, else the algorithm's preset."""

@@ -31,7 +31,7 @@ from fedloom.tracking.rundir import CONFIG
 SLOW_ROUND_S = 1.0  # without checkpoint.every, a round slower than this is checkpointed
 SUMMARY_KEYS = ("central_accuracy", "central_loss", "federated_accuracy", "federated_accuracy_worst10",
                 "node_accuracy_mean", "node_accuracy_min", "consensus_distance", "bytes_per_node_total",
-                "train_loss", "bytes_up_total", "bytes_down_total", "wall_seconds")
+                "train_loss", "bytes_up_total", "bytes_down_total", "epsilon", "wall_seconds")
 
 
 @dataclass

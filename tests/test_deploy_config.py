@@ -63,11 +63,13 @@ def test_the_server_refuses_a_min_clients_flag_above_the_federation(tmp_path, ca
 @pytest.mark.parametrize("setting, complaint", [
     ("compression.downlink=fp16", "no compression.downlink"),
     ("attack.name=signflip", "remove the \\[attack\\] table"),
+    ("privacy.mechanism=local", "the server would see their rows unnoised"),
 ])
 def test_the_server_refuses_simulation_only_settings(tmp_path, capsys, setting, complaint):
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("0 secret0\n")
-    extra = ["--set", "attack.f=1"] if setting.startswith("attack") else []
+    extra = {"attack": ["--set", "attack.f=1"], "privacy": ["--set", "privacy.noise_multiplier=1.0"]}.get(
+        setting.split(".")[0], [])
     code = main(["server", "--tokens", str(tokens), "--address", "127.0.0.1:0", "--set", setting, *extra,
                  "--set", f"output.dir={str(tmp_path)!r}"])
     assert code == 2

@@ -163,6 +163,9 @@ def _check(cfg: ExperimentConfig, tokens: dict[int, str]) -> None:
     if cfg.compression.build() is not None or cfg.compression.downlink != "none":
         raise ConfigError("compression: deployed clients send and receive fp32; set compression.name = 'none', "
                           "no compression.feedback and no compression.downlink")
+    if cfg.privacy.mechanism == "local":
+        raise ConfigError("privacy.mechanism = 'local': deployed clients do not add their own noise yet, so the "
+                          "server would see their rows unnoised; use 'central' (the server clips and noises)")
     if cfg.attack.name != "none":
         raise ConfigError("attack: simulated Byzantine clients belong to simulations; a deployment's clients "
                           "are real (remove the [attack] table)")

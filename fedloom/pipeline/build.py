@@ -2,6 +2,13 @@
 
     [attack] -> validate -> [compress] -> [server.transforms...] -> aggregate -> server optimizer
 
+With [privacy], DP-FedAvg's transforms take their places (``fedloom/privacy``): local,
+each client clips and noises its row before compressing it; central, the server
+clips the rows and its noisy fixed-denominator mean replaces ``aggregate``:
+
+    local:   ... validate -> dp_clip -> dp_local_noise -> [compress] -> [server.transforms...] -> dp_mean -> ...
+    central: ... validate -> [compress] -> [server.transforms...] -> dp_clip -> dp_mean (noise) -> ...
+
 ``server.transforms`` are extra transforms, by registry name or a user's
 ``package.module:factory`` import path, each with its ``options``; they run on
 the decoded rows, before aggregation (where norm clipping and privacy noise go).
@@ -15,6 +22,7 @@ from fedloom.config import ExperimentConfig, Shapes
 from fedloom.pipeline import transforms
 from fedloom.pipeline.base import Pipeline, Transform
 from fedloom.pipeline.transforms import TRANSFORMS
+from fedloom.privacy import transforms as dp
 
 
 def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: Shapes | None = None) -> Pipeline:
@@ -25,15 +33,38 @@ def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: S
     steps.append(transforms.validate())
     if cfg.deploy.max_update_norm is not None:
         steps.append(transforms.reject_longer(cfg.deploy.max_update_norm))
+    mechanism = cfg.privacy.mechanism
+    if mechanism == "local":
+        steps.extend(_local_privacy(cfg))
     compressor = cfg.compression.build(shapes)
     if compressor is not None:
         steps.append(transforms.compress(compressor, cfg.seed))
     steps.extend(_user_transform(t.name, t.options) for t in cfg.server.transforms)
-    aggregator = cfg.server.aggregator
-    steps.append(transforms.aggregate(make_aggregator(aggregator.name, **aggregator.options)))
+    if mechanism == "none":
+        aggregator = cfg.server.aggregator
+        steps.append(transforms.aggregate(make_aggregator(aggregator.name, **aggregator.options)))
+    else:
+        steps.extend(_private_aggregate(cfg))
     name, factory = cfg.server_optimizer()
     steps.append(transforms.server_step(name, factory))
     return Pipeline(tuple(steps))
+
+
+def _local_privacy(cfg: ExperimentConfig) -> list[Transform]:
+    """Each client's own clip and noise, std noise_multiplier * clip (accounting.py says what it guarantees)."""
+    p = cfg.privacy
+    return [dp.dp_clip(p.clip, "client"), dp.local_noise(cfg.privacy_noise_multiplier() * p.clip)]
+
+
+def _private_aggregate(cfg: ExperimentConfig) -> list[Transform]:
+    """The fixed-denominator mean, with the server's clip and noise when central: noise std on the sum
+    noise_multiplier * clip, so on the mean noise_multiplier * clip / clients_per_round."""
+    p, denominator = cfg.privacy, cfg.clients_per_round()
+    z, accounting = cfg.privacy_noise_multiplier(), cfg.privacy_accounting()
+    epsilon_after = lambda rounds: accounting.epsilon(z, rounds)  # noqa: E731
+    if p.mechanism == "local":
+        return [dp.dp_mean(denominator, 0.0, epsilon_after)]
+    return [dp.dp_clip(p.clip, "server"), dp.dp_mean(denominator, z * p.clip / denominator, epsilon_after)]
 
 
 def _user_transform(name: str, options: dict) -> Transform:

@@ -118,7 +118,10 @@ class FederatedRound:
         return self.model
 
     def describe(self, state: State) -> dict[str, Any]:
-        return {"pipeline": self.pipeline.steps()}
+        described = {"pipeline": self.pipeline.steps()}
+        if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
+            described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
+        return described
 
     def graph_record(self) -> None:
         """A federation has no gossip graph to draw."""

@@ -117,6 +117,23 @@ def plot_loss(rows: list[dict], path: Path) -> Path | None:
     return _round_and_uplink(rows, LOSS_CURVES, "Loss", "loss (mean per example)", 1.0, path)
 
 
+def _epsilon(row: dict) -> float | None:
+    return row.get("epsilon")
+
+
+def plot_privacy(rows: list[dict], path: Path) -> Path | None:
+    """A private run's trade-off: accuracy against the epsilon spent so far (at the run's delta)."""
+    curves = {k: v for k, v in ACCURACY_CURVES.items() if _series(rows, k, _epsilon)[0]}
+    if not curves:
+        return None
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for key, (label, color, style) in curves.items():
+        _line(ax, *_series(rows, key, _epsilon, 100.0), label, color, style)
+    _decorate(ax, "Accuracy vs privacy spent", "epsilon", "accuracy (%)")
+    return _save(fig, path)
+
+
 def plot_partition(stats: dict, path: Path) -> Path | None:
     """How unequal and how non-IID the split is: sorted client sizes, and labels per client."""
     train = np.asarray(stats.get("train_sizes") or [])
