@@ -86,7 +86,8 @@ def drive(round_: Round, resume: str | Path | None = None,
     if status == "failed":
         raise RunFailed(f"stopped after round {result.summary['rounds_done']}: no update was usable in "
                         f"{round_.cfg.max_failed_rounds} rounds in a row (every one rejected as NaN/Inf or "
-                        "malformed); everything so far is kept" + (f" in {run_dir.path}" if run_dir else ""), result)
+                        "malformed, or too few by the deadline: deploy.min_clients); everything so far is kept"
+                        + (f" in {run_dir.path}" if run_dir else ""), result)
     return result
 
 
@@ -117,8 +118,10 @@ def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | Non
 
 
 def _nothing_usable(record: dict) -> bool:
-    """Every sampled client's update was rejected (a federated round that left the model as it was)."""
-    return record.get("n_sampled", 0) > 0 and record.get("n_rejected") == record["n_sampled"]
+    """Every sampled client's update was rejected, or a deployed round failed (too few updates by its
+    deadline): a federated round that left the model as it was."""
+    rejected = record.get("n_sampled", 0) > 0 and record.get("n_rejected") == record["n_sampled"]
+    return rejected or bool(record.get("round_failed"))
 
 
 @contextlib.contextmanager

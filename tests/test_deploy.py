@@ -3,6 +3,7 @@ simulation, clients killed mid-round, and a server killed and resumed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -24,6 +25,7 @@ from fedloom.builders import build_data
 from fedloom.config import load_config
 from fedloom.deploy.client import run_client
 from fedloom.deploy.server import serve
+from fedloom.rounds import build_round
 from fedloom.runner import run
 from fedloom.tracking import read_metrics
 
@@ -230,3 +232,24 @@ def test_scaffold_state_and_aux_tensors_cross_the_wire(tmp_path):
     assert exits == [0, 0, 0]
     torch.testing.assert_close(result.params, simulated.params, rtol=0, atol=1e-6)
     assert [r["central_accuracy"] for r in result.history] == [r["central_accuracy"] for r in simulated.history]
+
+
+def test_rounds_with_too_few_updates_fail_at_their_deadline_and_the_run_stops(federation):
+    """min_clients = 3 with only two clients running: each round closes at its 2 s deadline as failed,
+    the model unchanged; after max_failed_rounds = 2 such rounds the server stops with exit code 1."""
+    config = {**CONFIG, "rounds": 6, "max_failed_rounds": 2, "sampling": {"clients_per_round": 3},
+              "deploy": {"min_clients": 3, "round_timeout_s": 2.0}}
+    fed = federation(config)
+    fed.start_server("--config", str(fed.dir / "exp.toml"))
+    for k in (0, 1):
+        fed.start_client(k, patience_s=5)
+    assert fed.server.wait(RUN_TIMEOUT_S) == 1, fed.log()[-3000:]
+    assert "no update was usable in 2 rounds in a row" in fed.log()
+    (run_dir,) = (fed.dir / "runs").iterdir()
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2] and all(r["round_failed"] for r in records)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    start = build_round(load_config({**config, "output": {"save": False, "progress": False}}))
+    model = start.final_model(start.init_state())
+    for name, value in final_params(run_dir).items():
+        assert torch.equal(value, model.state_dict()[name]), name  # failed rounds left the model as it was

@@ -16,7 +16,6 @@ from fedloom import checkpoint
 from fedloom.config import ConfigError, load_config
 from fedloom.pipeline.base import Context
 from fedloom.privacy import transforms as dp
-from fedloom.privacy.accounting import Accounting
 from fedloom.runner import run
 from tests.helpers import make_round, stepper
 

@@ -101,14 +101,18 @@ def _reported(command):
 
     def run(args: argparse.Namespace) -> int:
         from fedloom.config import ConfigError
-        from fedloom.registry import OptionError
         from fedloom.data import DataError
+        from fedloom.registry import OptionError
         from fedloom.deploy.client import ClientError
         from fedloom.deploy.security import SecurityError
+        from fedloom.runner import RunFailed
 
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
         try:
             return command(args)
+        except RunFailed as failed:
+            print(f"failed: {failed}", file=sys.stderr)
+            return 1
         except (ConfigError, DataError, SecurityError, ClientError, OptionError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

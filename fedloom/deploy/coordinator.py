@@ -2,12 +2,15 @@
 submitted, whose connection broke. No gRPC here: the servicer's threads and the
 round loop meet on one condition variable.
 
-A round closes when every sampled client has submitted, or, once at least
-``min_clients`` updates are in, when the deadline passes or every client still
-missing has no connection (it was killed or cut off during the round, or had
-been connected before and was gone when the round began; waiting for it helps
+A round closes when every sampled client has submitted; at its deadline; or,
+once at least ``min_clients`` updates are in, when every client still missing
+has no connection (it was killed or cut off during the round, or had been
+connected before and was gone when the round began; waiting for it helps
 nobody). A client never seen yet is waited for: it may still be starting. A
-client that reconnects while its round is open gets its task again.
+client that reconnects while its round is open gets its task again. A round
+that reaches its deadline with fewer than ``min_clients`` updates fails: none
+of them is used, the model stays as it was (the runner stops the run after
+``max_failed_rounds`` such rounds in a row).
 
 When the run ends every subscription is told why: FINISHED (clients exit) or
 INTERRUPTED (clients keep trying to reconnect, for a server resumed with
@@ -69,9 +72,10 @@ class Participation:
     refused: list[int]  # sent at least one update that was refused
     bytes_up: int
     bytes_down: int
+    failed: bool = False  # the deadline passed with fewer than min_clients updates: the round changes nothing
 
     def record(self) -> dict:
-        return {"clients_submitted": self.submitted, "clients_dropped": self.dropped,
+        return {"round_failed": self.failed, "clients_submitted": self.submitted, "clients_dropped": self.dropped,
                 "clients_disconnected": self.disconnected, "clients_refused": self.refused,
                 "n_submitted": len(self.submitted), "n_dropped": len(self.dropped),
                 "wire_bytes_up": self.bytes_up, "wire_bytes_down": self.bytes_down}
@@ -166,23 +170,23 @@ class Coordinator:
         with self._cond:
             r = self._round
             while not self._may_close(r, deadline, min_clients):
-                if time.monotonic() >= deadline and not warned:
-                    log.warning("round %d: deadline passed with %d of the %d updates needed; waiting for more",
-                                r.index, len(r.updates), min_clients)
-                    warned = True
                 self._cond.wait(max(0.05, min(1.0, deadline - time.monotonic())))
             missing = sorted(set(r.tasks) - set(r.updates))
             self._round = _Round(r.index)
             updates = [r.updates[c] for c in sorted(r.updates)]
+            failed = bool(missing) and len(updates) < min_clients  # everyone sampled answering is never a failure
+            if failed:
+                log.warning("round %d failed: the deadline passed with %d of the %d updates needed; the model "
+                            "stays as it was", r.index, len(updates), min_clients)
             return updates, Participation(sorted(r.updates), missing, sorted(r.lost & set(missing)),
-                                          sorted(r.refused), r.bytes_up, r.bytes_down)
+                                          sorted(r.refused), r.bytes_up, r.bytes_down, failed)
 
     @staticmethod
     def _may_close(r: _Round, deadline: float, min_clients: int) -> bool:
         missing = set(r.tasks) - set(r.updates)
-        if not missing:
+        if not missing or time.monotonic() >= deadline:
             return True
-        return len(r.updates) >= min_clients and (time.monotonic() >= deadline or missing <= r.lost)
+        return len(r.updates) >= min_clients and missing <= r.lost
 
     # -- submissions -------------------------------------------------------------------------------------------
     def claim(self, client_id: int, header: pb.UpdateHeader) -> Slot:

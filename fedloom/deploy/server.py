@@ -65,6 +65,8 @@ class RemoteEngine:
         self.coord.open_round(round_idx, tasks, expected)
         log.info("round %d: tasks out to clients %s", round_idx, client_ids)
         updates, self.participation = self.coord.close_round(self.deploy.round_timeout_s, self.deploy.min_clients)
+        if self.participation.failed:  # too few: none of them is used, so the model and the client states stay
+            updates = []
         ids = [u.client_id for u in updates]
         rows = answers if ids == client_ids else answers[[client_ids.index(c) for c in ids]]
         columns = split(rows, expected)
