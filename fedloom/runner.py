@@ -65,7 +65,8 @@ class RunDirError(OSError):
 
 
 class RunFailed(RuntimeError):
-    """The run stopped because no round could use any update; the run directory is complete."""
+    """The run stopped because no round could use any update, or a round crashed; the run directory
+    is complete (checkpoint of the last complete round, metrics, model, summary), so it can be resumed."""
 
     def __init__(self, message: str, result: RunResult):
         super().__init__(message)
@@ -80,20 +81,24 @@ def drive(round_: Round, resume: str | Path | None = None,
     """Play ``round_``'s rounds from the start, or from ``resume``'s checkpoint, to the end."""
     run_dir, state, history = _open(round_, resume)
     with _disk_errors(run_dir):
-        state, status = _loop(round_, state, history, run_dir, on_round)
+        state, status, crash = _loop(round_, state, history, run_dir, on_round)
         with _signals_ignored():  # a second Ctrl-C must not cut the final writes short
             result = _finish(round_, state, history, run_dir, status)
+    kept = f"; everything so far is kept in {run_dir.path} (fedloom run --resume continues)" if run_dir else ""
+    done = result.summary["rounds_done"]
     if status == "failed":
-        raise RunFailed(f"stopped after round {result.summary['rounds_done']}: no update was usable in "
-                        f"{round_.cfg.max_failed_rounds} rounds in a row (every one rejected as NaN/Inf or "
-                        "malformed, or too few by the deadline: deploy.min_clients); everything so far is kept"
-                        + (f" in {run_dir.path}" if run_dir else ""), result)
+        raise RunFailed(f"stopped after round {done}: no update was usable in {round_.cfg.max_failed_rounds} "
+                        "rounds in a row (every one rejected as NaN/Inf or malformed, or too few by the "
+                        f"deadline: deploy.min_clients){kept}", result)
+    if crash is not None:
+        raise RunFailed(f"round {done + 1} crashed ({type(crash).__name__}: {crash}){kept}", result) from crash
     return result
 
 
 def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | None,
-          on_round: Callable[[dict[str, Any]], None] | None) -> tuple[dict, str]:
-    """Rounds to the end, Ctrl-C/SIGTERM, or too many rounds in a row without a usable update."""
+          on_round: Callable[[dict[str, Any]], None] | None) -> tuple[dict, str, Exception | None]:
+    """Rounds to the end, Ctrl-C/SIGTERM, too many rounds in a row without a usable update, or a crash
+    (a round that raised: the state of the last complete round is returned, with the error)."""
     cfg = round_.cfg
     started = time.perf_counter() - state["wall_seconds"]
     failed_in_a_row = 0
@@ -111,10 +116,16 @@ def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | Non
                     on_round(record)
                 failed_in_a_row = failed_in_a_row + 1 if _nothing_usable(record) else 0
                 if failed_in_a_row >= cfg.max_failed_rounds:
-                    return state, "failed"
+                    return state, "failed", None
     except KeyboardInterrupt:
-        return state, "interrupted"
-    return state, "completed"
+        return state, "interrupted", None
+    except OSError as err:
+        if err.errno in DISK_ERRORS:
+            raise  # nothing more can be written: _disk_errors says so
+        return state, "crashed", err
+    except Exception as err:  # a worker lost for good, a bug: keep the run directory complete and resumable
+        return state, "crashed", err
+    return state, "completed", None
 
 
 def _nothing_usable(record: dict) -> bool:

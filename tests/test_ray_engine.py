@@ -164,3 +164,35 @@ def test_no_cluster_to_join_is_named():
 
 def test_an_open_session_is_reused(shared_engine):
     connect(ray, "127.0.0.1:1")  # nothing listens there: would fail if it tried to connect
+
+
+def test_a_killed_worker_is_restarted_and_the_round_gives_the_same_numbers(engine):
+    exp = _experiment("algorithm.name=scaffold")
+    clients = list(range(7))
+    sent = exp.algorithm.broadcast(exp.state["algorithm"])
+    expected = exp.engine.run_round(exp.algorithm, exp.state["x"], sent, clients, 1, ClientStore())
+    ray.kill(engine._actors[0], no_restart=False)  # as if its process died: Ray restarts it, the call is retried
+    _assert_same(expected, engine.run_round(exp.algorithm, exp.state["x"], sent, clients, 1, ClientStore()))
+
+
+def test_a_round_that_crashes_leaves_a_complete_resumable_run_directory(tmp_path, monkeypatch):
+    from fedloom import checkpoint
+    from fedloom.rounds.federated import FederatedRound
+    from fedloom.runner import RunFailed, run
+
+    real_play = FederatedRound.play
+
+    def lose_the_cluster_in_round_3(self, state, r):
+        if r == 3:
+            raise ray.exceptions.RayActorError()  # what Ray raises once a worker has died RESTARTS times
+        return real_play(self, state, r)
+
+    monkeypatch.setattr(FederatedRound, "play", lose_the_cluster_in_round_3)
+    with pytest.raises(RunFailed, match="round 3 crashed \\(RayActorError") as failed:
+        run(None, [*QUICK, "rounds=5", f"output.dir={str(tmp_path)!r}", "output.save=true"])
+    run_dir = failed.value.result.run_dir
+    assert failed.value.result.summary["status"] == "crashed" and failed.value.result.summary["rounds_done"] == 2
+    assert checkpoint.load(run_dir / checkpoint.CHECKPOINT)["round"] == 2
+    assert (run_dir / "model.safetensors").exists() and (run_dir / "report.html").exists()
+    monkeypatch.setattr(FederatedRound, "play", real_play)
+    assert run(None, [], resume=run_dir).summary["status"] == "completed"

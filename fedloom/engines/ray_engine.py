@@ -29,6 +29,7 @@ from fedloom.engines.serial import SerialEngine
 from fedloom.engines.vectorized import DEFAULT_MEMORY_BUDGET, VectorizedEngine, pays_to_vectorize
 
 CONNECT_TIMEOUT_S = 5.0
+RESTARTS = 3  # times a killed worker is restarted (and its round's call retried) before the run stops
 
 
 def import_ray():
@@ -119,7 +120,9 @@ class RayEngine:
             raise ValueError(f"the ray engine needs at least one worker, got workers = {workers}")
         self._ray = import_ray()
         connect(self._ray, address)
-        actor = self._ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(ClientWorker)
+        # a killed worker is restarted and its call retried: train() is a pure function of its inputs
+        actor = self._ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_restarts=RESTARTS,
+                                 max_task_retries=RESTARTS)(ClientWorker)
         data_ref = self._ray.put(data)
         self._actors = [actor.remote(model, data_ref, local, memory_budget) for _ in range(workers)]
 
