@@ -166,7 +166,6 @@ class Coordinator:
     def close_round(self, timeout_s: float, min_clients: int) -> tuple[list[Update], Participation]:
         """Wait until the round may close (module docstring), then close it: later submissions are stale."""
         deadline = time.monotonic() + timeout_s
-        warned = False
         with self._cond:
             r = self._round
             while not self._may_close(r, deadline, min_clients):
