@@ -123,8 +123,8 @@ class RayEngine:
         # a killed worker is restarted and its call retried: train() is a pure function of its inputs
         actor = self._ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_restarts=RESTARTS,
                                  max_task_retries=RESTARTS)(ClientWorker)
-        data_ref = self._ray.put(data)
-        self._actors = [actor.remote(model, data_ref, local, memory_budget) for _ in range(workers)]
+        self._data = self._ray.put(data)  # held for the engine's life: a restarted worker is built from it again
+        self._actors = [actor.remote(model, self._data, local, memory_budget) for _ in range(workers)]
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:
