@@ -1,0 +1,115 @@
+"""Soak: a deployment of 10 client processes over 30 rounds, clients SIGKILLed and restarted at random,
+the server SIGKILLed and resumed twice, strangers holding connections open all along. The run completes,
+no round hangs, and the final model equals the serial simulation of the same participation (each round
+trained by exactly the clients whose updates the server used)."""
+
+import random
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from fedloom.builders import build_engine
+from fedloom.config import load_config
+from fedloom.engines.base import rows_of
+from fedloom.rounds.federated import FederatedRound
+from fedloom.runner import Stepper
+from fedloom.tracking import read_metrics
+from test_deploy import CONFIG, N_CLIENTS, federation, final_params  # noqa: F401 (federation: a fixture)
+from test_deploy_hardening import Strangers
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 30
+# CONFIG's MLP with 25 local epochs: rounds long enough (most of a second) for a restarted client
+# (about 3 s to start) to rejoin the server it left
+SOAK = {**CONFIG, "rounds": ROUNDS, "client": {"epochs": 25, "batch_size": 16},
+        "deploy": {"min_clients": 5, "round_timeout_s": 30.0}}
+
+
+class SameParticipation:
+    """The serial engine, keeping in round r only the rows of the clients the deployment used in round r."""
+
+    def __init__(self, inner, used: dict[int, list[int]]):
+        self.inner, self.used, self.name = inner, used, "serial"
+
+    def run_round(self, algorithm, x0, sent, client_ids, round_idx, store):
+        result = self.inner.run_round(algorithm, x0, sent, client_ids, round_idx, store)
+        keep = [i for i, c in enumerate(result.client_ids) if c in self.used[round_idx]]
+        return rows_of(result, torch.tensor(keep, dtype=torch.long))
+
+
+def _chaos(fed, stop: threading.Event, seed: int) -> list[int]:
+    """SIGKILL a random client every 0.3-1.5 s and start it again half a second later."""
+    rng, killed = random.Random(seed), []
+    while not stop.wait(rng.uniform(0.3, 1.5)):
+        k = rng.randrange(N_CLIENTS)
+        fed.clients[k].send_signal(signal.SIGKILL)
+        fed.clients[k].wait()
+        killed.append(k)
+        if stop.wait(0.5):
+            break
+        fed.start_client(k)
+    return killed
+
+
+def _rejoined(records: list[dict]) -> bool:
+    """Some client missing from a round submits again in a later round of the same server's life
+    (the server was killed after rounds 10 and 20)."""
+    submitted = {r["round"]: set(r["clients_submitted"]) for r in records}
+    for life in (range(2, 11), range(12, 21), range(22, ROUNDS + 1)):
+        for a in life:
+            if any(set(range(N_CLIENTS)) - submitted[a] & submitted[b] for b in life if b > a):
+                return True
+    return False
+
+
+def _strangers_once_listening(fed, starts: int) -> Strangers:
+    """Idle strangers on the server once its ``starts``-th start is listening."""
+    give_up = time.monotonic() + 120
+    while fed.log().count("listening on") < starts:
+        assert time.monotonic() < give_up and fed.server.poll() is None, fed.log()[-3000:]
+        time.sleep(0.05)
+    return Strangers(fed.address, 4)
+
+
+def test_soak_kills_resumes_and_strangers(federation):
+    fed = federation(SOAK)
+    fed.start_server("--config", str(fed.dir / "exp.toml"))
+    for k in range(N_CLIENTS):
+        fed.start_client(k)
+    strangers = [_strangers_once_listening(fed, 1)]
+    stop = threading.Event()
+    killed: list[int] = []
+    chaos = threading.Thread(target=lambda: killed.extend(_chaos(fed, stop, seed=0)), daemon=True)
+    chaos.start()
+    try:
+        for starts, at in ((2, 10), (3, 20)):  # the server dies twice, in the middle of the run, and comes back
+            fed.wait_log(rf"round {at}/{ROUNDS}")
+            fed.server.send_signal(signal.SIGKILL)
+            fed.server.wait()
+            (run_dir,) = (fed.dir / "runs").iterdir()
+            fed.start_server("--resume", str(run_dir))
+            strangers.append(_strangers_once_listening(fed, starts))
+        assert fed.server.wait(300) == 0, fed.log()[-3000:]
+    finally:
+        stop.set()
+        chaos.join(30)
+        for s in strangers:
+            s.close()
+    assert len(killed) >= 10  # the chaos really happened
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
+    assert all(r["round_seconds"] < 35 for r in records)  # no round waited past its deadline
+    assert _rejoined(records), "no killed client came back to a running server"
+    used = {r["round"]: [] if r["round_failed"] else r["clients_submitted"] for r in records}
+    cfg = load_config({**SOAK, "output": {"save": False, "progress": False}})
+    simulation = Stepper(FederatedRound(cfg, make_engine=lambda model, data: SameParticipation(
+        build_engine(cfg, model, data), used)))
+    for r in range(1, ROUNDS + 1):
+        simulation.round(r)
+    simulated = simulation.final_model(simulation.state).state_dict()
+    for name, value in final_params(run_dir).items():
+        torch.testing.assert_close(value, simulated[name], rtol=0, atol=1e-5)
