@@ -253,3 +253,23 @@ def test_rounds_with_too_few_updates_fail_at_their_deadline_and_the_run_stops(fe
     model = start.final_model(start.init_state())
     for name, value in final_params(run_dir).items():
         assert torch.equal(value, model.state_dict()[name]), name  # failed rounds left the model as it was
+
+
+def test_a_hung_client_costs_seconds_not_the_deadline(federation):
+    """A client frozen by SIGSTOP keeps its TCP connection but answers no ping: keepalive closes its
+    stream within seconds, so its round closes with the others instead of at the 120 s deadline."""
+    slow = {**CONFIG, "rounds": 3, "client": {"epochs": 20, "batch_size": 16}}
+    fed = federation(slow)
+    fed.start_server("--config", str(fed.dir / "exp.toml"), "--min-clients", "5", "--round-timeout", "120")
+    for k in range(N_CLIENTS):
+        fed.start_client(k)
+    fed.wait_log(r"round 1/3")
+    fed.clients[3].send_signal(signal.SIGSTOP)  # hung mid-run: its socket stays open
+    try:
+        assert fed.server.wait(90) == 0, fed.log()[-3000:]
+    finally:
+        fed.clients[3].send_signal(signal.SIGCONT)
+    (run_dir,) = (fed.dir / "runs").iterdir()
+    records = {r["round"]: r for r in read_metrics(run_dir)}
+    assert 3 not in records[3]["clients_submitted"] and records[3]["n_submitted"] == N_CLIENTS - 1
+    assert all(r["round_seconds"] < 30 for r in records.values())  # seconds of keepalive, not the deadline

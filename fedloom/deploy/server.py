@@ -115,13 +115,22 @@ def remote_round(cfg: ExperimentConfig, coordinator: Coordinator) -> FederatedRo
     return FederatedRound(cfg, make_engine=engine)
 
 
+# a peer that stops answering pings (hung, cut off) has its streams closed within about 10 s, so its
+# round stops waiting for it (grpc.http2.ping_timeout_ms, not keepalive_timeout_ms, bounds the wait
+# for a ping's answer: 60 s by default)
+KEEPALIVE = [("grpc.keepalive_time_ms", 5_000), ("grpc.keepalive_timeout_ms", 5_000),
+             ("grpc.http2.ping_timeout_ms", 5_000),
+             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+             ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000)]
+
+
 def start_grpc(servicer: Servicer, address: str, tls: ServerTLS | None, workers: int) -> tuple[grpc.Server, int]:
     """Listen on ``address``; every subscribed client holds a worker thread, so ``workers``
     must cover them all plus their submissions."""
     server = grpc.server(ThreadPoolExecutor(max_workers=workers), interceptors=[servicer.gate],
                          maximum_concurrent_rpcs=workers,
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.so_reuseport", 0)])
+                                  ("grpc.so_reuseport", 0), *KEEPALIVE])
     add_to_server(servicer, server)
     try:
         port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
