@@ -1,10 +1,9 @@
 """Per-client state kept across rounds (SCAFFOLD's control variates, error
 feedback memories, personal layers), keyed by client id.
 
-A store is a piece of the run's state tree (``fedloom.state``): a round works on
-a copy and hands back the new one, so the state of the last complete round is
-never touched and can be checkpointed at any time (client states are replaced,
-never changed in place).
+A store wraps a piece of the run's state tree: ``ClientStore(states)`` copies the
+mapping, so a round's puts never reach the state of the last complete round, which
+can be checkpointed at any time (client states are replaced, never changed in place).
 """
 
 from __future__ import annotations
@@ -28,10 +27,6 @@ class ClientStore:
 
     def put(self, client_id: int, state: ClientState) -> None:
         self.states[client_id] = state
-
-    def copy(self) -> ClientStore:
-        """A store whose puts do not reach this one (the states themselves are shared: never edited in place)."""
-        return ClientStore(self.states)
 
     def __len__(self) -> int:
         return len(self.states)
