@@ -1,6 +1,7 @@
 """Data: bundled and user datasets, partitioners, and the federated view engines read."""
 
-from .datasets import DATASETS, DataError, Dataset, from_arrays, load_dataset
+from .datasets import DataError, Dataset, from_arrays
+from .loaders import DATASETS, load_dataset
 from .federated import FederatedData, federate
 from .partition import PARTITIONERS, dirichlet, iid, natural, partition, quantity_skew, shards
 

