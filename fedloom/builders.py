@@ -17,9 +17,11 @@ from fedloom.data import FederatedData, federate, load_dataset
 from fedloom.engines.base import LocalTraining
 from fedloom.engines.ray_engine import RayEngine
 from fedloom.engines.serial import SerialEngine
-from fedloom.engines.vectorized import UnsupportedModel, VectorizedEngine, pays_to_vectorize
+from fedloom.engines.device import DeviceError, resolve_device
+from fedloom.engines.vectorized import UnsupportedModel, VectorizedEngine, why_not_vectorize
 from fedloom.models import build_model
-from fedloom.registry import Registry
+from fedloom.registry import OptionError, Registry
+from fedloom.tasks import Task, build_task
 
 
 def build_data(cfg: ExperimentConfig) -> FederatedData:
@@ -47,6 +49,31 @@ def build_model_for(cfg: ExperimentConfig, data: FederatedData) -> nn.Module:
         return build_model(cfg.model.name, data.input_shape, data.n_classes, **cfg.model.options)
 
 
+def build_task_for(cfg: ExperimentConfig, data: FederatedData) -> Task:
+    """The configured task (``[task]``; "auto": the dataset's own)."""
+    try:
+        return build_task(cfg.task.name, cfg.task.options, data.task, data.n_classes, cfg.data.dataset)
+    except OptionError as err:
+        raise ConfigError(f"task: {err}") from None
+
+
+def device_for(cfg: ExperimentConfig) -> tuple[torch.device, str | None]:
+    """``engine.device`` as a torch device, and a note when "auto" settled for the CPU."""
+    try:
+        return resolve_device(cfg.engine.device)
+    except DeviceError as err:
+        raise ConfigError(str(err)) from None
+
+
+def engine_notes(cfg: ExperimentConfig, model: nn.Module, engine_name: str) -> dict[str, str]:
+    """What the summary says about where the run trained: the device, and why "auto" chose what it did."""
+    device, note = device_for(cfg)
+    notes = {"device": str(device)} | ({"device_note": note} if note else {})
+    if cfg.engine.name == "auto" and engine_name == "serial":
+        notes["engine_note"] = f"engine = auto runs serial: {why_not_vectorize(model, device)}"
+    return notes
+
+
 def build_algorithm(cfg: ExperimentConfig) -> FedAvg:
     """The federated algorithm's client and server rules (its hyperparameters only; no state)."""
     return ALGORITHMS.build(cfg.algorithm.name, cfg.algorithm.options)
@@ -67,32 +94,36 @@ def build_engine(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
 
 def _auto(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
     """The vectorized engine when the model allows it and it is faster (not convolutions on CPU), else serial."""
-    return (_vectorized if pays_to_vectorize(model) else _serial)(cfg, model, data)
+    return (_serial if why_not_vectorize(model, device_for(cfg)[0]) else _vectorized)(cfg, model, data)
 
 
 def _serial(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
-    return SerialEngine(model, data, local_training(cfg))
+    return SerialEngine(model, data, local_training(cfg), build_task_for(cfg, data), device_for(cfg)[0],
+                        _gb(cfg.engine.data_on_device_gb))
 
 
 def _vectorized(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
     try:
-        return VectorizedEngine(model, data, local_training(cfg), memory_budget=_budget(cfg))
+        return VectorizedEngine(model, data, local_training(cfg), build_task_for(cfg, data),
+                                _gb(cfg.engine.memory_budget_gb), device_for(cfg)[0],
+                                _gb(cfg.engine.data_on_device_gb))
     except UnsupportedModel as err:
         raise ConfigError(f"engine.name: {err}") from None
 
 
 def _ray(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
     try:
-        return RayEngine(model, data, local_training(cfg), address=cfg.engine.ray_address,
-                         workers=cfg.engine.ray_workers, memory_budget=_budget(cfg))
+        return RayEngine(model, data, local_training(cfg), build_task_for(cfg, data), address=cfg.engine.ray_address,
+                         workers=cfg.engine.ray_workers, memory_budget=_gb(cfg.engine.memory_budget_gb),
+                         gpus_per_worker=cfg.engine.ray_gpus_per_worker)
     except ImportError as err:
         raise ConfigError(f'engine.name = "ray": {err}') from None
     except ConnectionError as err:
         raise ConfigError(f"engine.ray_address: {err}") from None
 
 
-def _budget(cfg: ExperimentConfig) -> int:
-    return int(cfg.engine.memory_budget_gb * 2**30)
+def _gb(gigabytes: float) -> int:
+    return int(gigabytes * 2**30)
 
 
 # factories (cfg, model, data) -> engine; engine.name names one

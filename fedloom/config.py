@@ -26,6 +26,7 @@ from fedloom.models import MODELS
 from fedloom.pipeline.transforms import TRANSFORMS
 from fedloom.privacy.accounting import Accounting
 from fedloom.registry import Registry
+from fedloom.tasks import TASKS
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,21 @@ class ModelConfig(Component):
     name: str = "mlp"
 
     registry: ClassVar[Registry] = MODELS
+
+
+class TaskConfig(Component):
+    """How a batch becomes a loss and what evaluation reports: auto (the dataset's own task) | classification |
+    language_model | regression | a user's 'package.module:Name'. ``task = "regression"`` is short for
+    ``[task] name = "regression"``."""
+
+    name: str = "auto"
+
+    registry: ClassVar[Registry] = TASKS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
 
 class AlgorithmConfig(Component):
@@ -248,10 +264,17 @@ class EngineConfig(Section):
     name: Literal["auto", "vectorized", "serial", "ray"] = Field(
         "auto", description="auto: vectorized when the model allows it (not conv nets: slower on CPU), else serial; "
         "ray: clients on Ray actors")
-    memory_budget_gb: float = Field(2.0, gt=0, description="vectorized and each ray worker: peak memory")
+    device: str = Field("auto", description="cpu | cuda | cuda:N | mps | auto (CUDA when available, else CPU): "
+                        "where clients train and models are evaluated")
+    data_on_device_gb: float = Field(1.0, ge=0, description="the data set is copied to the device once when it "
+                                     "fits this; else each batch is copied as it is gathered")
+    memory_budget_gb: float = Field(2.0, gt=0, description="vectorized and each ray worker: peak memory (on CUDA "
+                                    "also at most 90% of the device's free memory)")
     ray_address: str | None = Field(None, description='ray: "auto" joins a running cluster, "host:port" a remote '
                                     "one; unset starts a local Ray")
     ray_workers: int = Field(2, ge=1, description="ray: actors (one CPU each); clients split evenly over them")
+    ray_gpus_per_worker: float = Field(0.0, ge=0, description="ray: the GPU share of each actor; above 0 the "
+                                       "actors train on CUDA")
 
 
 class DeployConfig(Section):
@@ -316,6 +339,7 @@ class ExperimentConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)

@@ -1,76 +1,85 @@
 """Central evaluation (the global test set) and federated evaluation (each
-client's local test set: the weighted mean, and the worst 10% of clients as a
-fairness view)."""
+client's local test set: the pooled mean, and the worst 10% of clients as a
+fairness view), of the metrics the task names (``fedloom.tasks``)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from fedloom.core.params import ParamSpec
 from fedloom.data.federated import FederatedData
+from fedloom.tasks import Task
+from fedloom.tasks.base import Terms
 
 
 @torch.no_grad()
-def per_example(model: nn.Module, spec: ParamSpec, flat: Tensor, x: Tensor, y: Tensor,
-                batch_size: int = 2048) -> tuple[Tensor, Tensor]:
-    """(correct [N] as float, loss [N]) of the model with parameters ``flat``."""
+def per_example(model: nn.Module, spec: ParamSpec, flat: Tensor, x: Tensor, y: Tensor, task: Task,
+                batch_size: int = 2048) -> dict[str, Terms]:
+    """Every metric's (sum, count) of each example (``fedloom.tasks``), for the model with parameters
+    ``flat``, computed on the device ``flat`` is on, ``batch_size`` examples at a time."""
     was_training = model.training
     model.eval()
     params = spec.unflatten(flat)
-    correct, losses = [], []
+    parts: list[dict[str, Terms]] = []
     for start in range(0, len(y), batch_size):
-        logits = functional_call(model, params, (x[start:start + batch_size],))
-        yb = y[start:start + batch_size]
-        correct.append((logits.argmax(dim=1) == yb).float())
-        losses.append(F.cross_entropy(logits, yb, reduction="none"))
+        xb, yb = x[start:start + batch_size].to(flat.device), y[start:start + batch_size].to(flat.device)
+        parts.append(task.metric_terms(functional_call(model, params, (xb,)), yb))
     model.train(was_training)
-    if not correct:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(correct), torch.cat(losses)
+    if not parts:
+        return {}
+    return {k: (torch.cat([p[k][0] for p in parts]).cpu(), torch.cat([p[k][1] for p in parts]).cpu())
+            for k in parts[0]}
 
 
-def central(model: nn.Module, spec: ParamSpec, flat: Tensor, data: FederatedData) -> dict[str, float]:
-    correct, loss = per_example(model, spec, flat, data.x_test, data.y_test)
-    return {"central_accuracy": correct.mean().item(), "central_loss": loss.mean().item()}
+def pooled(terms: dict[str, Terms], task: Task, prefix: str) -> dict[str, float]:
+    """Each metric over all the examples (sum of sums over sum of counts), as ``<prefix>_<metric>``."""
+    means = {k: (total.sum() / count.sum()).item() for k, (total, count) in terms.items()}
+    return {f"{prefix}_{k}": v for k, v in task.finish(means).items()}
 
 
-def federated(model: nn.Module, spec: ParamSpec, flat: Tensor, data: FederatedData) -> dict[str, float]:
-    """Accuracy over all clients' local test examples, and the mean over the 10%
-    of clients (with a test set) whose accuracy is lowest."""
+def central(model: nn.Module, spec: ParamSpec, flat: Tensor, data: FederatedData, task: Task) -> dict[str, float]:
+    return pooled(per_example(model, spec, flat, data.x_test, data.y_test, task), task, "central")
+
+
+def federated(model: nn.Module, spec: ParamSpec, flat: Tensor, data: FederatedData, task: Task) -> dict[str, float]:
+    """Every metric over all clients' local test examples, and the task's primary metric averaged over
+    the 10% of clients (with a test set) for whom it is worst."""
     owners = torch.cat([torch.full((len(idx),), c) for c, idx in enumerate(data.test_idx)])
     if len(owners) == 0:
         return {}
     idx = torch.cat(list(data.test_idx))
-    correct, loss = per_example(model, spec, flat, data.x[idx], data.y[idx])
-    counts = torch.bincount(owners, minlength=data.n_clients).float()
-    per_client = torch.bincount(owners, weights=correct, minlength=data.n_clients)[counts > 0] / counts[counts > 0]
-    worst = per_client.sort().values[: math.ceil(0.1 * len(per_client))]
-    return {
-        "federated_accuracy": correct.mean().item(),
-        "federated_accuracy_worst10": worst.mean().item(),
-        "federated_loss": loss.mean().item(),
-    }
+    terms = per_example(model, spec, flat, data.x[idx], data.y[idx], task)
+    total, count = (torch.bincount(owners, weights=t, minlength=data.n_clients) for t in terms[task.primary])
+    per_client = total[count > 0] / count[count > 0]
+    ranked = per_client.sort(descending=not task.higher_is_better).values  # worst first
+    worst = ranked[: math.ceil(0.1 * len(per_client))]
+    return {**pooled(terms, task, "federated"), f"federated_{task.primary}_worst10": worst.mean().item()}
 
 
 @torch.no_grad()
-def rows_accuracy(model: nn.Module, spec: ParamSpec, X: Tensor, x: Tensor, y: Tensor, chunk: int = 64,
-                  batch_size: int = 2048) -> Tensor:
-    """Test accuracy of every row of X (one model per node), ``[n]``: ``chunk`` models
-    at a time with vmap, on ``batch_size`` examples at a time, so memory stays at
+def rows_metric(model: nn.Module, spec: ParamSpec, X: Tensor, x: Tensor, y: Tensor, task: Task, chunk: int = 64,
+                batch_size: int = 2048) -> Tensor:
+    """The task's primary metric on the test set of every row of X (one model per node), ``[n]``:
+    ``chunk`` models at a time with vmap, on ``batch_size`` examples at a time, so memory stays at
     ``chunk * batch_size`` activations however many nodes and test examples there are."""
     was_training = model.training
     model.eval()
-    predict = vmap(lambda flat, xb: functional_call(model, spec.unflatten(flat), (xb,)).argmax(dim=1),
-                   in_dims=(0, None))
-    correct = torch.zeros(len(X))
+
+    def terms(flat: Tensor, xb: Tensor, yb: Tensor) -> Terms:
+        total, count = task.metric_terms(functional_call(model, spec.unflatten(flat), (xb,)), yb)[task.primary]
+        return total.sum(), count.sum()
+
+    batched = vmap(terms, in_dims=(0, None, None))
+    total, count = torch.zeros(len(X), device=X.device), torch.zeros(len(X), device=X.device)
     for first in range(0, len(X), chunk):
         for start in range(0, len(y), batch_size):
-            hits = predict(X[first:first + chunk], x[start:start + batch_size]) == y[start:start + batch_size]
-            correct[first:first + chunk] += hits.sum(dim=1)
+            xb, yb = x[start:start + batch_size].to(X.device), y[start:start + batch_size].to(X.device)
+            t, c = batched(X[first:first + chunk], xb, yb)
+            total[first:first + chunk] += t
+            count[first:first + chunk] += c
     model.train(was_training)
-    return correct / len(y)
+    return (total / count.clamp(min=1)).cpu()

@@ -121,4 +121,4 @@ class Registry(dict):
         return {name: entry.description for name, entry in self.items()}
 
 
-USER_KINDS = {"model", "transform"}  # components a user may name by import path in their own config
+USER_KINDS = {"model", "transform", "task"}  # components a user may name by import path in their own config

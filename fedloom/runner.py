@@ -214,7 +214,7 @@ def _finish(round_: Round, state: dict, history: list[dict], run_dir: RunDir | N
     result.summary = {**_summary(cfg, result, status, round_.engine_name), **round_.describe(state)}
     if run_dir:
         checkpoint.save(run_dir.path / checkpoint.CHECKPOINT, state)
-        run_dir.save_model({k: v.detach() for k, v in model.state_dict().items()})
+        run_dir.save_model({k: v.detach().cpu() for k, v in model.state_dict().items()})
         run_dir.write_summary(result.summary)
         render_report(run_dir.path)
     return result

@@ -13,6 +13,7 @@ from fedloom.engines.base import LocalTraining, batch_order
 from fedloom.engines.serial import SerialEngine
 from fedloom.models import build_model
 from fedloom.runner import run
+from fedloom.tasks import Classification
 from fedloom.rounds.federated import sample_clients
 from helpers import make_round, play, stepper, train_once
 
@@ -29,7 +30,7 @@ def test_fedavg_with_one_client_and_one_epoch_is_centralized_sgd():
     model = build_model("mlp", data.input_shape, 10)
     reference = copy.deepcopy(model)
     local = LocalTraining(SGD(lr=0.1, momentum=0.5), epochs=1, batch_size=16, seed=7)
-    engine = SerialEngine(model, data, local)
+    engine = SerialEngine(model, data, local, Classification(10))
     x0 = engine.spec.flatten(model)
     result = engine.run_round(FedAvg(), x0, {}, [0], 1, ClientStore())
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedloom import evaluation
+from fedloom.tasks import Classification
 from fedloom.config import ConfigError, load_config
 from fedloom.core.params import ParamSpec
 from fedloom.runner import run
@@ -135,8 +136,10 @@ def test_node_accuracies_in_chunks_of_models_and_batches_of_examples_equal_one_m
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(7, spec.dim, generator=gen)
     x, y = torch.randn(50, 6, generator=gen), torch.randint(0, 4, (50,), generator=gen)
-    one_at_a_time = torch.stack([evaluation.per_example(model, spec, row, x, y)[0].mean() for row in X])
-    batched = evaluation.rows_accuracy(model, spec, X, x, y, chunk=3, batch_size=16)  # neither divides 7 or 50
+    task = Classification(4)
+    one_at_a_time = torch.stack([evaluation.per_example(model, spec, row, x, y, task)["accuracy"][0].mean()
+                                 for row in X])
+    batched = evaluation.rows_metric(model, spec, X, x, y, task, chunk=3, batch_size=16)  # neither divides 7 or 50
     assert len(set(one_at_a_time.tolist())) > 3  # the rows are different models
     torch.testing.assert_close(batched, one_at_a_time)
     assert model.training

@@ -35,7 +35,7 @@ def shared_engine():
     and the engine does not depend on the algorithm."""
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
     exp = _experiment()
-    yield RayEngine(exp.model, exp.data, local_training(exp.cfg), workers=2)
+    yield RayEngine(exp.model, exp.data, local_training(exp.cfg), exp.task, workers=2)
     ray.shutdown()
 
 
@@ -109,12 +109,12 @@ def test_gradient_tracking_reads_and_writes_the_driver_store_between_rounds(engi
 def test_workers_train_vectorized_when_they_can_else_serially():
     exp = _experiment("client.batch_size=16")
     local = local_training(exp.cfg)
-    assert ClientWorker(exp.model, exp.data, local, memory_budget=2**30).engine.name == "vectorized"
+    assert ClientWorker(exp.model, exp.data, local, exp.task, 2**30, on_gpu=False).engine.name == "vectorized"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Dropout(0.2), nn.ReLU(),
                           nn.Linear(16, exp.data.n_classes))
-    serial = SerialEngine(copy.deepcopy(model), exp.data, local)
-    worker = ClientWorker(copy.deepcopy(model), exp.data, local, memory_budget=2**30)
+    serial = SerialEngine(copy.deepcopy(model), exp.data, local, exp.task)
+    worker = ClientWorker(copy.deepcopy(model), exp.data, local, exp.task, 2**30, on_gpu=False)
     assert worker.engine.name == "serial"
     x0, clients = serial.spec.flatten(model), list(range(5))
     result, states = worker.train(RoundInputs(exp.algorithm, x0, {}, clients, 1), slice(0, 5), {})

@@ -52,7 +52,7 @@ def test_short_clients_stop_exactly_where_they_would_alone(quick):
 
 def test_chunks_give_the_same_result_as_one_batch(quick):
     exp = stepper(*quick, "engine.name=vectorized", "algorithm.name=scaffold")
-    tiny = VectorizedEngine(exp.model, exp.data, local_training(exp.cfg), memory_budget=1)
+    tiny = VectorizedEngine(exp.model, exp.data, local_training(exp.cfg), exp.task, memory_budget=1)
     assert tiny.chunk_size == 1 and exp.engine.chunk_size >= 10
     sent = exp.algorithm.broadcast(exp.state["algorithm"])
     clients = list(range(10))
@@ -64,8 +64,8 @@ def test_chunks_give_the_same_result_as_one_batch(quick):
 
 def test_memory_budget_bounds_chunk_size(quick):
     exp = stepper(*quick, "engine.name=vectorized", "model.name=cnn")
-    small = VectorizedEngine(exp.model, exp.data, local_training(exp.cfg), memory_budget=64 * 2**20)
-    large = VectorizedEngine(exp.model, exp.data, local_training(exp.cfg), memory_budget=2**31)
+    small = VectorizedEngine(exp.model, exp.data, local_training(exp.cfg), exp.task, memory_budget=64 * 2**20)
+    large = VectorizedEngine(exp.model, exp.data, local_training(exp.cfg), exp.task, memory_budget=2**31)
     assert 1 <= small.chunk_size < large.chunk_size
 
 

@@ -16,6 +16,8 @@ from .datasets import DataError, Dataset
 from .loaders import NATURAL_CLIENTS
 from .partition import partition
 
+NEEDS_LABELS = frozenset({"dirichlet", "shards"})
+
 _DATA_STREAM = 0xDA7A  # keeps these seeds apart from the streams of fedloom.core.rng
 _HOLDOUT, _PARTITION, _LOCAL_SPLIT = range(3)
 
@@ -28,7 +30,9 @@ class FederatedData:
     test_idx: list[torch.Tensor]  # per client, local test indices (may be empty)
     x_test: torch.Tensor  # global test set for central evaluation
     y_test: torch.Tensor
-    n_classes: int
+    n_classes: int  # classes; the vocabulary size of a language model; a regression's outputs
+    task: str = "classification"  # the data's own task (fedloom.data.datasets.TASK_KINDS)
+    vocabulary: tuple[str, ...] | None = None
 
     @property
     def n_clients(self) -> int:
@@ -43,17 +47,22 @@ class FederatedData:
         return np.array([len(idx) for idx in self.train_idx], dtype=np.int64)
 
     def stats(self) -> dict:
-        """JSON-able summary for the run directory; label_histogram counts each client's training labels."""
-        return {
+        """JSON-able summary for the run directory; label_histogram counts each client's training labels
+        (classification data only)."""
+        stats = {
             "n_clients": self.n_clients,
             "n_classes": self.n_classes,
+            "task": self.task,
             "train_sizes": self.client_sizes().tolist(),
             "test_sizes": [len(idx) for idx in self.test_idx],
-            "label_histogram": [
-                torch.bincount(self.y[idx], minlength=self.n_classes).tolist() for idx in self.train_idx
-            ],
             "global_test_size": len(self.y_test),
         }
+        if self.task == "classification":
+            stats["label_histogram"] = [torch.bincount(self.y[idx], minlength=self.n_classes).tolist()
+                                        for idx in self.train_idx]
+        if self.vocabulary is not None:
+            stats["vocabulary_size"] = len(self.vocabulary)
+        return stats
 
 
 def _rng(seed: int, step: int) -> np.random.Generator:
@@ -121,7 +130,7 @@ def federate(
             f"dataset {train.name!r} has no natural clients, so partitioner 'natural' does not apply; "
             f"datasets with natural clients: {NATURAL_CLIENTS}"
         )
-    labels = train.y.numpy()
+    labels = _labels_for(train, partitioner)
     if official_test is None:
         pool, held = _split(train.groups if natural else labels, test_fraction, _rng(seed, _HOLDOUT))
         x_test, y_test = train.x[torch.from_numpy(held)], train.y[torch.from_numpy(held)]
@@ -131,10 +140,26 @@ def federate(
                 f"dataset {train.name!r}: test inputs have shape {official_test.input_shape}, "
                 f"train inputs {train.input_shape}"
             )
+        if official_test.task != train.task:
+            raise DataError(f"dataset {train.name!r}: the test split is {official_test.task} data, the train "
+                            f"split {train.task} data")
         pool, x_test, y_test = np.arange(len(train)), official_test.x, official_test.y
     groups = None if train.groups is None else train.groups[pool]
     parts = partition(partitioner, labels[pool], n_clients, _rng(seed, _PARTITION), groups, **partition_options)
     train_idx, test_idx = _split_clients(parts, client_test_fraction, _rng(seed, _LOCAL_SPLIT))
     n_classes = max(train.n_classes, 0 if official_test is None else official_test.n_classes)
     pool_t = torch.from_numpy(pool)
-    return FederatedData(train.x[pool_t], train.y[pool_t], train_idx, test_idx, x_test, y_test, n_classes)
+    return FederatedData(train.x[pool_t], train.y[pool_t], train_idx, test_idx, x_test, y_test, n_classes,
+                         train.task, train.vocabulary)
+
+
+def _labels_for(train: Dataset, partitioner: str) -> np.ndarray:
+    """The class labels that stratify the held-out test set and drive label-skew partitioners; data
+    without classes (regression, language modelling) is one stratum, and label skew does not apply."""
+    labels = train.labels()
+    if labels is not None:
+        return labels
+    if partitioner in NEEDS_LABELS:
+        raise DataError(f"partitioner {partitioner!r} deals out examples by class label, and dataset "
+                        f"{train.name!r} is {train.task} data without classes; use iid, quantity or natural")
+    return np.zeros(len(train), dtype=np.int64)

@@ -39,8 +39,9 @@ from fedloom.deploy.messages import (MAX_MESSAGE_BYTES, Receiver, Refused, chunk
                                      result_tensors)
 from fedloom.deploy.security import ClientTLS, call_metadata, tls_mismatch
 from fedloom.engines.serial import SerialEngine
-from fedloom.builders import build_algorithm, build_model_for
+from fedloom.builders import build_algorithm, build_model_for, build_task_for
 from fedloom.models import MODELS
+from fedloom.tasks import TASKS
 
 log = logging.getLogger("fedloom.deploy")
 
@@ -48,7 +49,7 @@ RETRY_S = 0.5  # the first wait before reconnecting; it doubles up to MAX_RETRY_
 MAX_RETRY_S = 8.0
 PROBE_S = 3.0  # how long a connection may stay unready before the client checks for a TLS mismatch
 FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
-TASK_SECTIONS = {"seed", "model", "algorithm"}  # what a task's config_json holds (server.RemoteEngine)
+TASK_SECTIONS = {"seed", "model", "task", "algorithm"}  # what a task's config_json holds (server.RemoteEngine)
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
                    # a server that stops answering pings (hung, cut off) is noticed within about 10 s
@@ -78,6 +79,7 @@ def task_config(config_json: str, own_model: str | None) -> ExperimentConfig:
         raise unusable(f"its config holds {', '.join(stray)}; a task carries only "
                        f"{', '.join(sorted(TASK_SECTIONS))}")
     _check_model_name(raw.get("model", {}), own_model)  # before validation, which imports a user model
+    _check_task_name(raw.get("task", {}))
     try:
         return load_config(raw)
     except ConfigError as err:
@@ -95,15 +97,23 @@ def _check_model_name(model: object, own_model: str | None) -> None:
                           "a client builds a user model only when its own --model names it")
 
 
+def _check_task_name(task: object) -> None:
+    """Only fedloom's own tasks: a user task named on the wire would be imported here."""
+    name = task.get("name", "auto") if isinstance(task, dict) else task
+    if not isinstance(name, str) or name not in TASKS:
+        raise ClientError(f"the server's task {name!r} is not one of fedloom's tasks ({', '.join(TASKS)}); "
+                          "a client runs no task named by the server's config")
+
+
 def one_client_data(client_id: int, data: Dataset, n_classes: int) -> FederatedData:
     """This process's examples as client ``client_id`` of a federation: the index tables are keyed
     by the client's real id (a dict where simulation has a list), so the serial engine draws
     the batch order and dropout streams of that id."""
-    if int(data.y.max()) >= n_classes:
+    if data.task == "classification" and int(data.y.max()) >= n_classes:
         raise ClientError(f"{data.name}: label {int(data.y.max())} is out of range for the server's {n_classes} classes")
     everything = torch.arange(len(data))
     return FederatedData(data.x, data.y, {client_id: everything}, {client_id: everything[:0]}, data.x[:0],
-                         data.y[:0], n_classes)
+                         data.y[:0], n_classes, data.task, data.vocabulary)
 
 
 class Trainer:
@@ -113,7 +123,7 @@ class Trainer:
         self.client_id = client_id
         self.dataset = data
         self.own_model = model  # a user model 'package.module:Name' from this client's command line
-        self._built: tuple | None = None  # (config json, n_classes) -> (data, model, algorithm)
+        self._built: tuple | None = None  # (config json, n_classes) -> (data, model, algorithm, task)
 
     def _setup(self, header: pb.TaskHeader):
         key = (header.config_json, header.n_classes)
@@ -121,13 +131,13 @@ class Trainer:
             cfg = task_config(header.config_json, self.own_model)
             data = one_client_data(self.client_id, self.dataset, header.n_classes)
             try:
-                self._built = key, (data, build_model_for(cfg, data), build_algorithm(cfg))
-            except OptionError as err:
+                self._built = key, (data, build_model_for(cfg, data), build_algorithm(cfg), build_task_for(cfg, data))
+            except (OptionError, ConfigError) as err:
                 raise unusable(err) from None
         return self._built[1]
 
     def train(self, header: pb.TaskHeader, tensors: dict[str, Tensor]) -> tuple[pb.UpdateHeader, list]:
-        data, model, algorithm = self._setup(header)
+        data, model, algorithm, task = self._setup(header)
         params, dim = tensors["params"].clone(), ParamSpec.of(model).dim
         if params.numel() != dim:
             raise ClientError(f"the server's model has {params.numel()} parameters, the one built for this "
@@ -140,7 +150,7 @@ class Trainer:
             local = local_from_proto(header.local)
         except Refused as err:
             raise unusable(err) from None
-        engine = SerialEngine(model, data, local)
+        engine = SerialEngine(model, data, local, task)
         sent = {k: v.clone() for k, v in prefixed(tensors, "sent").items()}
         result = engine.run_round(algorithm, params, sent, [self.client_id], header.round, store)
         named = result_tensors(result.U[0], {k: v[0] for k, v in result.aux.items()},

@@ -50,7 +50,7 @@ class RemoteEngine:
         self.deploy = cfg.deploy  # when a round closes
         self.local = local_to_proto(local_training(cfg))
         raw = cfg.to_dict()
-        self.config_json = json.dumps({k: raw[k] for k in ("seed", "model", "algorithm")})
+        self.config_json = json.dumps({k: raw[k] for k in ("seed", "model", "task", "algorithm")})
         self.n_classes = n_classes
         self.max_examples = float(max_examples)
         self.participation: Participation | None = None

@@ -8,7 +8,6 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -16,6 +15,7 @@ from fedloom.core.local_optim import Adam, SGD
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, counter_keys
 from fedloom.core.store import ClientStore
+from fedloom.tasks import Task, mean_loss
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,12 @@ class Engine(Protocol):
                   round_idx: int, store: ClientStore) -> RoundResult: ...
 
 
-def functional_loss(model: nn.Module, spec: ParamSpec) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """Cross-entropy of ``model`` run with the flat parameters ``flat``."""
+def functional_loss(model: nn.Module, spec: ParamSpec, task: Task) -> Callable[..., Tensor]:
+    """The task's mean loss of ``model`` run with the flat parameters ``flat`` on a batch
+    (``valid`` masks the padding examples of a short batch)."""
 
-    def loss(flat: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(model, spec.unflatten(flat), (xb,)), yb)
+    def loss(flat: Tensor, xb: Tensor, yb: Tensor, valid: Tensor | None = None) -> Tensor:
+        return mean_loss(task, functional_call(model, spec.unflatten(flat), (xb,)), yb, valid)
 
     return loss
 

@@ -20,13 +20,15 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fedloom.core.store import ClientState, ClientStore
 from fedloom.data.federated import FederatedData
 from fedloom.engines.base import LocalTraining, RoundResult, concatenate, starts_of
 from fedloom.engines.serial import SerialEngine
-from fedloom.engines.vectorized import DEFAULT_MEMORY_BUDGET, VectorizedEngine, pays_to_vectorize
+from fedloom.engines.vectorized import DEFAULT_MEMORY_BUDGET, VectorizedEngine, why_not_vectorize
+from fedloom.tasks import Task
 
 CONNECT_TIMEOUT_S = 5.0
 RESTARTS = 3  # times a killed worker is restarted (and its round's call retried) before the run stops
@@ -97,9 +99,11 @@ class RoundInputs:
 class ClientWorker:
     """What runs inside one actor: a local engine over the actor's copy of the data."""
 
-    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, memory_budget: int):
-        self.engine = (VectorizedEngine(model, data, local, memory_budget=memory_budget) if pays_to_vectorize(model)
-                       else SerialEngine(model, data, local))
+    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task, memory_budget: int,
+                 on_gpu: bool):
+        device = torch.device("cuda" if on_gpu else "cpu")  # Ray makes the actor's GPU share its "cuda"
+        self.engine = (SerialEngine(model, data, local, task, device) if why_not_vectorize(model, device)
+                       else VectorizedEngine(model, data, local, task, memory_budget, device))
 
     def train(self, inputs: RoundInputs, share: slice,
               states: dict[int, ClientState]) -> tuple[RoundResult, dict[int, ClientState]]:
@@ -114,17 +118,19 @@ class ClientWorker:
 class RayEngine:
     name = "ray"
 
-    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining,
-                 address: str | None = None, workers: int = 2, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task,
+                 address: str | None = None, workers: int = 2, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 gpus_per_worker: float = 0.0):
         if workers < 1:
             raise ValueError(f"the ray engine needs at least one worker, got workers = {workers}")
         self._ray = import_ray()
         connect(self._ray, address)
         # a killed worker is restarted and its call retried: train() is a pure function of its inputs
-        actor = self._ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_restarts=RESTARTS,
-                                 max_task_retries=RESTARTS)(ClientWorker)
+        actor = self._ray.remote(num_cpus=1, num_gpus=gpus_per_worker, scheduling_strategy="SPREAD",
+                                 max_restarts=RESTARTS, max_task_retries=RESTARTS)(ClientWorker)
         self._data = self._ray.put(data)  # held for the engine's life: a restarted worker is built from it again
-        self._actors = [actor.remote(model, self._data, local, memory_budget) for _ in range(workers)]
+        self._actors = [actor.remote(model, self._data, local, task, memory_budget, gpus_per_worker > 0)
+                        for _ in range(workers)]
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:

@@ -17,17 +17,24 @@ from fedloom.core.rng import Stream, seed_for
 from fedloom.core.store import ClientStore
 from fedloom.data.federated import FederatedData
 from fedloom.engines.base import LocalTraining, RoundResult, batch_order, functional_loss, starts_of
+from fedloom.engines.device import DeviceData, loss_accumulator, moved
+from fedloom.tasks import Task
+
+DATA_ON_DEVICE = 2**30  # bytes of data kept on the device when nothing else is said
 
 
 class SerialEngine:
     name = "serial"
 
-    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining):
-        self.model = model
+    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task,
+                 device: torch.device = torch.device("cpu"), data_on_device: int = DATA_ON_DEVICE):
+        self.device = device
+        self.model = model.to(device)
         self.spec = ParamSpec.of(model)
         self.data = data
+        self.examples = DeviceData(data.x, data.y, device, data_on_device)
         self.local = local
-        self._loss = functional_loss(model, self.spec)
+        self._loss = functional_loss(model, self.spec, task)
 
     def _grad(self, x: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
         """Plain autograd rather than torch.func, so modules that update buffers
@@ -40,12 +47,13 @@ class SerialEngine:
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:
         self.model.train()
+        x0, sent = x0.to(self.device), moved(sent, self.device)
         rows, auxes, weights, losses = [], [], [], []
         for i, cid in enumerate(client_ids):
             row, aux, n_examples, loss = self._train_client(algorithm, starts_of(x0, i), sent, cid, round_idx,
                                                                store)
-            rows.append(row)
-            auxes.append(aux)
+            rows.append(row.cpu())
+            auxes.append(moved(aux, torch.device("cpu")))
             weights.append(n_examples)
             losses.append(loss)
         aux = {k: torch.stack([a[k] for a in auxes]) for k in (auxes[0] if auxes else {})}
@@ -55,17 +63,17 @@ class SerialEngine:
     def _train_client(self, algorithm, x0: Tensor, sent: dict[str, Tensor], cid: int, round_idx: int,
                       store: ClientStore):
         idx = self.data.train_idx[cid]
-        xs, ys = self.data.x[idx], self.data.y[idx]
-        cstate = store.get(cid, lambda: algorithm.client_init(x0.shape[-1]))
+        cstate = moved(store.get(cid, lambda: algorithm.client_init(x0.shape[-1])), self.device)
         opt = self.local.optimizer
-        x, opt_state, steps, loss_sum = x0.clone(), opt.init(x0), 0, 0.0
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_for(self.local.seed, Stream.DROPOUT, round_idx, cid))  # dropout, per client
+        x, opt_state, steps, loss_sum = x0.clone(), opt.init(x0), 0, loss_accumulator(self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            # dropout draws from the client's own stream
+            torch.manual_seed(seed_for(self.local.seed, Stream.DROPOUT, round_idx, cid))
             for batch in batch_order(len(idx), self.local, round_idx, cid):
-                g, loss = self._grad(x, xs[batch], ys[batch])
+                g, loss = self._grad(x, *self.examples.batch(idx[batch]))
                 x, opt_state = opt.step(x, algorithm.correct_grad(g, x, x0, sent, cstate), opt_state)
                 steps += 1
-                loss_sum += float(loss)
+                loss_sum += loss  # summed on the device: no sync per step
         row, aux, new_state = algorithm.client_result(x0, x, torch.tensor(steps), opt.lr, sent, cstate)
-        store.put(cid, new_state)
-        return row, aux, len(idx), loss_sum / max(steps, 1)
+        store.put(cid, moved(new_state, torch.device("cpu")))
+        return row, aux, len(idx), float(loss_sum) / max(steps, 1)

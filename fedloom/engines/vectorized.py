@@ -22,6 +22,9 @@ from fedloom.core.store import ClientStore
 from fedloom.data.federated import FederatedData
 from fedloom.engines.base import (LocalTraining, RoundResult, batch_plan, block_offsets, block_starts, concatenate,
                                   local_steps, rows_of, starts_of)
+from fedloom.engines.device import DeviceData, free_memory, moved
+from fedloom.engines.serial import DATA_ON_DEVICE
+from fedloom.tasks import Task, mean_loss
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
@@ -31,9 +34,15 @@ class UnsupportedModel(ValueError):
 
 
 def check_vectorizable(model: nn.Module) -> None:
-    """Refuse models whose training the stacked computation would get wrong:
-    buffers updated in place (BatchNorm running stats) and random layers
-    (dropout), whose per-client randomness would differ from the serial engine."""
+    """Refuse models whose training the stacked computation would get wrong or cannot run:
+    buffers updated in place (BatchNorm running stats), random layers (dropout), whose
+    per-client randomness would differ from the serial engine, and recurrent layers, whose
+    fused kernels torch.func.vmap does not batch."""
+    recurrent = [name for name, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    if recurrent:
+        raise UnsupportedModel(f"the vectorized engine cannot run recurrent layers ({recurrent[0]!r} is a "
+                               f"{type(model.get_submodule(recurrent[0])).__name__}: torch.func.vmap does not "
+                               "batch its kernel); use engine.name = \"serial\"")
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
         raise UnsupportedModel(f"the vectorized engine does not support models with buffers ({', '.join(buffers[:3])}"
@@ -45,27 +54,24 @@ def check_vectorizable(model: nn.Module) -> None:
                                "use engine.name = \"serial\"")
 
 
-def is_vectorizable(model: nn.Module) -> bool:
+def why_not_vectorize(model: nn.Module, device: torch.device = torch.device("cpu")) -> str | None:
+    """What ``engine = "auto"`` asks: None when the model is vectorizable and faster that way, else why
+    not. vmap turns a convolution into one grouped convolution, which on CPU is slower than running
+    the clients one after another (bench W3: 3.14 vs 2.19 s a round), so conv nets go serial there."""
     try:
         check_vectorizable(model)
-    except UnsupportedModel:
-        return False
-    return True
-
-
-def pays_to_vectorize(model: nn.Module) -> bool:
-    """What ``engine = "auto"`` asks: vectorizable, and faster that way. vmap turns a
-    convolution into one grouped convolution, which on CPU is slower than running the
-    clients one after another (bench W3: 3.14 vs 2.19 s a round), so conv nets go serial."""
-    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-    return is_vectorizable(model) and not has_conv
+    except UnsupportedModel as err:
+        return str(err).split(";")[0]
+    if device.type == "cpu" and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        return "convolutions train faster one client after another on the CPU"
+    return None
 
 
 def activation_floats(model: nn.Module, example: Tensor) -> int:
     """Floats the forward pass of one example produces (measured with hooks);
     backward needs about as many again."""
     sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel())) for m in model.modules()
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(_floats(o))) for m in model.modules()
              if not list(m.children())]
     try:
         with torch.no_grad():
@@ -76,18 +82,30 @@ def activation_floats(model: nn.Module, example: Tensor) -> int:
     return sum(sizes)
 
 
+def _floats(output) -> int:
+    """Elements of a layer's output: a tensor, or the tensors of a tuple (an attention layer's)."""
+    if isinstance(output, Tensor):
+        return output.numel()
+    return sum(_floats(o) for o in output) if isinstance(output, (tuple, list)) else 0
+
+
 class VectorizedEngine:
     name = "vectorized"
 
-    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, device: torch.device = torch.device("cpu"),
+                 data_on_device: int = DATA_ON_DEVICE):
         check_vectorizable(model)
-        self.model = model
+        self.device = device
+        self.model = model.to(device)
         self.spec = ParamSpec.of(model)
         self.data = data
+        self.examples = DeviceData(data.x, data.y, device, data_on_device)
         self.local = local
+        self.task = task
         self.sizes = data.client_sizes()
-        self.chunk_size = self._clients_per_chunk(memory_budget)
+        free = free_memory(device)
+        self.chunk_size = self._clients_per_chunk(memory_budget if free is None else min(memory_budget, free * 9 // 10))
         self._losses = vmap(self._masked_loss)
 
     def _step(self, X: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,22 +123,20 @@ class VectorizedEngine:
         return g, losses.detach()
 
     def _masked_loss(self, flat: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> Tensor:
-        """Mean cross-entropy over the real examples of a padded batch."""
-        logits = functional_call(self.model, self.spec.unflatten(flat), (xb,))
-        # cross-entropy spelled out: under vmap F.cross_entropy runs a Python decomposition each call
-        losses = -logits.log_softmax(dim=-1).gather(-1, yb[:, None]).squeeze(-1)
-        return (losses * valid).sum() / valid.sum().clamp(min=1)
+        """The task's mean loss over the real examples of a padded batch."""
+        return mean_loss(self.task, functional_call(self.model, self.spec.unflatten(flat), (xb,)), yb, valid)
 
     def _clients_per_chunk(self, budget: int) -> int:
         """How many clients fit the memory budget: parameters, gradient,
         optimizer and client state (about 8 copies of d), plus activations."""
-        per_example = activation_floats(self.model, self.data.x[0])
+        per_example = activation_floats(self.model, self.data.x[0].to(self.device))
         per_client = 4 * (8 * self.spec.dim + 3 * self.local.batch_size * per_example)
         return max(1, budget // per_client)
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:
         self.model.train()
+        x0, sent = x0.to(self.device), moved(sent, self.device)
         steps = local_steps(self.sizes[client_ids], self.local)
         # longest training first: clients of like length share a chunk, and in a chunk
         # the clients still training at any step are a prefix, the only rows computed
@@ -150,12 +166,12 @@ class VectorizedEngine:
         first k rows, the clients still training, are computed; a finished client's
         parameters are set aside, exactly as if it had trained alone."""
         plan, steps = self._batch_plan(client_ids, round_idx)
-        cstate = _stacked_states(algorithm, store, client_ids, x0.shape[-1])
+        cstate = moved(_stacked_states(algorithm, store, client_ids, x0.shape[-1]), self.device)
         opt = self.local.optimizer
         final = x0.expand(len(client_ids), -1).clone()  # x0 is one model [d] or each client's own [n, d]
         X, opt_state, state, starts = final, opt.init(final), cstate, x0
-        loss_sum = torch.zeros(len(client_ids))
-        examples, valid = plan.clamp(min=0), (plan >= 0).float()
+        loss_sum = torch.zeros(len(client_ids), device=self.device)
+        examples, valid = plan.clamp(min=0), (plan >= 0).float().to(self.device)
         row = 0
         for k, width in _schedule(plan, steps):
             if k < len(X):  # clients k.. have finished
@@ -163,16 +179,17 @@ class VectorizedEngine:
                 X, opt_state, state = _first_rows((X, opt_state, state), k)
                 starts = starts[:k] if starts.dim() == 2 else starts
             batch = examples[row:row + k, :width]  # no work on padding past the step's longest real batch
-            g, loss = self._step(X, self.data.x[batch], self.data.y[batch], valid[row:row + k, :width])
+            g, loss = self._step(X, *self.examples.batch(batch), valid[row:row + k, :width])
             row += k
             X, opt_state = opt.step(X, algorithm.correct_grad(g, X, starts, sent, state), opt_state)
             loss_sum[:k] += loss.detach()
         final[:len(X)] = X
         rows, aux, new_state = algorithm.client_result(x0, final, steps, opt.lr, sent, cstate)
         for i, cid in enumerate(client_ids):
-            store.put(cid, {k: v[i].clone() for k, v in new_state.items()})
+            store.put(cid, {k: v[i].to("cpu", copy=True) for k, v in new_state.items()})
         weights = torch.from_numpy(self.sizes[client_ids]).float()
-        return RoundResult(list(client_ids), rows.detach(), weights, aux, loss_sum / steps.clamp(min=1))
+        return RoundResult(list(client_ids), rows.detach().cpu(), weights, moved(aux, torch.device("cpu")),
+                           loss_sum.cpu() / steps.clamp(min=1))
 
 
 

@@ -34,7 +34,8 @@ from fedloom import evaluation
 from fedloom.algorithms.gossip import (DSGD, Choco, ClippedGossip, GradientTracking, Messages, honest_messages,
                                       mean_gossip)
 from fedloom.attacks import ATTACKS, Adversary
-from fedloom.builders import build_adversary, build_data, build_engine, build_model_for
+from fedloom.builders import (build_adversary, build_data, build_engine, build_model_for, build_task_for, device_for,
+                              engine_notes)
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
@@ -129,11 +130,12 @@ class DecentralizedRound:
         self.spec = ParamSpec.of(self.model)
         self.engine = build_engine(cfg, self.model, self.data)
         self.engine_name = self.engine.name
+        self.task, self.device = build_task_for(cfg, self.data), device_for(cfg)[0]
         self.algorithm = build_gossip_algorithm(cfg, self.adversary, self.spec.shapes)
         self.topology = Topology(cfg, self.data.n_clients)
 
     def init_state(self) -> State:
-        X = self.spec.flatten(self.model).detach().expand(self.data.n_clients, -1).clone()
+        X = self.spec.flatten(self.model).detach().cpu().expand(self.data.n_clients, -1).clone()
         return {"X": X, "clients": {}, "gossip": self.algorithm.gossip_init(X), "pending": {},
                 "sent": torch.zeros(self.data.n_clients)}
 
@@ -211,18 +213,21 @@ class DecentralizedRound:
 
     def evaluate(self, state: State) -> dict[str, float]:
         honest = self.honest(state["X"])
-        node_acc = evaluation.rows_accuracy(self.model, self.spec, honest, self.data.x_test, self.data.y_test)
-        merged = evaluation.central(self.model, self.spec, self.final_params(state), self.data)
-        return {"node_accuracy_mean": float(node_acc.mean()), "node_accuracy_min": float(node_acc.min()),
-                "node_accuracy_max": float(node_acc.max()), "xbar_accuracy": merged["central_accuracy"],
-                "central_accuracy": merged["central_accuracy"], "central_loss": merged["central_loss"]}
+        metric = self.task.primary
+        per_node = evaluation.rows_metric(self.model, self.spec, honest.to(self.device), self.data.x_test,
+                                          self.data.y_test, self.task)
+        merged = evaluation.central(self.model, self.spec, self.final_params(state).to(self.device), self.data,
+                                    self.task)
+        return {**merged, f"node_{metric}_mean": float(per_node.mean()), f"node_{metric}_min": float(per_node.min()),
+                f"node_{metric}_max": float(per_node.max()), f"xbar_{metric}": merged[f"central_{metric}"]}
 
     def final_model(self, state: State):
         self.spec.load_into(self.model, self.final_params(state))
         return self.model
 
     def describe(self, state: State) -> dict[str, Any]:
-        return {"topology": self.cfg.topology.name, "spectral_gap": self.topology.static_gap()}
+        return {"topology": self.cfg.topology.name, "spectral_gap": self.topology.static_gap(),
+                **engine_notes(self.cfg, self.model, self.engine_name)}
 
     def graph_record(self) -> dict[str, Any] | None:
         """What the run directory keeps to draw the graph: up to DRAWN_NODES nodes, fixed graphs only."""

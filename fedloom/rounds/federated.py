@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from fedloom import evaluation
-from fedloom.builders import build_adversary, build_algorithm, build_data, build_engine, build_model_for
+from fedloom.builders import (build_adversary, build_algorithm, build_data, build_engine, build_model_for,
+                              build_task_for, device_for, engine_notes)
 from fedloom.compression.downlink import Downlink
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
@@ -53,12 +54,13 @@ class FederatedRound:
         self.algorithm = build_algorithm(cfg)
         self.engine = (make_engine or partial(build_engine, cfg))(self.model, self.data)
         self.engine_name = self.engine.name
+        self.task, self.device = build_task_for(cfg, self.data), device_for(cfg)[0]
         self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes)
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
 
     def init_state(self) -> State:
-        x0 = self.spec.flatten(self.model).detach().clone()
+        x0 = self.spec.flatten(self.model).detach().cpu().clone()
         return {"x": x0, "algorithm": self.algorithm.server_init(x0), "pipeline": self.pipeline.init(x0.numel()),
                 "clients": {}, "downlink": self.downlink.init(x0) if self.downlink else None,
                 "counters": {k: 0 for k in TOTALS}}
@@ -105,9 +107,10 @@ class FederatedRound:
         return record
 
     def evaluate(self, state: State) -> dict[str, float]:
-        metrics = evaluation.central(self.model, self.spec, state["x"], self.data)
+        x = state["x"].to(self.device)
+        metrics = evaluation.central(self.model, self.spec, x, self.data, self.task)
         if self.cfg.evaluation.federated:
-            metrics.update(evaluation.federated(self.model, self.spec, state["x"], self.data))
+            metrics.update(evaluation.federated(self.model, self.spec, x, self.data, self.task))
         return metrics
 
     def final_params(self, state: State) -> Tensor:
@@ -118,7 +121,7 @@ class FederatedRound:
         return self.model
 
     def describe(self, state: State) -> dict[str, Any]:
-        described = {"pipeline": self.pipeline.steps()}
+        described = {"pipeline": self.pipeline.steps(), **engine_notes(self.cfg, self.model, self.engine_name)}
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
             described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
         return described
