@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from fedloom.models.resnet import resnet18, resnet20
 from fedloom.registry import OptionError, Registry
 
 
@@ -49,6 +50,8 @@ MODELS = Registry("model", {
     "logistic": (logistic, "multinomial logistic regression"),
     "mlp": (mlp, "ReLU MLP; option hidden = [widths]"),
     "cnn": (cnn, "LeNet-5 style CNN for image data [C, H, W]"),
+    "resnet20": (resnet20, "CIFAR ResNet-20 (He et al. 2016); options norm = group|batch|none, groups (2)"),
+    "resnet18": (resnet18, "CIFAR ResNet-18, 3x3 stem, no max-pool; options norm = group|batch|none, groups (2)"),
 }, fixed=("input_shape", "n_classes"))
 
 
