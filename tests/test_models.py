@@ -55,6 +55,10 @@ def _images(shape, n_classes, batch=2):
     return torch.randn(N_CLIENTS, batch, *shape), torch.randint(0, n_classes, (N_CLIENTS, batch))
 
 
+def _tokens(length, vocab, batch=2):
+    return torch.randint(0, vocab, (N_CLIENTS, batch, length)), torch.randint(0, vocab, (N_CLIENTS, batch, length))
+
+
 def test_resnet20_shape_count_and_vmap():
     torch.manual_seed(0)
     model = build_model("resnet20", (3, 32, 32), 10)
@@ -96,3 +100,35 @@ def test_resnet_norm_options():
     with pytest.raises(OptionError, match="image input"):
         build_model("resnet20", (3072,), 10)
 
+
+def test_femnist_cnn_shape_count_and_vmap():
+    torch.manual_seed(0)
+    model = build_model("femnist_cnn", (1, 28, 28), 62)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 62)
+    # LEAF's models/femnist/cnn.py: 5x5 convs with bias, two 2x2 pools take 28 -> 7
+    count = (25 * 32 + 32) + (25 * 32 * 64 + 64) + (7 * 7 * 64 * 2048 + 2048) + (2048 * 62 + 62)
+    assert _n_params(model) == count == 6_603_710
+    flat = build_model("femnist_cnn", (784,), 62)
+    assert flat(torch.randn(2, 784)).shape == (2, 62) and _n_params(flat) == count
+    check_vectorizable(model)
+    assert_vmap_matches(model, *_images((1, 28, 28), 62))
+    assert_vmap_matches(flat, *_images((784,), 62))
+
+
+def test_shakespeare_lstm_shape_count_and_no_vmap():
+    """nn.LSTM has no vmap batching rule in torch 2.13 (CPU): the stacked computation
+    raises, so this model is for the serial engine. functional_call alone works."""
+    torch.manual_seed(0)
+    vocab = 80
+    model = build_model("shakespeare_lstm", (10,), vocab)
+    tokens, targets = _tokens(10, vocab)
+    assert model(tokens[0]).shape == (2, 10, vocab)
+    # torch keeps two biases per gate (LEAF's TensorFlow BasicLSTMCell one: 2 * 4 * 256 fewer)
+    lstm = 4 * 256 * (8 + 256) + 4 * 256 * (256 + 256) + 2 * 2 * 4 * 256
+    assert _n_params(model) == vocab * 8 + lstm + 256 * vocab + vocab
+    spec = ParamSpec.of(model)
+    X = _clients(model)
+    out = functional_call(model, spec.unflatten(X[1]), (tokens[1],))
+    assert out.shape == (2, 10, vocab) and torch.isfinite(_loss(out, targets[1]))
+    with pytest.raises(RuntimeError, match="Batching rule not implemented for aten::lstm"):
+        vmap(lambda flat, x: functional_call(model, spec.unflatten(flat), (x,)))(X, tokens)
