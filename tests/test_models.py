@@ -11,7 +11,7 @@ from torch.func import functional_call, vmap
 
 from fedloom.core.params import ParamSpec
 from fedloom.engines.vectorized import check_vectorizable
-from fedloom.models import build_model
+from fedloom.models import MODELS, build_model
 from fedloom.registry import OptionError
 
 N_CLIENTS = 3
@@ -57,6 +57,11 @@ def _images(shape, n_classes, batch=2):
 
 def _tokens(length, vocab, batch=2):
     return torch.randint(0, vocab, (N_CLIENTS, batch, length)), torch.randint(0, vocab, (N_CLIENTS, batch, length))
+
+
+def test_registered_with_descriptions():
+    for name in ("resnet20", "resnet18", "femnist_cnn", "shakespeare_lstm", "transformer"):
+        assert MODELS[name].description
 
 
 def test_resnet20_shape_count_and_vmap():
@@ -113,6 +118,24 @@ def test_femnist_cnn_shape_count_and_vmap():
     check_vectorizable(model)
     assert_vmap_matches(model, *_images((1, 28, 28), 62))
     assert_vmap_matches(flat, *_images((784,), 62))
+
+
+def test_transformer_shape_causality_and_vmap():
+    torch.manual_seed(0)
+    model = build_model("transformer", (12,), 20, d_model=16, heads=2, layers=2)
+    tokens = torch.randint(0, 20, (2, 12))
+    logits = model(tokens)
+    assert logits.shape == (2, 12, 20)
+    changed = tokens.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 20
+    torch.testing.assert_close(model(changed)[:, :6], logits[:, :6])  # no position sees the future
+    assert model(tokens[:, :5]).shape == (2, 5, 20)  # shorter than the max length
+    check_vectorizable(model)
+    assert_vmap_matches(model, *_tokens(12, 20))
+    default = build_model("transformer", (8,), 30)
+    assert default.tokens.embedding_dim == 64 and len(default.blocks) == 2 and default.blocks[0].attn.heads == 4
+    with pytest.raises(OptionError, match="multiple of heads"):
+        build_model("transformer", (8,), 30, d_model=10, heads=4)
 
 
 def test_shakespeare_lstm_shape_count_and_no_vmap():
