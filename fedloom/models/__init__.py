@@ -7,6 +7,9 @@ from typing import Any
 
 from torch import nn
 
+from fedloom.models.leaf import femnist_cnn, shakespeare_lstm
+from fedloom.models.resnet import resnet18, resnet20
+from fedloom.models.transformer import transformer
 from fedloom.registry import OptionError, Registry
 
 
@@ -49,6 +52,11 @@ MODELS = Registry("model", {
     "logistic": (logistic, "multinomial logistic regression"),
     "mlp": (mlp, "ReLU MLP; option hidden = [widths]"),
     "cnn": (cnn, "LeNet-5 style CNN for image data [C, H, W]"),
+    "resnet20": (resnet20, "CIFAR ResNet-20 (He et al. 2016); options norm = group|batch|none, groups (2)"),
+    "resnet18": (resnet18, "CIFAR ResNet-18, 3x3 stem, no max-pool; options norm = group|batch|none, groups (2)"),
+    "femnist_cnn": (femnist_cnn, "LEAF's FEMNIST CNN (Caldas et al.), [1, 28, 28] or flat 784"),
+    "shakespeare_lstm": (shakespeare_lstm, "LEAF's Shakespeare char LSTM, tokens [T] -> [T, vocab]; serial engine"),
+    "transformer": (transformer, "causal transformer LM, tokens [T]; options d_model (64), heads (4), layers (2)"),
 }, fixed=("input_shape", "n_classes"))
 
 
