@@ -188,7 +188,7 @@ def dirichlet_classwise(
             return _by_owner(owner, n_clients)
     raise DataError(
         f"dirichlet_classwise: some client got fewer than min_size={min_size} examples in all {max_tries + 1} "
-        f"draws; raise alpha, lower min_size or max_tries' limit, or use fewer clients"
+        f"draws; raise alpha or max_tries, lower min_size, or use fewer clients"
     )
 
 
@@ -203,7 +203,10 @@ def _cut_classes(members: list[np.ndarray], n_examples: int, alphas: np.ndarray,
         if self_balancing:
             open_ = np.where(held > average, 0.0, p)  # Flower: strictly above the average
             p = open_ / open_.sum() if open_.sum() > 0 else p  # all open ones drew 0: Flower divides by 0
-        cuts = (np.cumsum(p) * len(idx)).astype(np.int64)[:-1]  # floored, as Flower's np.split points
+        # floored cut points, as Flower's; over the float sum (it may end below 1), so that trailing
+        # clients with p = 0 (stopped by self_balancing) get nothing, not the last example
+        cumulative = np.cumsum(p)
+        cuts = (cumulative / cumulative[-1] * len(idx)).astype(np.int64)[:-1]
         counts = np.diff(np.concatenate([[0], cuts, [len(idx)]]))
         owner[idx] = np.repeat(np.arange(len(alphas)), counts)
         held += counts
