@@ -68,6 +68,7 @@ def test_list_names_every_kind_of_building_block():
     done = fedloom("list")
     assert done.returncode == 0
     for word in ("fedavg", "scaffold", "fedyogi", "digits", "mnist5k", "synthetic", "dirichlet", "shards",
+                 "pathological", "dirichlet_classwise", "inner_dirichlet", "exponential",
                  "cnn", "mean", "serial", "label_flip", "alie"):
         assert word in done.stdout
 

@@ -3,21 +3,43 @@
 from .datasets import DataError, Dataset, from_arrays
 from .loaders import DATASETS, load_dataset
 from .federated import FederatedData, federate
-from .partition import PARTITIONERS, dirichlet, iid, natural, partition, quantity_skew, shards
+from .partition import (
+    NEEDS_LABELS,
+    PARTITIONERS,
+    dirichlet,
+    dirichlet_classwise,
+    exponential_sizes,
+    iid,
+    inner_dirichlet,
+    linear_sizes,
+    natural,
+    partition,
+    pathological,
+    quantity_skew,
+    shards,
+    square_sizes,
+)
 
 __all__ = [
     "DATASETS",
+    "NEEDS_LABELS",
     "PARTITIONERS",
     "DataError",
     "Dataset",
     "FederatedData",
     "dirichlet",
+    "dirichlet_classwise",
+    "exponential_sizes",
     "federate",
     "from_arrays",
     "iid",
+    "inner_dirichlet",
+    "linear_sizes",
     "load_dataset",
     "natural",
     "partition",
+    "pathological",
     "quantity_skew",
     "shards",
+    "square_sizes",
 ]
