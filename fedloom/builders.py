@@ -5,6 +5,9 @@ rounds and by the deployment server."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -13,19 +16,27 @@ from fedloom.attacks import Adversary
 from fedloom.config import ConfigError, ExperimentConfig
 from fedloom.core.local_optim import LOCAL_OPTIMIZERS
 from fedloom.core.rng import Stream, seed_for
-from fedloom.data import FederatedData, federate, load_dataset
+from fedloom.data import Dataset, FederatedData, federate, load_dataset
 from fedloom.engines.base import LocalTraining
 from fedloom.engines.ray_engine import RayEngine
 from fedloom.engines.serial import SerialEngine
 from fedloom.engines.device import DeviceError, resolve_device
 from fedloom.engines.vectorized import UnsupportedModel, VectorizedEngine, why_not_vectorize
-from fedloom.models import build_model
+from fedloom.models import build_given_model, build_model
 from fedloom.registry import OptionError, Registry
 from fedloom.tasks import Task, build_task
 
 
-def build_data(cfg: ExperimentConfig) -> FederatedData:
-    train, test = load_dataset(cfg.data.dataset, **cfg.data.options)
+@dataclass(frozen=True)
+class GivenParts:
+    """What ``fedloom.run(data=..., model=...)`` hands over from Python instead of naming it in the config."""
+
+    datasets: tuple[Dataset, Dataset | None] | None = None
+    model: Callable[..., nn.Module] | None = None
+
+
+def build_data(cfg: ExperimentConfig, given: GivenParts = GivenParts()) -> FederatedData:
+    train, test = given.datasets or load_dataset(cfg.data.dataset, **cfg.data.options)
     return federate(train, test, cfg.partition.name, cfg.data.n_clients, cfg.seed,
                     test_fraction=cfg.data.test_fraction, client_test_fraction=cfg.data.client_test_fraction,
                     **cfg.partition.options)
@@ -43,10 +54,23 @@ def build_adversary(cfg: ExperimentConfig, data: FederatedData) -> Adversary | N
     return adversary
 
 
-def build_model_for(cfg: ExperimentConfig, data: FederatedData) -> nn.Module:
+def build_model_for(cfg: ExperimentConfig, data: FederatedData, given: GivenParts = GivenParts()) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_for(cfg.seed, Stream.INIT))
+        if given.model is not None:
+            return build_given_model(given.model, data.input_shape, data.n_classes, cfg.model.options)
         return build_model(cfg.model.name, data.input_shape, data.n_classes, **cfg.model.options)
+
+
+def check_model_runs(cfg: ExperimentConfig, model: nn.Module, data: FederatedData) -> None:
+    """One forward pass on two training examples, so a model that does not fit the data fails before
+    the run with one message naming both, not with a traceback in round 1."""
+    try:
+        with torch.no_grad():
+            model(data.x[:2])
+    except Exception as err:  # a user's model may fail in any way
+        raise ConfigError(f"model {cfg.model.name!r} cannot run on dataset {cfg.data.dataset!r}, whose inputs are "
+                          f"{data.x.dtype} of shape {list(data.input_shape)}: {type(err).__name__}: {err}") from None
 
 
 def build_task_for(cfg: ExperimentConfig, data: FederatedData) -> Task:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 import typing
 from typing import Any, Callable, NamedTuple
 
@@ -48,14 +50,22 @@ def check_option_types(kind: str, name: str, factory: Callable[..., Any], given:
 
 
 def import_object(kind: str, path: str) -> Any:
-    """The object a user names as ``package.module:attr``."""
+    """The object a user names as ``package.module:attr``, found in the current directory too (the
+    ``fedloom`` command's own path does not hold it)."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise OptionError(f"{kind} {path!r}: a user {kind} is written 'package.module:name'")
+    here = os.getcwd()
+    added = here not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(here)  # after everything installed: a local file never shadows a library
     try:
         return getattr(importlib.import_module(module_name), attr)
     except Exception as err:  # the user's module may fail in any way while importing
         raise OptionError(f"{kind} {path!r} could not be imported: {type(err).__name__}: {err}") from None
+    finally:
+        if added:
+            sys.path.remove(here)
 
 
 class Entry(NamedTuple):
@@ -116,6 +126,10 @@ class Registry(dict):
             raise
         except ValueError as err:  # the factory's own check of its options' values
             raise OptionError(f"{self.kind} {name!r}: {err}") from None
+        except Exception as err:
+            if name in self and self.kind not in USER_KINDS:
+                raise  # fedloom's own factory: a bug, keep the traceback
+            raise OptionError(f"{self.kind} {name!r} failed while being built: {type(err).__name__}: {err}") from None
 
     def describe(self) -> dict[str, str]:
         return {name: entry.description for name, entry in self.items()}

@@ -22,7 +22,9 @@ from typing import Any, Callable, Iterator
 from torch import Tensor, nn
 
 from fedloom import checkpoint
+from fedloom.builders import GivenParts
 from fedloom.config import ExperimentConfig, load_config
+from fedloom.data.given import GIVEN, as_datasets
 from fedloom.progress import RoundProgress
 from fedloom.rounds import Round, build_round
 from fedloom.tracking import RunDir, render_report
@@ -53,11 +55,18 @@ class RunResult:
 
 
 def run(config: str | Path | dict | ExperimentConfig | None = None, overrides: list[str] = (),
-        resume: str | Path | None = None) -> RunResult:
+        resume: str | Path | None = None, data: Any = None, model: Callable[..., nn.Module] | None = None) -> RunResult:
     """Run an experiment to the end (or to Ctrl-C, keeping what was written); with ``resume``,
-    continue the run directory's run from its checkpoint (``overrides`` apply to its saved config)."""
-    cfg = load_config(Path(resume) / CONFIG if resume else config, list(overrides))
-    return drive(build_round(cfg), resume)
+    continue the run directory's run from its checkpoint (``overrides`` apply to its saved config).
+
+    ``data`` (a fedloom Dataset or (train, test) pair, a dict of arrays, a torch Dataset, a Hugging Face
+    Dataset) and ``model`` (an nn.Module class or a function returning one, called with the model
+    options and, where it names them, input_shape and n_classes) replace data.dataset and model.name;
+    resuming such a run needs them again."""
+    given = GivenParts(None if data is None else as_datasets(data), model)
+    named = [f"data.dataset={GIVEN}"] * (data is not None) + [f"model.name={GIVEN}"] * (model is not None)
+    cfg = load_config(Path(resume) / CONFIG if resume else config, [*named, *overrides])
+    return drive(build_round(cfg, given), resume)
 
 
 class RunDirError(OSError):

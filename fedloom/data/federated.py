@@ -14,9 +14,7 @@ import torch
 
 from .datasets import DataError, Dataset
 from .loaders import NATURAL_CLIENTS
-from .partition import partition
-
-NEEDS_LABELS = frozenset({"dirichlet", "shards"})
+from .partition import NEEDS_LABELS, partition
 
 _DATA_STREAM = 0xDA7A  # keeps these seeds apart from the streams of fedloom.core.rng
 _HOLDOUT, _PARTITION, _LOCAL_SPLIT = range(3)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -11,6 +11,8 @@ from fedloom.models.leaf import femnist_cnn, shakespeare_lstm
 from fedloom.models.resnet import resnet18, resnet20
 from fedloom.models.transformer import transformer
 from fedloom.registry import OptionError, Registry
+
+GIVEN = "python"  # model.name of a model handed to fedloom.run(model=...)
 
 
 def logistic(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
@@ -60,13 +62,23 @@ MODELS = Registry("model", {
 }, fixed=("input_shape", "n_classes"))
 
 
+def build_given_model(factory: Callable[..., Any], input_shape: tuple[int, ...], n_classes: int,
+                      options: dict[str, Any]) -> nn.Module:
+    """A model class or function handed to ``fedloom.run(model=...)``, built as a registered one is."""
+    given = Registry("model", {GIVEN: (factory, "the model handed to fedloom.run")}, fixed=MODELS.fixed)
+    return _checked(GIVEN, given.build(GIVEN, options, input_shape=input_shape, n_classes=n_classes))
+
+
 def build_model(name: str, input_shape: tuple[int, ...], n_classes: int, **options: Any) -> nn.Module:
     """A reference model by name, or a user's class/function by 'pkg.mod:Name'.
 
     A user model receives the [model] options, plus ``input_shape`` and
     ``n_classes`` when its signature names them.
     """
-    model = MODELS.build(name, options, input_shape=input_shape, n_classes=n_classes)
+    return _checked(name, MODELS.build(name, options, input_shape=input_shape, n_classes=n_classes))
+
+
+def _checked(name: str, model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise OptionError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -6,6 +6,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from fedloom.builders import GivenParts
 from fedloom.config import ExperimentConfig
 from fedloom.data import FederatedData
 
@@ -32,11 +33,12 @@ class Round(Protocol):
     def graph_record(self) -> dict[str, Any] | None: ...
 
 
-def build_round(cfg: ExperimentConfig) -> Round:
+def build_round(cfg: ExperimentConfig, given: GivenParts = GivenParts()) -> Round:
+    """The round of ``cfg``'s mode; ``given``: data or a model handed over from Python."""
     if cfg.mode == "decentralized":
         from fedloom.rounds.decentralized import DecentralizedRound
 
-        return DecentralizedRound(cfg)
+        return DecentralizedRound(cfg, given)
     from fedloom.rounds.federated import FederatedRound
 
-    return FederatedRound(cfg)
+    return FederatedRound(cfg, given=given)

@@ -34,8 +34,8 @@ from fedloom import evaluation
 from fedloom.algorithms.gossip import (DSGD, Choco, ClippedGossip, GradientTracking, Messages, honest_messages,
                                       mean_gossip)
 from fedloom.attacks import ATTACKS, Adversary
-from fedloom.builders import (build_adversary, build_data, build_engine, build_model_for, build_task_for, device_for,
-                              engine_notes)
+from fedloom.builders import (GivenParts, build_adversary, build_data, build_engine, build_model_for, build_task_for,
+                              check_model_runs, device_for, engine_notes)
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
@@ -120,13 +120,14 @@ class Topology:
 class DecentralizedRound:
     """The decentralized run's constant parts and its round step on the state tree (module docstring)."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, given: GivenParts = GivenParts()):
         self.cfg = cfg
-        self.data = build_data(cfg)
+        self.data = build_data(cfg, given)
         self.adversary = build_adversary(cfg, self.data)
         self.byzantine = (self.adversary.fixed if self.adversary is not None
                           else torch.zeros(self.data.n_clients, dtype=torch.bool))
-        self.model = build_model_for(cfg, self.data)
+        self.model = build_model_for(cfg, self.data, given)
+        check_model_runs(cfg, self.model, self.data)
         self.spec = ParamSpec.of(self.model)
         self.engine = build_engine(cfg, self.model, self.data)
         self.engine_name = self.engine.name

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from fedloom import evaluation
-from fedloom.builders import (build_adversary, build_algorithm, build_data, build_engine, build_model_for,
-                              build_task_for, device_for, engine_notes)
+from fedloom.builders import (GivenParts, build_adversary, build_algorithm, build_data, build_engine, build_model_for,
+                              build_task_for, check_model_runs, device_for, engine_notes)
 from fedloom.compression.downlink import Downlink
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
@@ -45,11 +45,13 @@ def sample_clients(n_clients: int, k: int, seed: int, round_idx: int) -> list[in
 
 
 class FederatedRound:
-    def __init__(self, cfg: ExperimentConfig, make_engine: Callable[[nn.Module, FederatedData], Any] | None = None):
+    def __init__(self, cfg: ExperimentConfig, make_engine: Callable[[nn.Module, FederatedData], Any] | None = None,
+                 given: GivenParts = GivenParts()):
         self.cfg = cfg
-        self.data = build_data(cfg)
+        self.data = build_data(cfg, given)
         self.adversary = build_adversary(cfg, self.data)
-        self.model = build_model_for(cfg, self.data)
+        self.model = build_model_for(cfg, self.data, given)
+        check_model_runs(cfg, self.model, self.data)
         self.spec = ParamSpec.of(self.model)
         self.algorithm = build_algorithm(cfg)
         self.engine = (make_engine or partial(build_engine, cfg))(self.model, self.data)
