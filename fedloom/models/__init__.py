@@ -50,6 +50,11 @@ def cnn(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     )
 
 
+def handed_over(**options: Any) -> nn.Module:
+    raise OptionError(f"model.name = {GIVEN!r} is a model handed to fedloom.run(model=...) from Python; give it "
+                      "there (resuming such a run needs it again)")
+
+
 MODELS = Registry("model", {
     "logistic": (logistic, "multinomial logistic regression"),
     "mlp": (mlp, "ReLU MLP; option hidden = [widths]"),
@@ -59,6 +64,7 @@ MODELS = Registry("model", {
     "femnist_cnn": (femnist_cnn, "LEAF's FEMNIST CNN (Caldas et al.), [1, 28, 28] or flat 784"),
     "shakespeare_lstm": (shakespeare_lstm, "LEAF's Shakespeare char LSTM, tokens [T] -> [T, vocab]; serial engine"),
     "transformer": (transformer, "causal transformer LM, tokens [T]; options d_model (64), heads (4), layers (2)"),
+    GIVEN: (handed_over, "the model handed to fedloom.run(model=...) from Python"),
 }, fixed=("input_shape", "n_classes"))
 
 
