@@ -6,6 +6,7 @@ from typing import Any
 
 from fedloom.registry import Registry
 
+from .cifar import load_cifar10, load_cifar100
 from .datasets import Dataset, build_checked, load_csv, load_digits, load_mnist5k, load_npz, load_synthetic
 
 # loaders; their keyword arguments are the dataset's options (data.options)
@@ -19,6 +20,10 @@ DATASETS = Registry("dataset", {
     ),
     "npz": (load_npz, "your .npz file: arrays x, y and optional client (option path)"),
     "csv": (load_csv, "your CSV file: numeric features, a label column and optional client column (option path)"),
+    "cifar10": (load_cifar10, "CIFAR-10 from torchvision's cifar-10-batches-py folder, 32x32 RGB, 10 classes, "
+                              "official test split (options path, normalize)"),
+    "cifar100": (load_cifar100, "CIFAR-100 from torchvision's cifar-100-python folder, 32x32 RGB, 100 fine or 20 "
+                                "coarse classes, official test split (options path, labels, normalize)"),
 })
 
 # for error messages about the "natural" partition
