@@ -32,7 +32,7 @@ def test_image_datasets(name, shape, size):
 
 
 def test_registry_lists_every_dataset_with_a_description():
-    assert set(DATASETS) == {"digits", "mnist5k", "synthetic", "npz", "csv", "cifar10", "cifar100"}
+    assert set(DATASETS) == {"digits", "mnist5k", "synthetic", "npz", "csv", "cifar10", "cifar100", "hf"}
     assert all(callable(fn) and isinstance(text, str) and text for fn, text in DATASETS.values())
 
 
@@ -95,7 +95,7 @@ def test_synthetic_option_errors():
 
 def test_unknown_dataset_lists_names():
     with pytest.raises(DataError, match=r"unknown dataset 'cifar'; available: "
-                                        r"cifar10, cifar100, csv, digits, mnist5k, npz, synthetic"):
+                                        r"cifar10, cifar100, csv, digits, hf, mnist5k, npz, synthetic"):
         load_dataset("cifar")
 
 

@@ -1,15 +1,18 @@
-"""Loaders for CIFAR, read from tiny files written in exactly the on-disk format of the real ones."""
+"""Loaders for CIFAR and Hugging Face datasets, read from tiny files written in exactly the on-disk
+formats of the real ones."""
 
 import io
 import os
 import pickle
+import socket
 import struct
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from fedloom.data import DataError, load_dataset
+from fedloom.data import DataError, from_hf_dataset, load_dataset
 from fedloom.data.cifar import CIFAR10, CIFAR100
 
 # ---------------------------------------------------------------- CIFAR
@@ -194,3 +197,134 @@ def test_restricted_unpickler_refuses_code_and_runs_none(tmp_path, call):
     with pytest.raises(DataError, match=rf"{path}: refused to unpickle: it calls \w+\.(system|eval)") as err:
         load_dataset("cifar10", path=folder)
     assert not marker.exists() and "not a CIFAR batch" in str(err.value)
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return pytest.importorskip("datasets")
+
+
+def images_dataset(hf, pixels, labels, users, names=("cat", "dog", "eel")):
+    from PIL import Image
+
+    features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(names=list(names)), "user": hf.Value("string")})
+    return hf.Dataset.from_dict({"image": [Image.fromarray(p) for p in pixels], "label": labels, "user": users},
+                                features=features)
+
+
+def test_hf_save_to_disk_dict_with_images_clients_and_test(hf, tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 4, 6, 3)).astype(np.uint8)  # HWC, as PIL holds them
+    hf.DatasetDict(
+        train=images_dataset(hf, pixels[:3], [0, 1, 0], ["u2", "u1", "u2"]),
+        test=images_dataset(hf, pixels[3:], [1, 1], ["u9", "u9"]),
+    ).save_to_disk(tmp_path / "pets")
+    train, test = load_dataset("hf", path=str(tmp_path / "pets"), client_column="user")
+    assert train.x.dtype == torch.float32 and train.input_shape == (3, 4, 6)
+    assert torch.equal(train.x, torch.from_numpy(pixels[:3].transpose(0, 3, 1, 2).astype(np.float32) / 255))
+    assert train.y.tolist() == [0, 1, 0] and train.n_classes == 3  # from the ClassLabel, not the labels seen
+    assert train.groups.tolist() == [1, 0, 1] and train.name == "pets"
+    assert torch.equal(test.x, torch.from_numpy(pixels[3:].transpose(0, 3, 1, 2) / np.float32(255)))
+    assert test.y.tolist() == [1, 1] and test.n_classes == 3
+
+
+def test_hf_single_dataset_grayscale_and_named_splits(hf, tmp_path):
+    pixels = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2) * 20
+    ds = images_dataset(hf, pixels, [2, 0, 1], ["a", "b", "c"])
+    ds.save_to_disk(tmp_path / "one")
+    train, test = load_dataset("hf", path=tmp_path / "one")
+    assert test is None and train.input_shape == (1, 2, 2)
+    assert torch.equal(train.x[:, 0], torch.from_numpy(pixels) / 255)
+    hf.DatasetDict(fit=ds, holdout=ds.select([1])).save_to_disk(tmp_path / "named")
+    train, test = load_dataset("hf", path=tmp_path / "named", train_split="fit", test_split="holdout")
+    assert len(train) == 3 and test.y.tolist() == [0]
+    assert load_dataset("hf", path=tmp_path / "named", train_split="fit", test_split=None)[1] is None
+
+
+def tabular(hf):
+    return hf.Dataset.from_dict({"a": [0.5, 1.5, 2.5, 3.5], "b": [[1, 2], [3, 4], [5, 6], [7, 8]],
+                                 "label": [1, 0, 2, 1], "site": [7, 7, 3, 9]})
+
+
+def test_hf_parquet_directory_splits_by_file_name(hf, tmp_path):
+    ds = tabular(hf)
+    (tmp_path / "data").mkdir()
+    ds.select([0, 1, 2]).to_parquet(tmp_path / "data" / "train.parquet")
+    ds.select([3]).to_parquet(tmp_path / "data" / "test.parquet")
+    train, test = load_dataset("hf", path=tmp_path / "data", client_column="site")
+    assert train.x.tolist() == [[0.5, 1, 2], [1.5, 3, 4], [2.5, 5, 6]] and train.y.tolist() == [1, 0, 2]
+    assert train.groups.tolist() == [1, 1, 0] and test.x.tolist() == [[3.5, 7, 8]] and test.y.tolist() == [1]
+    assert not any(tmp_path.glob("data/*.lock")) and sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "test.parquet", "train.parquet"]
+
+
+@pytest.mark.parametrize("suffix, write", [(".parquet", "to_parquet"), (".csv", "to_csv"), (".jsonl", "to_json")])
+def test_hf_single_file_of_each_format(hf, tmp_path, suffix, write):
+    ds = tabular(hf).remove_columns("b")
+    getattr(ds, write)(tmp_path / f"rows{suffix}")
+    train, test = load_dataset("hf", path=tmp_path / f"rows{suffix}", feature_columns=["a", "site"])
+    assert test is None and train.x.tolist() == [[0.5, 7], [1.5, 7], [2.5, 3], [3.5, 9]]
+    assert train.y.tolist() == [1, 0, 2, 1] and train.name == "rows"
+
+
+def test_hf_array_images_regression_and_language_model(hf):
+    pixels = np.arange(2 * 3 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3, 3)
+    ds = hf.Dataset.from_dict({"img": pixels.tolist(), "price": [1.5, -2.0], "tokens": [[1, 2, 3], [4, 5, 0]],
+                               "next": [[2, 3, -100], [5, 0, -100]]})
+    images = from_hf_dataset(ds, image_column="img", label_column="price", task="regression")
+    assert torch.equal(images.x, torch.from_numpy(pixels.transpose(0, 3, 1, 2) / np.float32(255)))
+    assert images.y.tolist() == [1.5, -2.0] and images.task == "regression"
+    text = from_hf_dataset(ds, feature_columns=["tokens"], label_column="next", task="language_model")
+    assert text.x.tolist() == [[1, 2, 3], [4, 5, 0]] and text.y.dtype == torch.int64 and text.n_classes == 6
+
+
+def test_hf_touches_no_network(hf, tmp_path, monkeypatch):
+    tabular(hf).save_to_disk(tmp_path / "t")
+    tabular(hf).to_parquet(tmp_path / "t.parquet")
+
+    def refuse(*args):
+        raise AssertionError("the hf loader opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    assert len(load_dataset("hf", path=tmp_path / "t")[0]) == len(load_dataset("hf", path=tmp_path / "t.parquet")[0])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"label_column": "target"}, r"no column\(s\) 'target'; columns are \['a', 'b', 'label', 'site'\]"),
+    ({"train_split": "fit"}, r"no split 'fit'; it has train \(set train_split\)"),
+    ({"test_split": "valid"}, r"no split 'valid'; it has train \(set test_split\)"),
+    ({"image_column": "a"}, r"column 'a': images must be \[N, H, W\]"),
+])
+def test_hf_option_errors_name_the_path(hf, tmp_path, options, message):
+    tabular(hf).save_to_disk(tmp_path / "t")
+    with pytest.raises(DataError, match=message) as err:
+        load_dataset("hf", path=tmp_path / "t", **options)
+    assert str(tmp_path / "t") in str(err.value)
+
+
+def test_hf_malformed_or_missing_files_name_the_path(hf, tmp_path):
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'broken.parquet'}: not readable as a Hugging Face dataset"):
+        load_dataset("hf", path=tmp_path / "broken.parquet")
+    with pytest.raises(DataError, match=rf"hf dataset: not found: {tmp_path / 'gone'}; expected a directory written"):
+        load_dataset("hf", path=tmp_path / "gone")
+    tabular(hf).save_to_disk(tmp_path / "saved")
+    (tmp_path / "saved" / "state.json").write_text("{")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'saved'}: not readable as a Hugging Face dataset"):
+        load_dataset("hf", path=tmp_path / "saved")
+    (tmp_path / "rows.txt").write_text("1,2\n")
+    with pytest.raises(DataError, match=r"unknown file type '.txt'"):
+        load_dataset("hf", path=tmp_path / "rows.txt")
+    hf.Dataset.from_dict({"a": [1.0, 2.0], "label": ["cat", "dog"]}).save_to_disk(tmp_path / "strings")
+    with pytest.raises(DataError, match=r"label column 'label' holds .*string.*class_encode_column\('label'\)"):
+        load_dataset("hf", path=tmp_path / "strings")
+
+
+def test_hf_without_datasets_says_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "t.parquet").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    with pytest.raises(DataError, match=r"pip install fedloom\[hf\]"):
+        load_dataset("hf", path=tmp_path / "t.parquet")

@@ -1,6 +1,7 @@
 """Data: bundled and user datasets, partitioners, and the federated view engines read."""
 
 from .datasets import DataError, Dataset, from_arrays
+from .hf import from_hf_dataset
 from .loaders import DATASETS, load_dataset
 from .federated import FederatedData, federate
 from .partition import PARTITIONERS, dirichlet, iid, natural, partition, quantity_skew, shards
@@ -14,6 +15,7 @@ __all__ = [
     "dirichlet",
     "federate",
     "from_arrays",
+    "from_hf_dataset",
     "iid",
     "load_dataset",
     "natural",

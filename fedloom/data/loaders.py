@@ -8,6 +8,7 @@ from fedloom.registry import Registry
 
 from .cifar import load_cifar10, load_cifar100
 from .datasets import Dataset, build_checked, load_csv, load_digits, load_mnist5k, load_npz, load_synthetic
+from .hf import load_hf
 
 # loaders; their keyword arguments are the dataset's options (data.options)
 DATASETS = Registry("dataset", {
@@ -24,10 +25,13 @@ DATASETS = Registry("dataset", {
                               "official test split (options path, normalize)"),
     "cifar100": (load_cifar100, "CIFAR-100 from torchvision's cifar-100-python folder, 32x32 RGB, 100 fine or 20 "
                                 "coarse classes, official test split (options path, labels, normalize)"),
+    "hf": (load_hf, "a Hugging Face dataset from local files (save_to_disk folder, parquet/CSV/JSON), needs "
+                    "fedloom[hf] (options path, train_split, test_split, image_column, feature_columns, label_column, "
+                    "client_column, task)"),
 })
 
 # for error messages about the "natural" partition
-NATURAL_CLIENTS = "synthetic, npz with a 'client' array, csv with a client column"
+NATURAL_CLIENTS = "synthetic, npz with a 'client' array, csv with a client column, hf with client_column"
 
 
 def load_dataset(name: str, **options: Any) -> tuple[Dataset, Dataset | None]:
