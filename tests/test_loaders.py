@@ -1,5 +1,5 @@
-"""Loaders for CIFAR and Hugging Face datasets, read from tiny files written in exactly the on-disk
-formats of the real ones."""
+"""Loaders for CIFAR, Hugging Face datasets and the user's own files with a test split, read from tiny
+files written in exactly the on-disk formats of the real ones."""
 
 import io
 import os
@@ -328,3 +328,48 @@ def test_hf_without_datasets_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
     with pytest.raises(DataError, match=r"pip install fedloom\[hf\]"):
         load_dataset("hf", path=tmp_path / "t.parquet")
+
+
+# ---------------------------------------------------------------- own test splits and tasks
+
+
+def test_npz_own_test_split_and_regression(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones((3, 2)), y=np.array([0, 1, 1]), x_test=np.zeros((2, 2)), y_test=np.array([2, 0]))
+    train, test = load_dataset("npz", path=path)
+    assert len(train) == 3 and test.x.tolist() == [[0, 0], [0, 0]] and test.y.tolist() == [2, 0]
+    np.savez(path, x=np.ones((3, 2)), y=np.array([[0.5, 1.0], [2.0, 3.0], [4.0, -1.0]]))
+    train, test = load_dataset("npz", path=path, task="regression")
+    assert test is None and train.task == "regression" and train.n_classes == 2 and train.y.dtype == torch.float32
+    np.savez(path, x=np.ones((3, 2)), y=np.zeros(3, int), x_test=np.zeros((2, 2)))
+    with pytest.raises(DataError, match=rf"{path}: has 'x_test' but not its pair"):
+        load_dataset("npz", path=path)
+    np.savez(path, x=np.ones((3, 2)), y=np.zeros(3, int), x_test=np.zeros((2, 2)), y_test=np.zeros(3, int))
+    with pytest.raises(DataError, match=rf"{path} \(x_test, y_test\): arrays must have one entry per example"):
+        load_dataset("npz", path=path)
+
+
+def test_csv_split_column_gives_the_official_test(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("f,label,split,client\n1,0,train,a\n2,1,test,b\n3,1,train,c\n4,0,test,a\n")
+    train, test = load_dataset("csv", path=path)
+    assert train.x.tolist() == [[1], [3]] and train.y.tolist() == [0, 1] and train.groups.tolist() == [0, 1]
+    assert test.x.tolist() == [[2], [4]] and test.y.tolist() == [1, 0] and test.groups is None
+    path.write_text("f,label,fold\n1,0,train\n2,1,train\n")
+    train, test = load_dataset("csv", path=path, split_column="fold")
+    assert test is None and train.input_shape == (1,)
+    path.write_text("f,label,split\n1,0,train\n2,1,valid\n")
+    with pytest.raises(DataError, match=rf"{path}: column 'split' must hold 'train' or 'test', found \['valid'\]"):
+        load_dataset("csv", path=path)
+    with pytest.raises(DataError, match=rf"{path}: no split column 'fold'"):
+        load_dataset("csv", path=path, split_column="fold")
+
+
+def test_csv_regression_with_several_targets(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("f,t1,t2\n1,0.5,1\n2,1.5,-3\n")
+    train = load_dataset("csv", path=path, label_column=["t1", "t2"], task="regression")[0]
+    assert train.task == "regression" and train.x.tolist() == [[1], [2]] and train.y.tolist() == [[0.5, 1], [1.5, -3]]
+    assert load_dataset("csv", path=path, label_column="t1", task="regression")[0].y.tolist() == [0.5, 1.5]
+    with pytest.raises(DataError, match="classification takes one label column"):
+        load_dataset("csv", path=path, label_column=["t1", "t2"])

@@ -19,8 +19,10 @@ DATASETS = Registry("dataset", {
         "FedProx/LEAF Synthetic(alpha, beta): 60 features, 10 classes, natural clients "
         "(options alpha, beta, iid, n_clients, seed)",
     ),
-    "npz": (load_npz, "your .npz file: arrays x, y and optional client (option path)"),
-    "csv": (load_csv, "your CSV file: numeric features, a label column and optional client column (option path)"),
+    "npz": (load_npz, "your .npz file: arrays x, y, optional client and test split x_test, y_test "
+                      "(options path, task)"),
+    "csv": (load_csv, "your CSV file: numeric features, label column(s), optional client and train/test split "
+                      "columns (options path, label_column, client_column, split_column, task)"),
     "cifar10": (load_cifar10, "CIFAR-10 from torchvision's cifar-10-batches-py folder, 32x32 RGB, 10 classes, "
                               "official test split (options path, normalize)"),
     "cifar100": (load_cifar100, "CIFAR-100 from torchvision's cifar-100-python folder, 32x32 RGB, 100 fine or 20 "
