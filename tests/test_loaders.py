@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedloom.data import DataError, from_hf_dataset, load_dataset
+from fedloom.data import DataError, from_hf_dataset, from_torch_dataset, load_dataset
 from fedloom.data.cifar import CIFAR10, CIFAR100
 
 # ---------------------------------------------------------------- CIFAR
@@ -330,7 +330,7 @@ def test_hf_without_datasets_says_what_to_install(tmp_path, monkeypatch):
         load_dataset("hf", path=tmp_path / "t.parquet")
 
 
-# ---------------------------------------------------------------- own test splits and tasks
+# ---------------------------------------------------------------- own test splits, tasks, torch datasets
 
 
 def test_npz_own_test_split_and_regression(tmp_path):
@@ -373,3 +373,32 @@ def test_csv_regression_with_several_targets(tmp_path):
     assert load_dataset("csv", path=path, label_column="t1", task="regression")[0].y.tolist() == [0.5, 1.5]
     with pytest.raises(DataError, match="classification takes one label column"):
         load_dataset("csv", path=path, label_column=["t1", "t2"])
+
+
+def test_from_torch_dataset_tensors_and_pil_images():
+    from PIL import Image
+
+    x = torch.arange(12.0).reshape(4, 3)
+    data = from_torch_dataset(torch.utils.data.TensorDataset(x, torch.tensor([1, 0, 1, 2])), name="mine")
+    assert torch.equal(data.x, x) and data.y.tolist() == [1, 0, 1, 2] and data.n_classes == 3 and data.name == "mine"
+
+    class Folder(torch.utils.data.Dataset):
+        classes = ["a", "b", "c", "d", "e"]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return Image.fromarray(np.full((2, 3, 3), 51 * i, np.uint8)), i
+
+    images = from_torch_dataset(Folder())
+    assert images.input_shape == (3, 2, 3) and images.n_classes == 5 and torch.all(images.x[1] == 0.2)
+    pairs = [(torch.zeros(2), torch.tensor([0.5, 1.0]))] * 3
+    assert from_torch_dataset(pairs, task="regression").y.shape == (3, 2)
+
+
+def test_from_torch_dataset_errors():
+    with pytest.raises(DataError, match="mine: example 1 is a int, not an"):
+        from_torch_dataset([(1, 0), 5], name="mine")
+    with pytest.raises(DataError, match=r"every x must have one shape; example 0 has \(2,\), example 1 has \(3,\)"):
+        from_torch_dataset([(np.zeros(2), 0), (np.zeros(3), 1)])

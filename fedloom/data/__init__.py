@@ -2,6 +2,7 @@
 
 from .datasets import DataError, Dataset, from_arrays
 from .hf import from_hf_dataset
+from .torch_data import from_torch_dataset
 from .loaders import DATASETS, load_dataset
 from .federated import FederatedData, federate
 from .partition import PARTITIONERS, dirichlet, iid, natural, partition, quantity_skew, shards
@@ -16,6 +17,7 @@ __all__ = [
     "federate",
     "from_arrays",
     "from_hf_dataset",
+    "from_torch_dataset",
     "iid",
     "load_dataset",
     "natural",
