@@ -152,7 +152,8 @@ def test_cifar_missing_directory_or_file_lists_the_layout(tmp_path):
     (folder / "test_batch").unlink()
     with pytest.raises(DataError, match=rf"{folder} lacks test_batch; expected"):
         load_dataset("cifar10", path=tmp_path)
-    with pytest.raises(DataError, match=r"cifar-100-python/ holding train, test"):
+    with pytest.raises(DataError, match=rf"{tmp_path} has no cifar-100-python/ and lacks train, test; "
+                                        r"expected cifar-100-python/ holding train, test"):
         load_dataset("cifar100", path=tmp_path)
 
 

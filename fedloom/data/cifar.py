@@ -95,9 +95,9 @@ def _find_folder(path: str | Path, layout: CifarLayout) -> Path:
         raise DataError(f"{layout.name}: directory not found: {root}; expected {layout.describe()}, "
                         "or the directory that contains it")
     folder = next(f for f in candidates if f.is_dir())
-    missing = [name for name in layout.files if not (folder / name).is_file()]
-    raise DataError(f"{layout.name}: {folder} lacks {', '.join(missing)}; expected {layout.describe()}, "
-                    "or the directory that contains it")
+    missing = ", ".join(name for name in layout.files if not (folder / name).is_file())
+    where = f"{folder} lacks {missing}" if folder != root else f"{root} has no {layout.folder}/ and lacks {missing}"
+    raise DataError(f"{layout.name}: {where}; expected {layout.describe()}, or the directory that contains it")
 
 
 def _read_batch(path: Path, label_key: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
