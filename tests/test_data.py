@@ -32,8 +32,8 @@ def test_image_datasets(name, shape, size):
 
 
 def test_registry_lists_every_dataset_with_a_description():
-    assert set(DATASETS) == {"digits", "mnist5k", "synthetic", "npz", "csv",
-                             "femnist", "leaf_shakespeare", "shakespeare"}
+    assert set(DATASETS) == {"digits", "mnist5k", "synthetic", "npz", "csv", "cifar10", "cifar100", "hf",
+                             "femnist", "leaf_shakespeare", "shakespeare", "python"}
     assert all(callable(fn) and isinstance(text, str) and text for fn, text in DATASETS.values())
 
 
@@ -95,8 +95,8 @@ def test_synthetic_option_errors():
 
 
 def test_unknown_dataset_lists_names():
-    with pytest.raises(DataError, match=r"unknown dataset 'cifar'; available: csv, digits, femnist, leaf_shakespeare, "
-                                        "mnist5k, npz, shakespeare, synthetic"):
+    with pytest.raises(DataError, match=r"unknown dataset 'cifar'; available: cifar10, cifar100, csv, digits, femnist, "
+                                        "hf, leaf_shakespeare, mnist5k, npz, python, shakespeare, synthetic"):
         load_dataset("cifar")
 
 

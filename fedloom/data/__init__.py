@@ -1,6 +1,8 @@
 """Data: bundled and user datasets, partitioners, and the federated view engines read."""
 
 from .datasets import DataError, Dataset, from_arrays
+from .hf import from_hf_dataset
+from .torch_data import from_torch_dataset
 from .loaders import DATASETS, load_dataset
 from .federated import FederatedData, federate
 from .partition import (
@@ -32,6 +34,8 @@ __all__ = [
     "exponential_sizes",
     "federate",
     "from_arrays",
+    "from_hf_dataset",
+    "from_torch_dataset",
     "iid",
     "inner_dirichlet",
     "linear_sizes",

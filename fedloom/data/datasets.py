@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -249,55 +249,100 @@ def _check_finite(x: np.ndarray, source: str) -> None:
                         f"{int(bad.sum())} example(s) do. Clean or drop them before training")
 
 
-def load_npz(*, path: str | Path) -> tuple[Dataset, None]:
-    """A NumPy .npz with arrays ``x`` [N, ...] and ``y`` [N] (integer labels), optional ``client`` [N]."""
-    path = _check_file(path, "npz")
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+            return {key: archive[key] for key in archive.files}
     except (OSError, ValueError) as err:  # not a zip, or object arrays needing pickle
         raise DataError(f"{path}: not a readable .npz of numeric arrays ({err})") from err
+
+
+def load_npz(*, path: str | Path, task: str = "classification") -> tuple[Dataset, Dataset | None]:
+    """A NumPy .npz with arrays ``x`` [N, ...] and ``y`` [N] (integer labels; for ``task="regression"``
+    numbers [N] or [N, k]), optional ``client`` [N], and optionally its own test split ``x_test``, ``y_test``."""
+    path = _check_file(path, "npz")
+    arrays = _read_npz(path)
     missing = [key for key in ("x", "y") if key not in arrays]
     if missing:
         raise DataError(
             f"{path}: missing array(s) {', '.join(map(repr, missing))}; found {sorted(arrays) or 'none'}. "
-            "Expected 'x' [N, ...], 'y' [N] integer labels and optionally 'client' [N]"
+            "Expected 'x' [N, ...], 'y' [N] integer labels, optionally 'client' [N] and a test split 'x_test', 'y_test'"
         )
-    return from_arrays(arrays["x"], arrays["y"], path.stem, arrays.get("client"), str(path)), None
+    train = from_arrays(arrays["x"], arrays["y"], path.stem, arrays.get("client"), str(path), task=task)
+    has_test = [key for key in ("x_test", "y_test") if key in arrays]
+    if len(has_test) == 1:
+        raise DataError(f"{path}: has {has_test[0]!r} but not its pair; a test split needs both 'x_test' and 'y_test'")
+    if not has_test:
+        return train, None
+    return train, from_arrays(arrays["x_test"], arrays["y_test"], path.stem, source=f"{path} (x_test, y_test)",
+                              task=task)
 
 
-def load_csv(
-    *, path: str | Path, label_column: str = "label", client_column: str = "client"
-) -> tuple[Dataset, None]:
-    """A CSV with a header: one integer label column, an optional client column, numeric features."""
+def _read_csv(path: Path) -> Any:
     import pandas as pd
 
-    path = _check_file(path, "csv")
     try:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV file ({err})") from err
     if frame.empty:
         raise DataError(f"{path}: the data is empty (0 examples)")
-    columns = list(frame.columns)
-    if label_column not in frame:
-        raise DataError(f"{path}: no label column {label_column!r}; columns are {columns} (set label_column)")
-    if client_column not in frame and client_column != "client":  # the default column is optional
-        raise DataError(f"{path}: no client column {client_column!r}; columns are {columns}")
-    groups = frame.pop(client_column).to_numpy() if client_column in frame else None
-    labels = frame.pop(label_column)
-    for name, column in [(label_column, labels), *frame.items()]:
+    return frame
+
+
+def _csv_optional_columns(frame: Any, path: Path, client_column: str, split_column: str) -> list[str | None]:
+    """The client and split columns, None for a default one that is absent; a named one must exist."""
+    found = []
+    for role, name in (("client", client_column), ("split", split_column)):
+        if name not in frame and name != role:  # the default columns ("client", "split") are optional
+            raise DataError(f"{path}: no {role} column {name!r}; columns are {list(frame.columns)}")
+        found.append(name if name in frame else None)
+    return found
+
+
+def _check_csv_values(frame: Any, path: Path, not_features: list[str], split_column: str | None) -> None:
+    import pandas as pd
+
+    for name, column in frame.items():
         if column.isna().any():
             line = int(column.isna().to_numpy().argmax()) + 2  # 1-based, after the header
             raise DataError(f"{path}: column {name!r} has missing values (first on line {line})")
-        if name != label_column and not pd.api.types.is_numeric_dtype(column):
+        if name not in not_features and not pd.api.types.is_numeric_dtype(column):
             raise DataError(f"{path}: column {name!r} is not numeric; features must be numbers")
-    if groups is not None and pd.isna(groups).any():
-        raise DataError(f"{path}: column {client_column!r} has missing values")
-    if frame.shape[1] == 0:
-        raise DataError(f"{path}: no feature columns besides {label_column!r}")
-    x = frame.to_numpy(np.float32)
-    return from_arrays(x, labels.to_numpy(), path.stem, groups, str(path)), None
+    odd = [] if split_column is None else sorted(set(frame[split_column].astype(str)) - {"train", "test"})
+    if odd:
+        raise DataError(f"{path}: column {split_column!r} must hold 'train' or 'test', found {odd}")
+    if frame.shape[1] == len(not_features):
+        raise DataError(f"{path}: no feature columns besides {', '.join(map(repr, not_features))}")
+
+
+def load_csv(
+    *, path: str | Path, label_column: str | list[str] = "label", client_column: str = "client",
+    split_column: str = "split", task: Literal["classification", "regression"] = "classification",
+) -> tuple[Dataset, Dataset | None]:
+    """A CSV with a header: numeric features, an integer label column (``task="regression"``: one or
+    more numeric target columns), an optional client column, and an optional split column whose
+    'test' rows (the others are 'train') are the dataset's own test split."""
+    path = _check_file(path, "csv")
+    frame = _read_csv(path)
+    targets = [label_column] if isinstance(label_column, str) else list(label_column)
+    if task == "classification" and len(targets) != 1:
+        raise DataError(f"{path}: classification takes one label column, got {targets}")
+    absent = [name for name in targets if name not in frame]
+    if absent:
+        raise DataError(f"{path}: no label column{'s' * (len(absent) > 1)} {', '.join(map(repr, absent))}; columns are "
+                        f"{list(frame.columns)} (set label_column)")
+    client_column, split_column = _csv_optional_columns(frame, path, client_column, split_column)
+    not_features = [*targets, *(name for name in (client_column, split_column) if name)]
+    _check_csv_values(frame, path, not_features, split_column)
+    x = frame.drop(columns=not_features).to_numpy(np.float32)
+    y = frame[targets[0] if len(targets) == 1 else targets].to_numpy()
+    groups = frame[client_column].to_numpy() if client_column else None
+    test = (frame[split_column] == "test").to_numpy() if split_column else np.zeros(len(frame), bool)
+    train = from_arrays(x[~test], y[~test], path.stem, None if groups is None else groups[~test], str(path), task=task)
+    if not test.any():
+        return train, None
+    return train, from_arrays(x[test], y[test], path.stem, source=f"{path} (rows with {split_column}=test)", task=task)
 
 
 def build_checked(registry: Registry, name: str, options: dict[str, Any], *args: Any) -> Any:

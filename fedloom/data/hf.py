@@ -1,0 +1,179 @@
+"""Hugging Face ``datasets``, read from local files only: a ``save_to_disk`` directory, or parquet,
+CSV or JSON files. ``datasets`` is optional (``pip install fedloom[hf]``) and imported only here."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .datasets import DataError, Dataset, from_arrays
+from .images import array_images, pil_images
+
+if TYPE_CHECKING:
+    import datasets as hf
+
+_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+_LAYOUTS = ("a directory written by Dataset.save_to_disk or DatasetDict.save_to_disk, a directory of parquet/CSV/"
+            "JSON files (splits named by file names such as train.parquet, test.parquet), or one such file")
+
+
+def _import_datasets() -> Any:
+    """The ``datasets`` package, offline: fedloom reads local files only and must never reach the Hub."""
+    if "datasets" not in sys.modules:  # the Hub's offline switches are read once, when datasets is imported
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("Hugging Face datasets need the optional package 'datasets': "
+                        "pip install fedloom[hf]") from None
+    return datasets
+
+
+def _read_splits(path: Path, cache: str) -> dict[str, hf.Dataset]:
+    """Every split found at ``path``; a lone Dataset is the split 'train'. Files are converted into ``cache``."""
+    datasets = _import_datasets()
+    try:
+        if path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            loaded = datasets.load_dataset(str(path), cache_dir=cache, keep_in_memory=True)
+        else:
+            loaded = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files={"train": str(path)},
+                                           cache_dir=cache, keep_in_memory=True)
+    except Exception as err:  # datasets, pyarrow and pandas raise many kinds of errors for a bad file
+        raise DataError(f"{path}: not readable as a Hugging Face dataset ({type(err).__name__}: {err}); "
+                        f"expected {_LAYOUTS}") from None
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+
+
+def _check_path(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"hf dataset: not found: {path}; expected {_LAYOUTS}")
+    if path.is_file() and path.suffix.lower() not in _BUILDERS:
+        raise DataError(f"hf dataset: {path}: unknown file type {path.suffix!r}; "
+                        f"files are {', '.join(sorted(_BUILDERS))}")
+    return path
+
+
+def _pick_split(splits: dict[str, hf.Dataset], name: str, path: Path, option: str) -> hf.Dataset:
+    if name not in splits:
+        raise DataError(f"{path}: no split {name!r}; it has {', '.join(sorted(splits))} (set {option})")
+    return splits[name]
+
+
+def load_hf(*, path: str | Path, train_split: str = "train", test_split: str | None = "test",
+            label_column: str = "label", image_column: str | None = None, feature_columns: list[str] | None = None,
+            client_column: str | None = None, task: str = "classification") -> tuple[Dataset, Dataset | None]:
+    """A Hugging Face dataset from local files (see :func:`from_hf_dataset` for the columns).
+
+    ``test_split`` is returned as the official test split; the default 'test' is used when present,
+    another name must exist, and None uses none.
+    """
+    path = _check_path(path)
+
+    def convert(ds: hf.Dataset, split: str, clients: str | None) -> Dataset:
+        return from_hf_dataset(ds, label_column=label_column, image_column=image_column,
+                               feature_columns=feature_columns, client_column=clients, task=task, name=path.stem,
+                               source=f"{path} (split {split!r})")
+
+    with tempfile.TemporaryDirectory(prefix="fedloom-hf-") as cache:  # a private cache: nothing left behind
+        splits = _read_splits(path, cache)
+        train = convert(_pick_split(splits, train_split, path, "train_split"), train_split, client_column)
+        if test_split is None or (test_split == "test" and "test" not in splits):
+            return train, None
+        test = _pick_split(splits, test_split, path, "test_split")  # its client ids, if any, are not inputs
+        return train, convert(test, test_split, client_column if client_column in test.features else None)
+
+
+def from_hf_dataset(ds: hf.Dataset, *, label_column: str = "label", image_column: str | None = None,
+                    feature_columns: list[str] | None = None, client_column: str | None = None,
+                    task: str = "classification", name: str = "hf", source: str | None = None,
+                    n_classes: int | None = None) -> Dataset:
+    """A fedloom :class:`Dataset` from a ``datasets.Dataset``.
+
+    Inputs are ``image_column`` (an Image feature, or arrays: float32 [N, C, H, W] in [0, 1]) or
+    ``feature_columns`` (numeric scalars or fixed-shape arrays, several flattened side by side); by
+    default the one Image column, else every column but the label and client columns. ``label_column``
+    holds integer or ClassLabel labels (classification; n_classes from the ClassLabel), numbers
+    (regression) or token-id sequences (language_model). ``client_column`` (any ids) gives natural clients.
+    """
+    source = source or name
+    present = list(ds.features)
+    wanted = [label_column, image_column, client_column, *(feature_columns or [])]
+    absent = [column for column in wanted if column is not None and column not in present]
+    if absent:
+        raise DataError(f"{source}: no column(s) {', '.join(map(repr, absent))}; columns are {present}")
+    if image_column is None and feature_columns is None:
+        image_column, feature_columns = _default_inputs(ds, {label_column, client_column}, source)
+    x = _image_inputs(ds, image_column, source) if image_column else _feature_inputs(ds, feature_columns, source)
+    y, n_classes = _label_values(ds, label_column, task, source, n_classes)
+    groups = None if client_column is None else _numpy_column(ds, client_column)
+    return from_arrays(x, y, name, groups, source, n_classes, task)
+
+
+def _default_inputs(ds: hf.Dataset, others: set[str | None], source: str) -> tuple[str | None, list[str] | None]:
+    """The one Image column, or else every column that is neither label nor client."""
+    import datasets
+
+    images = [column for column, feature in ds.features.items() if isinstance(feature, datasets.Image)]
+    if len(images) > 1:
+        raise DataError(f"{source}: several image columns {images}; choose one with image_column")
+    if images:
+        return images[0], None
+    rest = [column for column in ds.features if column not in others]
+    if not rest:
+        raise DataError(f"{source}: no input columns besides the label")
+    return None, rest
+
+
+def _numpy_column(ds: hf.Dataset, column: str) -> np.ndarray:
+    return np.asarray(ds.select_columns([column]).with_format("numpy")[:][column])
+
+
+def _image_inputs(ds: hf.Dataset, column: str, source: str) -> np.ndarray:
+    import datasets
+
+    where = f"{source}, column {column!r}"
+    feature = ds.features[column]
+    if isinstance(feature, datasets.Image):
+        images = ds.select_columns([column])
+        if not feature.decode:  # stored undecoded (dicts of bytes): decode to PIL images
+            images = images.cast_column(column, datasets.Image())
+        return pil_images(list(images[column]), where)
+    return array_images(_numpy_column(ds, column), where)
+
+
+def _feature_inputs(ds: hf.Dataset, columns: list[str], source: str) -> np.ndarray:
+    """One column as it is ([N] or [N, ...]), several flattened and set side by side."""
+    if not columns:
+        raise DataError(f"{source}: feature_columns is empty")
+    arrays = []
+    for column in columns:
+        values = _numpy_column(ds, column)
+        if values.dtype.kind not in "iufb":
+            shape = "of different lengths" if values.dtype == object else f"of type {values.dtype}"
+            raise DataError(f"{source}: column {column!r} ({ds.features[column]}) must hold numbers or "
+                            f"fixed-shape arrays of numbers; its values are {shape}")
+        arrays.append(values)
+    return arrays[0] if len(arrays) == 1 else np.concatenate([a.reshape(len(a), -1) for a in arrays], axis=1)
+
+
+def _label_values(ds: hf.Dataset, column: str, task: str, source: str,
+           n_classes: int | None) -> tuple[np.ndarray, int | None]:
+    """The label column, and n_classes from a ClassLabel feature when not given."""
+    import datasets
+
+    values, feature = _numpy_column(ds, column), ds.features[column]
+    if isinstance(feature, datasets.ClassLabel) and n_classes is None and task == "classification":
+        n_classes = feature.num_classes
+    if task == "classification" and values.dtype.kind in "USO":
+        raise DataError(f"{source}: label column {column!r} holds {feature}; labels must be integers or a "
+                        f"ClassLabel (convert with class_encode_column({column!r}))")
+    return values, n_classes
