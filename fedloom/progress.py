@@ -1,10 +1,13 @@
-"""A live progress bar for long runs, showing the latest accuracy."""
+"""A live progress bar for long runs, showing the latest accuracy (or perplexity, or MSE)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+# the first of these a record carries is shown beside the training loss
+PROGRESS_METRICS = (("central_perplexity", "ppl"), ("central_accuracy", "acc"), ("central_mse", "mse"))
 
 
 class RoundProgress:
@@ -26,8 +29,10 @@ class RoundProgress:
         if not self.enabled:
             return
         status = f"loss {record['train_loss']:.3f}"
-        if "central_accuracy" in record:
-            status += f"  acc {record['central_accuracy']:.3f}"
+        for key, short in PROGRESS_METRICS:
+            if key in record:
+                status += f"  {short} {record[key]:.3f}"
+                break
         self._progress.update(self._task, advance=1, status=status)
 
     def __exit__(self, *exc: Any) -> None:

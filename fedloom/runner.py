@@ -31,9 +31,9 @@ from fedloom.tracking import RunDir, render_report
 from fedloom.tracking.rundir import CONFIG
 
 SLOW_ROUND_S = 1.0  # without checkpoint.every, a round slower than this is checkpointed
-SUMMARY_KEYS = ("central_accuracy", "central_loss", "federated_accuracy", "federated_accuracy_worst10",
-                "node_accuracy_mean", "node_accuracy_min", "consensus_distance", "bytes_per_node_total",
-                "train_loss", "bytes_up_total", "bytes_down_total", "epsilon", "wall_seconds")
+SUMMARY_PREFIXES = ("central_", "federated_", "node_", "xbar_")  # the task's metrics, whatever they are
+SUMMARY_KEYS = ("consensus_distance", "bytes_per_node_total", "train_loss", "bytes_up_total", "bytes_down_total",
+                "epsilon", "wall_seconds")
 
 
 @dataclass
@@ -234,6 +234,7 @@ def _summary(cfg: ExperimentConfig, result: RunResult, status: str, engine: str)
     algorithm = cfg.decentralized.algorithm if cfg.mode == "decentralized" else cfg.algorithm.name
     return {"name": cfg.name, "mode": cfg.mode, "status": status, "rounds_done": _rounds_done(result.history),
             "rounds": cfg.rounds, "algorithm": algorithm, "dataset": cfg.data.dataset, "engine": engine,
+            **{k: v for k, v in final.items() if k.startswith(SUMMARY_PREFIXES)},
             **{k: final[k] for k in SUMMARY_KEYS if k in final},
             "run_dir": str(result.run_dir) if result.run_dir else None}
 

@@ -27,6 +27,16 @@ LOSS_CURVES = {
     "central_loss": ("central (global test set)", "tab:blue", "-"),
     "federated_loss": ("federated (weighted mean over clients)", "tab:orange", "-"),
 }
+PERPLEXITY_CURVES = {  # language models
+    "central_perplexity": ("central (global test set)", "tab:blue", "-"),
+    "federated_perplexity": ("federated (all clients' test tokens)", "tab:orange", "-"),
+}
+ERROR_CURVES = {  # regression
+    "central_mse": ("central MSE (global test set)", "tab:blue", "-"),
+    "federated_mse": ("federated MSE (all clients)", "tab:orange", "-"),
+    "federated_mse_worst10": ("federated MSE (worst 10% of clients)", "tab:red", "--"),
+    "central_mae": ("central MAE (global test set)", "tab:cyan", ":"),
+}
 NODE_KEYS = ("node_accuracy_mean", "node_accuracy_min", "node_accuracy_max", "xbar_accuracy")
 MARKER_LIMIT = 60  # beyond this many points markers only clutter; below it they show sparse evaluations
 HEATMAP_CLIENTS = 100
@@ -115,6 +125,14 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path | None:
 
 def plot_loss(rows: list[dict], path: Path) -> Path | None:
     return _round_and_uplink(rows, LOSS_CURVES, "Loss", "loss (mean per example)", 1.0, path)
+
+
+def plot_perplexity(rows: list[dict], path: Path) -> Path | None:
+    return _round_and_uplink(rows, PERPLEXITY_CURVES, "Perplexity", "perplexity (exp of mean token loss)", 1.0, path)
+
+
+def plot_error(rows: list[dict], path: Path) -> Path | None:
+    return _round_and_uplink(rows, ERROR_CURVES, "Error", "mean error per example", 1.0, path)
 
 
 def _epsilon(row: dict) -> float | None:

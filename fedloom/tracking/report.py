@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .plots import by_round, plot_accuracy, plot_consensus, plot_graph, plot_loss, plot_nodes, plot_partition, plot_privacy
+from .plots import (by_round, plot_accuracy, plot_consensus, plot_error, plot_graph, plot_loss, plot_nodes, plot_partition,
+                    plot_perplexity, plot_privacy)
 from .rundir import CONFIG, GRAPH, PARTITION, SUMMARY, read_metrics, to_json, write_text_atomic
 
 REPORT = "report.html"
@@ -39,6 +40,8 @@ def render_report(run_dir: str | Path) -> Path:
     plots = [
         plot_accuracy(rows, run_dir / "accuracy.png"),
         plot_loss(rows, run_dir / "loss.png"),
+        plot_perplexity(rows, run_dir / "perplexity.png"),
+        plot_error(rows, run_dir / "error.png"),
         plot_privacy(rows, run_dir / "privacy.png"),
         plot_partition(partition, run_dir / "partition.png") if partition else None,
         plot_nodes(rows, run_dir / "nodes.png"),
