@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .datasets import DataError, Dataset
+from .datasets import IGNORE, DataError, Dataset
 from .loaders import NATURAL_CLIENTS
 from .partition import NEEDS_LABELS, partition
 
@@ -43,6 +43,15 @@ class FederatedData:
     def client_sizes(self) -> np.ndarray:
         """Training examples per client: FedAvg's aggregation weights."""
         return np.array([len(idx) for idx in self.train_idx], dtype=np.int64)
+
+    def size(self) -> dict:
+        """How big the federation is, for the summary: clients, training examples and, for a language
+        model, the training tokens (targets that are not padding)."""
+        size = {"n_clients": self.n_clients, "train_examples": int(self.client_sizes().sum())}
+        if self.task == "language_model":
+            trained = torch.cat(list(self.train_idx)) if self.n_clients else torch.zeros(0, dtype=torch.long)
+            size["train_tokens"] = int((self.y[trained] != IGNORE).sum())
+        return size
 
     def stats(self) -> dict:
         """JSON-able summary for the run directory; label_histogram counts each client's training labels

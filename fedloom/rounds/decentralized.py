@@ -227,7 +227,7 @@ class DecentralizedRound:
         return self.model
 
     def describe(self, state: State) -> dict[str, Any]:
-        return {"topology": self.cfg.topology.name, "spectral_gap": self.topology.static_gap(),
+        return {**self.data.size(), "topology": self.cfg.topology.name, "spectral_gap": self.topology.static_gap(),
                 **engine_notes(self.cfg, self.model, self.engine_name)}
 
     def graph_record(self) -> dict[str, Any] | None:

@@ -123,7 +123,8 @@ class FederatedRound:
         return self.model
 
     def describe(self, state: State) -> dict[str, Any]:
-        described = {"pipeline": self.pipeline.steps(), **engine_notes(self.cfg, self.model, self.engine_name)}
+        described = {**self.data.size(), "pipeline": self.pipeline.steps(),
+                     **engine_notes(self.cfg, self.model, self.engine_name)}
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
             described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
         return described
