@@ -175,3 +175,26 @@ def test_a_model_that_fails_while_being_built_is_one_message():
 def test_handed_over_names_without_the_data_are_a_clear_error():
     with pytest.raises(Exception, match=r"data.dataset = 'python' is data handed to fedloom.run\(data=...\)"):
         run(None, [*QUICK, "rounds=1", "data.dataset=python"])
+
+
+def test_a_regression_npz_runs_from_the_config_alone_and_plots_its_errors(tmp_path):
+    arrays = regression_data(n=300)
+    np.savez(tmp_path / "houses.npz", x=arrays["x"], y=arrays["y"])
+    result = run(None, [f"output.dir={str(tmp_path / 'runs')!r}", "output.progress=false", "rounds=3",
+                        "data.dataset=npz", f"data.options.path={str(tmp_path / 'houses.npz')!r}",
+                        "data.options.task=regression", "partition.name=iid", "data.n_clients=5",
+                        "model.name=logistic", "client.lr=0.05"])
+    assert result.summary["central_mse"] < result.history[0]["central_mse"]
+    assert (result.run_dir / "error.png").is_file() and not (result.run_dir / "accuracy.png").exists()
+    partition = (result.run_dir / "partition.json").read_text()
+    assert '"task": "regression"' in partition and "label_histogram" not in partition
+
+
+def test_a_language_model_run_reports_tokens_and_plots_perplexity(tmp_path):
+    result = run(None, [f"output.dir={str(tmp_path / 'runs')!r}", "output.progress=false", "rounds=2",
+                        "partition.name=iid", "data.n_clients=4", "model.name=transformer",
+                        "model.options.d_model=8", "model.options.heads=2", "model.options.layers=1"],
+                 data=token_data(n=40))
+    train = result.summary["train_examples"]
+    assert result.summary["n_clients"] == 4 and result.summary["train_tokens"] < 12 * train
+    assert (result.run_dir / "perplexity.png").is_file() and "central_perplexity" in result.summary
