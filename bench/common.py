@@ -358,9 +358,10 @@ def command(name: str, spec: Path, rounds: int | None, python: str | None = None
 
 def run_workload(w: Workload, contestants: list[str], rounds: int | None, timeout: float,
                  extra_args: dict[str, list[str]] | None = None, tag: str | None = None,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, deadline: float | None = None) -> dict[str, Any]:
     """Prepare the data, run every contestant in turn, return the full record. ``device`` (cuda, cuda:N)
-    passes --device to every driver and gives the peers their CUDA venvs."""
+    passes --device to every driver and gives the peers their CUDA venvs; past ``deadline`` (a time.time())
+    the contestants left are skipped and the one running is cut short."""
     tag = tag or (f"{w.name}-{rounds}r" if rounds and rounds != w.rounds else w.name)
     extra_args = extra_args or {}
     began = time.time()
@@ -372,7 +373,10 @@ def run_workload(w: Workload, contestants: list[str], rounds: int | None, timeou
     prepare_seconds = time.perf_counter() - t
     results, notes = [], []
     for name in contestants:
-        python = None
+        python, left = None, (deadline - time.time()) if deadline else timeout
+        if left < 10:
+            results.append({"name": name, "status": "skipped: the time budget is spent"})
+            continue
         if name in PEER_PACKAGES:
             python, error = ensure_venv(name, notes, cuda=bool(device and device.startswith("cuda")))
             if error:
@@ -380,7 +384,7 @@ def run_workload(w: Workload, contestants: list[str], rounds: int | None, timeou
                 print(f"[bench] {name}: not installed: {error}", file=sys.stderr)
                 continue
         extra = [*extra_args.get(name, []), *(["--device", device] if device else [])]
-        res = run_contestant(name, command(name, spec, None, python, extra), timeout,
+        res = run_contestant(name, command(name, spec, None, python, extra), min(timeout, left),
                              CACHE / "logs" / f"{tag}-{name}.log")
         if python:
             res["version"] = peer_version(python, name)
@@ -562,12 +566,16 @@ def save(record: dict[str, Any], extra_md: list[str] = ()) -> str:
     return md
 
 
-def cli(description: str, default_rounds: int, contestants: list[str] = CONTESTANTS) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def cli(description: str, default_rounds: int | str, contestants: list[str] = CONTESTANTS,
+        add_args: Any = None) -> argparse.Namespace:
+    """The workload commands' options; ``add_args(parser)`` adds a command's own."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(contestants),
                         help=f"comma-separated contestants (default: {','.join(contestants)})")
     parser.add_argument("--rounds", type=int, default=None, help=f"rounds (default {default_rounds})")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per contestant (default 600)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per contestant (default %(default)g)")
+    if add_args:
+        add_args(parser)
     args = parser.parse_args()
     args.only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in args.only if c not in contestants]
