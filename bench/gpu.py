@@ -100,8 +100,8 @@ def gpu_name(device: str) -> str:
     """The GPU as a child process sees it (a fresh interpreter, as every contestant is)."""
     if device == "cpu":
         return "cpu"
-    code = (f"import torch; p = torch.cuda.get_device_properties({device!r}); "
-            "print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}')")
+    code = (f"import torch; p = torch.cuda.get_device_properties({device!r}); print(f'{{p.name}}, "
+            "{p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}')")
     out = subprocess.run([FEDLOOM_PYTHON, "-c", code], capture_output=True, text=True)
     return out.stdout.strip() or f"unknown ({out.stderr.strip()[-200:]})"
 
@@ -141,8 +141,9 @@ def own_args(parser) -> None:
 def main() -> None:
     args = cli(__doc__, "W1 5, W3 15, CIFAR 20", CONTESTANTS, own_args)
     workloads = [k.strip() for k in args.workloads.split(",") if k.strip()]
-    if set(workloads) - set(WORKLOADS):
-        raise SystemExit(f"error: unknown workload(s) {sorted(set(workloads) - set(WORKLOADS))}; choose from {WORKLOADS}")
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        raise SystemExit(f"error: unknown workload(s) {unknown}; choose from {WORKLOADS}")
     device = checked_device(args.device, args.allow_cpu)
     contestants = [c for c in args.only if device != "cpu" or c != "flower"]
     deadline, gpu = time.time() + args.budget, gpu_name(device)
