@@ -192,19 +192,24 @@ def ensure_venv(peer: str, log: list[str], cuda: bool = False) -> tuple[str | No
         check = subprocess.run([str(python), "-c", check_code], capture_output=True, text=True)
         if check.returncode == 0:
             return str(python), None
-    if cuda and not reachable("pypi.org", 443):
+    proxied = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if cuda and not proxied and not reachable("pypi.org", 443):
         # a machine without the internet (the GPU machines here): say so at once rather than let pip retry
-        return None, (f"{venv} does not exist yet and PyPI (pypi.org:443) cannot be reached from this machine, "
+        return None, (f"{venv} is not built, and PyPI (pypi.org:443) cannot be reached from this machine, "
                       f"so it cannot be built here (python -m venv, pip install --index-url {PYPI} {TORCH_PIN}, "
                       f"then {' '.join(PEER_PACKAGES[peer])}); {peer} is left out")
     log.append(f"installing {peer} into {venv} ...")
     print(f"[bench] installing {peer} into {venv} (once) ...", file=sys.stderr, flush=True)
     torch_from = ["--index-url", PYPI] if cuda else []
+    # PyPI alone for the CUDA venv: a configured find-links or extra index (a CPU wheel house) would offer
+    # torch 2.13.0+cpu, which pip ranks above PyPI's 2.13.0
+    pip_env = {**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+               "PIP_CONFIG_FILE": os.devnull} if cuda else None
     steps = [[sys.executable, "-m", "venv", str(venv)],
              [str(python), "-m", "pip", "install", "-q", *torch_from, TORCH_PIN],
-             [str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES[peer], "numpy"]]
+             [str(python), "-m", "pip", "install", "-q", *torch_from, *PEER_PACKAGES[peer], "numpy"]]
     for cmd in steps:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=pip_env)
         if proc.returncode != 0:
             err = _tail(_drop_pip_noise(proc.stderr + proc.stdout), 30)
             return None, f"`{' '.join(cmd[-3:])}` failed (exit {proc.returncode}):\n{err}"

@@ -102,6 +102,8 @@ def main() -> None:
                       # a Ray instance of its own (never one another process on this machine started)
                       "init_args": {"address": "local", "include_dashboard": False, "log_to_driver": False,
                                     "_temp_dir": os.path.join(os.path.dirname(spec_path), "ray")}}
+    if args.device != "cpu":  # Ray's GPUs said outright, as torch sees them, not left to its own detection
+        backend_config["init_args"]["num_gpus"] = torch.cuda.device_count()
     run_simulation(server_app=make_server(w, spec_path, rounds, args.device), client_app=client_app,
                    num_supernodes=w.n_clients, backend_config=backend_config)
     if "round_seconds" not in OUT:
