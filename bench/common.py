@@ -51,6 +51,11 @@ PEER_PACKAGES = {
     "pfl": ["pfl==0.6.0"],
 }
 PEER_IMPORT = {"flower": "import flwr, ray; print(flwr.__version__)", "pfl": "import pfl; print(pfl.__version__)"}
+# On a GPU the peers get their own venv (bench/.venvs/<peer>-cuda) with torch from PyPI itself: there the
+# Linux x86-64 wheel of torch==2.13.0 is the CUDA build (about 2.5 GB with its nvidia-* wheels), whatever
+# index (a CPU-only one) pip is configured with elsewhere
+PYPI = "https://pypi.org/simple"
+CUDA_CHECK = "; import torch; assert torch.cuda.is_available(), 'torch ' + torch.__version__ + ' sees no CUDA device'"
 
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0",
@@ -112,10 +117,16 @@ def prepare(w: Workload) -> Path:
     """Write the workload's data (fedloom's partition) and spec in a subprocess, so the
     harness itself never holds the data; return the spec path."""
     out = subprocess.run([FEDLOOM_PYTHON, __file__, "--prepare", json.dumps(asdict(w))], capture_output=True,
-                         text=True, env={**os.environ, **THREAD_ENV})
+                         text=True, env={**os.environ, **THREAD_ENV, "PYTHONPATH": fedloom_path()})
     if out.returncode != 0:
         raise RuntimeError(f"preparing {w.name} failed:\n{out.stderr[-3000:]}")
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def fedloom_path(*first: str) -> str:
+    """PYTHONPATH for fedloom's interpreter: this checkout's fedloom (the code fedloom_commit names, not
+    another install of it), then the caller's PYTHONPATH (wheels unpacked aside on a bare machine)."""
+    return os.pathsep.join([*first, str(BENCH.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def _prepare_here(w: Workload) -> Path:
@@ -169,31 +180,54 @@ def _prepare_here(w: Workload) -> Path:
 
 # ----------------------------------------------------------------------------- peer environments
 
-def ensure_venv(peer: str, log: list[str]) -> tuple[str | None, str | None]:
-    """(python of the peer's venv, error). Creates bench/.venvs/<peer> on first use."""
-    venv = VENVS / peer
+def ensure_venv(peer: str, log: list[str], cuda: bool = False) -> tuple[str | None, str | None]:
+    """(python of the peer's venv, error). Creates bench/.venvs/<peer> (with ``cuda``: <peer>-cuda, a CUDA
+    torch from PyPI) on first use."""
+    venv = VENVS / (f"{peer}-cuda" if cuda else peer)
     python = venv / "bin" / "python"
     marker = venv / ".bench-installed"
-    wanted = json.dumps([TORCH_PIN, *PEER_PACKAGES[peer]])
+    wanted = json.dumps([TORCH_PIN, *PEER_PACKAGES[peer]] + (["cuda"] if cuda else []))
+    check_code = PEER_IMPORT[peer] + (CUDA_CHECK if cuda else "")
     if python.exists() and marker.exists() and marker.read_text() == wanted:
-        check = subprocess.run([str(python), "-c", PEER_IMPORT[peer]], capture_output=True, text=True)
+        check = subprocess.run([str(python), "-c", check_code], capture_output=True, text=True)
         if check.returncode == 0:
             return str(python), None
+    proxied = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if cuda and not proxied and not reachable("pypi.org", 443):
+        # a machine without the internet (the GPU machines here): say so at once rather than let pip retry
+        return None, (f"{venv} is not built, and PyPI (pypi.org:443) cannot be reached from this machine, "
+                      f"so it cannot be built here (python -m venv, pip install --index-url {PYPI} {TORCH_PIN}, "
+                      f"then {' '.join(PEER_PACKAGES[peer])}); {peer} is left out")
     log.append(f"installing {peer} into {venv} ...")
     print(f"[bench] installing {peer} into {venv} (once) ...", file=sys.stderr, flush=True)
+    torch_from = ["--index-url", PYPI] if cuda else []
+    # PyPI alone for the CUDA venv: a configured find-links or extra index (a CPU wheel house) would offer
+    # torch 2.13.0+cpu, which pip ranks above PyPI's 2.13.0
+    pip_env = {**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+               "PIP_CONFIG_FILE": os.devnull} if cuda else None
     steps = [[sys.executable, "-m", "venv", str(venv)],
-             [str(python), "-m", "pip", "install", "-q", TORCH_PIN],
-             [str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES[peer], "numpy"]]
+             [str(python), "-m", "pip", "install", "-q", *torch_from, TORCH_PIN],
+             [str(python), "-m", "pip", "install", "-q", *torch_from, *PEER_PACKAGES[peer], "numpy"]]
     for cmd in steps:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=pip_env)
         if proc.returncode != 0:
             err = _tail(_drop_pip_noise(proc.stderr + proc.stdout), 30)
             return None, f"`{' '.join(cmd[-3:])}` failed (exit {proc.returncode}):\n{err}"
-    check = subprocess.run([str(python), "-c", PEER_IMPORT[peer]], capture_output=True, text=True)
+    check = subprocess.run([str(python), "-c", check_code], capture_output=True, text=True)
     if check.returncode != 0:
         return None, f"installed, but the import fails:\n{_tail(check.stderr, 30)}"
     marker.write_text(wanted)
     return str(python), None
+
+
+def reachable(host: str, port: int, timeout: float = 5.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _drop_pip_noise(text: str) -> str:
@@ -257,7 +291,8 @@ class TreeRss:
 
 def run_contestant(name: str, cmd: list[str], timeout: float, log_path: Path) -> dict[str, Any]:
     """Run one driver; return its result dict plus wall time, peak tree RSS and status."""
-    env = {**os.environ, **THREAD_ENV, "PYTHONPATH": str(PEERS)}
+    env = {**os.environ, **THREAD_ENV,
+           "PYTHONPATH": fedloom_path(str(PEERS)) if cmd[0] == FEDLOOM_PYTHON else str(PEERS)}
     print(f"[bench] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -327,8 +362,11 @@ def command(name: str, spec: Path, rounds: int | None, python: str | None = None
 
 
 def run_workload(w: Workload, contestants: list[str], rounds: int | None, timeout: float,
-                 extra_args: dict[str, list[str]] | None = None, tag: str | None = None) -> dict[str, Any]:
-    """Prepare the data, run every contestant in turn, return the full record."""
+                 extra_args: dict[str, list[str]] | None = None, tag: str | None = None,
+                 device: str | None = None, deadline: float | None = None) -> dict[str, Any]:
+    """Prepare the data, run every contestant in turn, return the full record. ``device`` (cuda, cuda:N)
+    passes --device to every driver and gives the peers their CUDA venvs; past ``deadline`` (a time.time())
+    the contestants left are skipped and the one running is cut short."""
     tag = tag or (f"{w.name}-{rounds}r" if rounds and rounds != w.rounds else w.name)
     extra_args = extra_args or {}
     began = time.time()
@@ -340,14 +378,18 @@ def run_workload(w: Workload, contestants: list[str], rounds: int | None, timeou
     prepare_seconds = time.perf_counter() - t
     results, notes = [], []
     for name in contestants:
-        python = None
+        python, left = None, (deadline - time.time()) if deadline else timeout
+        if left < 10:
+            results.append({"name": name, "status": "skipped: the time budget is spent"})
+            continue
         if name in PEER_PACKAGES:
-            python, error = ensure_venv(name, notes)
+            python, error = ensure_venv(name, notes, cuda=bool(device and device.startswith("cuda")))
             if error:
                 results.append({"name": name, "status": "not installed", "error": error})
                 print(f"[bench] {name}: not installed: {error}", file=sys.stderr)
                 continue
-        res = run_contestant(name, command(name, spec, None, python, extra_args.get(name, [])), timeout,
+        extra = [*extra_args.get(name, []), *(["--device", device] if device else [])]
+        res = run_contestant(name, command(name, spec, None, python, extra), min(timeout, left),
                              CACHE / "logs" / f"{tag}-{name}.log")
         if python:
             res["version"] = peer_version(python, name)
@@ -358,6 +400,7 @@ def run_workload(w: Workload, contestants: list[str], rounds: int | None, timeou
         "machine": machine(), "fedloom_commit": fedloom_commit(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "prepare_seconds": prepare_seconds, "elapsed_seconds": time.time() - began,
         "threads": "OMP/MKL/OPENBLAS_NUM_THREADS=1 and torch.set_num_threads(1) in every process",
+        "device": device or "cpu",
         "results": results, "notes": notes,
     }
     add_ratios(record)
@@ -443,7 +486,7 @@ def markdown(record: dict[str, Any], reference: str = "fedloom-vectorized") -> s
             "peak RSS MiB", "test accuracy", *[f"{reference} speedup vs {o}" for o in others]]
     lines = [f"**{record['tag']}**: {w['title']}, {w['rounds']} rounds — {record['date']}, {record['machine']['cpu']}, "
              f"{record['machine']['cores']} cores, torch {record['machine']['torch']}, "
-             f"fedloom {record.get('fedloom_commit', '?')}, one thread each; "
+             f"fedloom {record.get('fedloom_commit', '?')}, {record.get('where', 'one thread each')}; "
              f"load average before/after {record['load_average_before'][0]:.2f}/{record['load_average_after'][0]:.2f}",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = next((r for r in ok if r["name"] == reference), None)
@@ -509,25 +552,35 @@ def chart(record: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def report(record: dict[str, Any], extra_md: list[str] = ()) -> str:
+    """The table, the extra lines and the end of each failed contestant's error."""
+    md = markdown(record) + ("\n\n" + "\n".join(extra_md) if extra_md else "")
+    failures = [r for r in record["results"] if r.get("status") not in ("ok", None)]
+    for r in failures:
+        md += f"\n\n{r['name']} ({r['status']}):\n```\n{_tail(r.get('error', ''), 12)}\n```"
+    return md
+
+
 def save(record: dict[str, Any], extra_md: list[str] = ()) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = record["tag"]
     (RESULTS / f"{tag}.json").write_text(json.dumps(record, indent=1))
     chart(record, RESULTS / f"{tag}.png")
-    md = markdown(record) + ("\n\n" + "\n".join(extra_md) if extra_md else "")
-    failures = [r for r in record["results"] if r.get("status") not in ("ok", None)]
-    for r in failures:
-        md += f"\n\n{r['name']} ({r['status']}):\n```\n{_tail(r.get('error', ''), 12)}\n```"
+    md = report(record, extra_md)
     (RESULTS / f"{tag}.md").write_text(md + "\n")
     return md
 
 
-def cli(description: str, default_rounds: int, contestants: list[str] = CONTESTANTS) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def cli(description: str, default_rounds: int | str, contestants: list[str] = CONTESTANTS,
+        add_args: Any = None) -> argparse.Namespace:
+    """The workload commands' options; ``add_args(parser)`` adds a command's own."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(contestants),
                         help=f"comma-separated contestants (default: {','.join(contestants)})")
     parser.add_argument("--rounds", type=int, default=None, help=f"rounds (default {default_rounds})")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per contestant (default 600)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per contestant (default %(default)g)")
+    if add_args:
+        add_args(parser)
     args = parser.parse_args()
     args.only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in args.only if c not in contestants]

@@ -1,6 +1,6 @@
 """fedloom as a user runs it: ``fedloom.run(config)``, one engine.
 
-    python fedloom_driver.py SPEC.json --engine vectorized|serial [--rounds N] [--profile out.prof]
+    python fedloom_driver.py SPEC.json --engine vectorized|serial [--rounds N] [--device cuda] [--profile out.prof]
 
 The config comes from the workload JSON (bench/common.py wrote it from the same
 settings that built the shared .npz, so fedloom rebuilds exactly that data,
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("spec")
     parser.add_argument("--engine", choices=["vectorized", "serial"], required=True)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--device", default=None, help="engine.device (default: the workload's, auto)")
     parser.add_argument("--profile", default=None, help="write cProfile stats of the whole run here")
     args = parser.parse_args()
     one_thread()
@@ -35,6 +36,8 @@ def main() -> None:
         spec = json.load(f)
     config = json.loads(json.dumps(spec["fedloom_config"]))
     config["engine"] = {**config.get("engine", {}), "name": args.engine}
+    if args.device:
+        config["engine"]["device"] = args.device
     if args.rounds:
         config["rounds"] = args.rounds
         config["evaluation"]["every"] = args.rounds
@@ -55,7 +58,7 @@ def main() -> None:
     times = [h["round_seconds"] for h in result.history]
     first_round_start = result.history[0]["wall_seconds"] - times[0] if result.history else 0.0
     emit({"round_seconds": times, "accuracy": result.final.get("central_accuracy"),
-          "rounds_done": len(times), "engine": result.summary.get("engine"),
+          "rounds_done": len(times), "engine": result.summary.get("engine"), "device": result.summary.get("device"),
           "setup_seconds": None, "experiment_setup_to_first_round": first_round_start,
           "torch_threads_after": torch.get_num_threads()})
 

@@ -1,6 +1,6 @@
 """Flower (flwr[simulation]==1.22.0) on the benchmark workload.
 
-    python flower_driver.py SPEC.json [--rounds N] [--cpus-per-client 1]
+    python flower_driver.py SPEC.json [--rounds N] [--cpus-per-client 1] [--device cuda --gpus-per-client 0.1]
 
 run_simulation with a ServerApp (flwr.serverapp.strategy.FedAvg, no federated
 evaluation) and the ClientApp of flower_client.py on the Ray backend, one
@@ -8,6 +8,9 @@ virtual SuperNode per client. The strategy samples its nodes as usual and
 tells each one which client's data to train (the round's client ids, shared by
 every contestant). A round's time runs from configure_train to the end of
 aggregate_train. Final accuracy: the global model on the global test set.
+
+--device cuda: the ClientApps train on the GPU, each Ray actor asking for
+--gpus-per-client of it (0.1: ten actors share one GPU); the server stays on the CPU.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class TimedFedAvg(FedAvg):
         return out
 
 
-def make_server(w, spec_path: str, rounds: int) -> ServerApp:
+def make_server(w, spec_path: str, rounds: int, device: str) -> ServerApp:
     spec = w.spec
     server = ServerApp()
 
@@ -67,7 +70,7 @@ def make_server(w, spec_path: str, rounds: int) -> ServerApp:
                                fraction_evaluate=0.0)
         model = w.model()
         train_config = ConfigRecord({"lr": spec["lr"], "epochs": spec["epochs"], "batch-size": spec["batch_size"],
-                                     "seed": 0, "spec": spec_path})
+                                     "seed": 0, "spec": spec_path, "device": device})
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
                                 train_config=train_config)
         model.load_state_dict(result.arrays.to_torch_state_dict())
@@ -83,21 +86,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--cpus-per-client", type=float, default=1.0,
                         help="Ray resources per ClientApp actor: 1 gives one actor per core")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: where the ClientApps train")
+    parser.add_argument("--gpus-per-client", type=float, default=None,
+                        help="Ray's GPU share per ClientApp actor (default 0.1 with --device cuda, else 0)")
     args = parser.parse_args()
+    gpus = args.gpus_per_client if args.gpus_per_client is not None else (0.1 if args.device != "cpu" else 0.0)
+    if args.device != "cpu" and gpus <= 0:
+        # Ray hides the GPUs (CUDA_VISIBLE_DEVICES="") from actors that ask for none
+        parser.error("--device cuda needs --gpus-per-client above 0")
     one_thread()
     spec_path = os.path.abspath(args.spec)
     w = load_workload(spec_path)
     rounds = args.rounds or w.spec["rounds"]
-    backend_config = {"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": 0.0},
+    backend_config = {"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": gpus},
                       # a Ray instance of its own (never one another process on this machine started)
                       "init_args": {"address": "local", "include_dashboard": False, "log_to_driver": False,
                                     "_temp_dir": os.path.join(os.path.dirname(spec_path), "ray")}}
-    run_simulation(server_app=make_server(w, spec_path, rounds), client_app=client_app,
+    if args.device != "cpu":  # Ray's GPUs said outright, as torch sees them, not left to its own detection
+        backend_config["init_args"]["num_gpus"] = torch.cuda.device_count()
+    run_simulation(server_app=make_server(w, spec_path, rounds, args.device), client_app=client_app,
                    num_supernodes=w.n_clients, backend_config=backend_config)
     if "round_seconds" not in OUT:
         raise SystemExit("Flower finished without running the rounds (see the log above)")
     emit({"round_seconds": OUT["round_seconds"], "accuracy": OUT["accuracy"], "rounds_done": len(OUT["round_seconds"]),
-          "actors": int(os.cpu_count() // args.cpus_per_client), "flwr_client_resources": args.cpus_per_client,
+          "actors": int(min(os.cpu_count() // args.cpus_per_client, int(1 / gpus + 1e-9) if gpus else float("inf"))),
+          "flwr_client_resources": args.cpus_per_client, "flwr_client_gpus": gpus, "device": args.device,
           "torch_threads_driver": torch.get_num_threads()})
 
 

@@ -6,7 +6,11 @@
   contestant trains on identical client data, starts from the same initial
   weights and samples the same clients each round);
 - ``build_model``: the same architectures as fedloom.models (same nn.Sequential
-  layout, so parameter names match and the initial weights load by name);
+  layout, so parameter names match and the initial weights load by name; the
+  ResNets are fedloom's own file, which needs only torch);
+- ``Workload.to(device)`` and ``sync``: a contestant on a GPU holds the whole
+  data set there (as fedloom does when it fits ``engine.data_on_device_gb``)
+  and waits for the device before it stops a round's clock;
 - ``accuracy``: accuracy on the global test set;
 - ``emit``: the one JSON line a driver prints for bench/common.py to read.
 """
@@ -19,6 +23,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +56,14 @@ class Workload:
         self.sampled = arrays["sampled"]  # [rounds, clients_per_round] client ids
         self.init = {k[len("init/"):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("init/")}
 
+    def to(self, device: str) -> "Workload":
+        """Every example, index and the initial weights on ``device``, once (no copy per batch)."""
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        self.x_test, self.y_test = self.x_test.to(device), self.y_test.to(device)
+        self.train_idx = [i.to(device) for i in self.train_idx]
+        self.init = {k: v.to(device) for k, v in self.init.items()}
+        return self
+
     @property
     def n_clients(self) -> int:
         return len(self.train_idx)
@@ -62,7 +75,7 @@ class Workload:
     def model(self) -> nn.Module:
         m = build_model(self.spec["model"], tuple(self.x.shape[1:]), self.spec["n_classes"], self.spec.get("hidden"))
         m.load_state_dict(self.init)
-        return m
+        return m.to(self.x.device)
 
 
 def load_workload(spec_path: str) -> Workload:
@@ -95,7 +108,21 @@ def build_model(name: str, input_shape: tuple[int, ...], n_classes: int, hidden=
         flat = 16 * (height // 4) * (width // 4)
         return nn.Sequential(features, nn.Flatten(), nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
                              nn.Linear(84, n_classes))
+    if name in ("resnet20", "resnet18"):
+        return getattr(_fedloom_resnet(), name)(input_shape, n_classes)
     raise ValueError(f"unknown model {name!r}")
+
+
+def _fedloom_resnet():
+    """fedloom/models/resnet.py loaded from its file: the very model fedloom builds (same parameter
+    names), without the fedloom package, which the peers' venvs do not have."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "fedloom" / "models" / "resnet.py"
+    spec = importlib.util.spec_from_file_location("fedloom_models_resnet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @torch.no_grad()
@@ -130,16 +157,24 @@ def emit(result: dict) -> None:
     sys.stdout.flush()
 
 
-class Clock:
-    """Round timestamps: ``lap()`` at the end of each round."""
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work, so a round's time includes it (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self):
+
+class Clock:
+    """Round timestamps: ``start_round()`` and ``end_round()`` around each round."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
         self.t0 = time.perf_counter()
         self.rounds: list[float] = []
         self._last = None
+        self.device = device
 
     def start_round(self) -> None:
         self._last = time.perf_counter()
 
     def end_round(self) -> None:
+        sync(self.device)
         self.rounds.append(time.perf_counter() - self._last)
