@@ -65,10 +65,11 @@ def registries() -> dict[str, "Registry"]:  # noqa: F821
     from fedloom.data import DATASETS, PARTITIONERS
     from fedloom.models import MODELS
     from fedloom.pipeline.transforms import TRANSFORMS
+    from fedloom.tasks import TASKS
     from fedloom.topology import TOPOLOGIES
 
     return {"algorithms (algorithm.name)": ALGORITHMS, "datasets (data.dataset)": DATASETS,
-            "partitioners (partition.name)": PARTITIONERS, "models (model.name)": MODELS,
+            "partitioners (partition.name)": PARTITIONERS, "models (model.name)": MODELS, "tasks (task.name)": TASKS,
             "aggregators (server.aggregator.name)": AGGREGATORS, "server transforms (server.transforms)": TRANSFORMS,
             "attacks on updates (attack.name)": ATTACKS, "data attacks (attack.name)": DATA_ATTACKS,
             "compressors (compression.name)": COMPRESSORS, "error feedback (compression.feedback)": FEEDBACK,

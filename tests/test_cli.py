@@ -69,7 +69,8 @@ def test_list_names_every_kind_of_building_block():
     assert done.returncode == 0
     for word in ("fedavg", "scaffold", "fedyogi", "digits", "mnist5k", "synthetic", "dirichlet", "shards",
                  "pathological", "dirichlet_classwise", "inner_dirichlet", "exponential",
-                 "cnn", "mean", "serial", "label_flip", "alie"):
+                 "cnn", "mean", "serial", "label_flip", "alie", "resnet20", "transformer", "language_model",
+                 "regression", "femnist", "shakespeare", "cifar10"):
         assert word in done.stdout
 
 
