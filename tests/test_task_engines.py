@@ -198,3 +198,17 @@ def test_a_language_model_run_reports_tokens_and_plots_perplexity(tmp_path):
     train = result.summary["train_examples"]
     assert result.summary["n_clients"] == 4 and result.summary["train_tokens"] < 12 * train
     assert (result.run_dir / "perplexity.png").is_file() and "central_perplexity" in result.summary
+
+
+def test_data_from_python_as_arrays_a_dict_with_a_test_split_or_a_torch_dataset():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(120, 4)).astype(np.float32), rng.integers(0, 3, 120)
+    overrides = [*QUICK, "rounds=1", "partition.name=iid", "data.n_clients=4", "model.name=logistic"]
+    arrays = run(None, overrides, data=(x, torch.from_numpy(y)))
+    assert arrays.summary["train_examples"] == 76  # 96 after the global test set, 19 of each client's 24
+    split = run(None, overrides, data={"x": x[:100], "y": y[:100], "x_test": x[100:], "y_test": y[100:]})
+    assert split.summary["train_examples"] == 80  # no global test set held out: the given one is used
+    tensors = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    assert run(None, overrides, data=tensors).summary["train_examples"] == 76
+    with pytest.raises(Exception, match="data: a str is not data fedloom reads"):
+        run(None, overrides, data="digits")

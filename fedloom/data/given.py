@@ -1,8 +1,9 @@
 """Data handed to ``fedloom.run(data=...)`` from Python, as the (train, test) pair every loader returns.
 
-Accepted: a fedloom :class:`Dataset` or a ``(train, test)`` pair of them; a dict of arrays
-(``x``, ``y``, optional ``x_test``, ``y_test``, ``client`` and ``task``); a torch
-``Dataset`` of (x, y) pairs; a Hugging Face ``datasets.Dataset``.
+Accepted: a fedloom :class:`Dataset` or a ``(train, test)`` pair of them; arrays ``(x, y)``
+(numpy or torch, classification labels); a dict of arrays (``x``, ``y``, optional ``x_test``,
+``y_test``, ``client`` and ``task``); a torch ``Dataset`` of (x, y) pairs; a Hugging Face
+``datasets.Dataset``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def as_datasets(data: Any) -> tuple[Dataset, Dataset | None]:
         if data[1] is not None and not isinstance(data[1], Dataset):
             raise DataError(f"data: the test half of (train, test) is a {type(data[1]).__name__}, not a Dataset")
         return data
+    if isinstance(data, tuple) and len(data) == 2 and all(hasattr(a, "shape") for a in data):
+        return _from_dict({"x": data[0], "y": data[1]})
     if isinstance(data, dict):
         return _from_dict(data)
     if type(data).__module__.startswith("datasets."):
@@ -35,8 +38,8 @@ def as_datasets(data: Any) -> tuple[Dataset, Dataset | None]:
 
         return from_torch_dataset(data), None
     raise DataError(f"data: a {type(data).__name__} is not data fedloom reads; give a fedloom Dataset, a (train, "
-                    "test) pair of them, a dict of arrays (x, y, optional x_test, y_test, client, task), a torch "
-                    "Dataset or a Hugging Face datasets.Dataset")
+                    "test) pair of them, arrays (x, y), a dict of arrays (x, y, optional x_test, y_test, client, "
+                    "task), a torch Dataset or a Hugging Face datasets.Dataset")
 
 
 def _from_dict(arrays: dict[str, Any]) -> tuple[Dataset, Dataset | None]:
