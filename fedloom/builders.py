@@ -89,6 +89,11 @@ def device_for(cfg: ExperimentConfig) -> tuple[torch.device, str | None]:
         raise ConfigError(str(err)) from None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (an engine moves the model to its device)."""
+    return next(model.parameters(), torch.zeros(0)).device
+
+
 def engine_notes(cfg: ExperimentConfig, model: nn.Module, engine_name: str) -> dict[str, str]:
     """What the summary says about where the run trained: the device, and why "auto" chose what it did."""
     device, note = device_for(cfg)

@@ -35,7 +35,7 @@ from fedloom.algorithms.gossip import (DSGD, Choco, ClippedGossip, GradientTrack
                                       mean_gossip)
 from fedloom.attacks import ATTACKS, Adversary
 from fedloom.builders import (GivenParts, build_adversary, build_data, build_engine, build_model_for, build_task_for,
-                              check_model_runs, device_for, engine_notes)
+                              check_model_runs, model_device, engine_notes)
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
@@ -131,7 +131,8 @@ class DecentralizedRound:
         self.spec = ParamSpec.of(self.model)
         self.engine = build_engine(cfg, self.model, self.data)
         self.engine_name = self.engine.name
-        self.task, self.device = build_task_for(cfg, self.data), device_for(cfg)[0]
+        # evaluation runs where the engine put the model (the CPU for Ray actors' and remote clients' runs)
+        self.task, self.device = build_task_for(cfg, self.data), model_device(self.model)
         self.algorithm = build_gossip_algorithm(cfg, self.adversary, self.spec.shapes)
         self.topology = Topology(cfg, self.data.n_clients)
 

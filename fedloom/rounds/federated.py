@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fedloom import evaluation
 from fedloom.builders import (GivenParts, build_adversary, build_algorithm, build_data, build_engine, build_model_for,
-                              build_task_for, check_model_runs, device_for, engine_notes)
+                              build_task_for, check_model_runs, model_device, engine_notes)
 from fedloom.compression.downlink import Downlink
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
@@ -56,7 +56,8 @@ class FederatedRound:
         self.algorithm = build_algorithm(cfg)
         self.engine = (make_engine or partial(build_engine, cfg))(self.model, self.data)
         self.engine_name = self.engine.name
-        self.task, self.device = build_task_for(cfg, self.data), device_for(cfg)[0]
+        # evaluation runs where the engine put the model (the CPU for Ray actors' and remote clients' runs)
+        self.task, self.device = build_task_for(cfg, self.data), model_device(self.model)
         self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes)
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
