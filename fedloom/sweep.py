@@ -236,33 +236,40 @@ def sweep(config: str | Path | None, grid: dict[str, list[str]], seeds: list[int
 
 def _execute(pool: LocalPool | RayPool, todo: list[Combination], jobs: int, config: str | None,
              overrides: list[str], result: SweepResult, report: Callable[[str], None]) -> None:
-    """At most ``jobs`` runs at a time until all are done, or Ctrl-C/SIGTERM stops the running ones
-    (each ends as interrupted and is continued by the next sweep)."""
-    from fedloom.runner import _signals_interrupt
+    """Every run, or Ctrl-C/SIGTERM: the running ones are stopped (each ends as interrupted, its directory
+    complete, and the next sweep continues it) and the sweep waits for their last writes."""
+    from fedloom.runner import _signals_ignored, _signals_interrupt
 
-    pending, running = list(todo), {}
     try:
         with _signals_interrupt():
-            while pending or running:
-                while pending and len(running) < jobs:
-                    combo = pending.pop(0)
-                    future = pool.submit(str(result.out / combo.name), config, [*overrides, *combo.overrides()])
-                    running[future] = combo, time.perf_counter()
-                    result.ran.append(combo.name)
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    combo, began = running.pop(future)
-                    status, message = _outcome(future)
-                    if message and status != "completed":
-                        result.errors[combo.name] = message
-                    said = f": {message}" if message else ""
-                    report(f"[{len(todo) - len(pending) - len(running)}/{len(todo)}] {combo.name}: "
-                           f"{status or 'error'} ({time.perf_counter() - began:.1f} s){said}")
+            result.interrupted = True  # until the last run has ended
+            _schedule(pool, todo, jobs, config, overrides, result, report)
+            result.interrupted = False
+            pool.close()
     except KeyboardInterrupt:
-        result.interrupted = True
-        pool.stop()
-    finally:
-        pool.close()
+        with _signals_ignored():  # a second Ctrl-C must not leave runs half-written
+            pool.stop()
+
+
+def _schedule(pool: LocalPool | RayPool, todo: list[Combination], jobs: int, config: str | None,
+              overrides: list[str], result: SweepResult, report: Callable[[str], None]) -> None:
+    """At most ``jobs`` runs at a time; a line to ``report`` as each ends."""
+    pending, running = list(todo), {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            combo = pending.pop(0)
+            future = pool.submit(str(result.out / combo.name), config, [*overrides, *combo.overrides()])
+            running[future] = combo, time.perf_counter()
+            result.ran.append(combo.name)
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            combo, began = running.pop(future)
+            status, message = _outcome(future)
+            if message and status != "completed":
+                result.errors[combo.name] = message
+            said = f": {message}" if message else ""
+            report(f"[{len(todo) - len(pending) - len(running)}/{len(todo)}] {combo.name}: "
+                   f"{status or 'error'} ({time.perf_counter() - began:.1f} s){said}")
 
 
 def _outcome(future: Future) -> tuple[str | None, str]:
