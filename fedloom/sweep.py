@@ -5,7 +5,10 @@ completed (or failed: a result of the config too) and continues the others from 
 (``fedloom run --resume``), so killing a sweep loses at most the rounds since each run's last
 checkpoint. ``sweep.json`` records the arguments; a rerun with other ones is refused. The sweep ends
 with a table of mean and sample standard deviation over seeds per grid point (summary.csv,
-summary.md) and the central metric against round, a mean line and a +-1 std band per grid point."""
+summary.md) and the central metric against round, a mean line and a +-1 std band per grid point.
+
+Local runs are spawned processes (a fresh interpreter each), so a script calling ``sweep()`` needs
+the usual ``if __name__ == "__main__":`` guard of multiprocessing."""
 
 from __future__ import annotations
 

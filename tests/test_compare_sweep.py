@@ -14,7 +14,8 @@ import pytest
 from fedloom.cli import _overrides, _parse, main
 from fedloom.config import ConfigError
 from fedloom.sweep import sweep
-from fedloom.tracking.compare import expand, load_runs, table
+from fedloom.tracking import RunDir
+from fedloom.tracking.compare import expand, load_runs, render_compare, table
 
 TINY = ["rounds=2", "data.n_clients=10", "evaluation.federated=false", "client.epochs=1", "engine.name=serial"]
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
@@ -137,6 +138,33 @@ def test_compare_names_unusable_dirs(swept, tmp_path, capsys):
     err = re.sub(r"\s+", " ", capsys.readouterr().err)
     assert str(empty) in err and str(missing) in err and "no usable run directory" in err
     assert not (tmp_path / "d").exists()
+
+
+def fake_run(root, name, records, **summary):
+    """A run directory written the way the runner writes one, without training."""
+    run = RunDir.create(root, name)
+    for record in records:
+        run.append_metrics(record)
+    run.write_summary({"name": name, "status": "completed", "rounds_done": len(records), **summary})
+    return run.path
+
+
+def test_compare_draws_epsilon_virtual_time_and_regression_where_runs_have_them(tmp_path):
+    private = fake_run(tmp_path, "dp", [{"round": r, "central_accuracy": 0.1 * r, "bytes_up_total": 1000 * r,
+                                         "epsilon": 0.5 * r, "virtual_seconds": 3.0 * r} for r in (1, 2, 3)],
+                       central_accuracy=0.3, epsilon=1.5)
+    plain = fake_run(tmp_path, "plain", [{"round": r, "central_accuracy": 0.2 * r} for r in (1, 2)],
+                     central_accuracy=0.4)
+    regression = fake_run(tmp_path, "reg", [{"round": r, "central_mse": 1.0 / r} for r in (1, 2)], central_mse=0.5)
+    runs, problems = load_runs([private, plain, regression])
+    written = render_compare(runs, tmp_path / "out")
+    names = {p.name for p in written}
+    assert {"central_accuracy_vs_round.png", "central_accuracy_vs_uplink.png", "central_accuracy_vs_epsilon.png",
+            "central_accuracy_vs_virtual_seconds.png", "central_mse_vs_round.png"} <= names
+    assert "central_perplexity_vs_round.png" not in names and "central_mse_vs_uplink.png" not in names
+    columns, rows = table(runs)
+    assert columns == ["run", "status", "algorithm", "rounds_done", "central_accuracy", "epsilon", "central_mse"]
+    assert rows[2] == [regression.name, "completed", None, 2, None, None, 0.5]
 
 
 def test_positional_overrides(tmp_path):
