@@ -1,4 +1,4 @@
-"""The fedloom command line: run, list, report."""
+"""The fedloom command line: run, list, report, compare, sweep (and server, client)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedloom.config import ConfigError
     from fedloom.runner import RunFailed, run
 
-    overrides = list(args.set or [])
+    overrides = _overrides(args)
     if args.quiet:
         overrides.append("output.progress=false")
     if args.resume and (args.config or args.out):
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run an experiment (default: FedAvg on the bundled digits data)",
                               description="Run an experiment from a TOML/YAML config (or the defaults).")
     run.add_argument("config", nargs="?", help="experiment config, .toml or .yaml (default: built-in defaults)")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides as with --set, e.g. rounds=5")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config value, e.g. --set algorithm.name=fedprox --set rounds=50")
     run.add_argument("--out", help="directory that receives the run directory (default: runs)")
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(func=_report)
 
+    _add_research_commands(commands)
+
     from fedloom.deploy.cli import add_commands
 
     add_commands(commands)
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     from fedloom.config import ConfigError
     from fedloom.registry import OptionError
     from fedloom.data import DataError
@@ -140,6 +143,110 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # the output directory cannot be written, a file cannot be read
         _print_error("error", f"{err.filename or 'a file'}: {err.strerror or err}")
         return 2
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Hydra-style ``key=value`` positionals, then the --set ones; a first positional that is an override
+    and not a config file (``fedloom run rounds=5``) joins them."""
+    positional = list(args.overrides or [])
+    if args.config and "=" in args.config and not Path(args.config).is_file():
+        positional.insert(0, args.config)
+        args.config = None
+    return [*positional, *(args.set or [])]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, letting ``key=value`` overrides stand after flags as well (argparse takes one run of
+    positionals, so ``run c.toml --quiet rounds=5`` would leave rounds=5 unrecognized)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
+def _add_research_commands(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser("compare", help="one table and overlaid curves of several runs",
+                                  description="Compare run directories (or globs, or directories of runs such as "
+                                  "a sweep's): their final metrics in one table, printed and written with their "
+                                  "overlaid curves (PNGs) and a self-contained compare.html.")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", help="directory for the table, plots and page (default: compare-<timestamp>)")
+    compare.set_defaults(func=_compare)
+
+    sweep = commands.add_parser("sweep", help="every combination of a grid and seeds, as separate runs",
+                                description="Run the grid's product times the seeds, --jobs at a time (as Ray "
+                                "tasks when the config sets engine.ray_address), each in its own directory under "
+                                "--out; rerunning skips completed runs and continues the rest. Ends with "
+                                "summary.csv, summary.md (mean and std over seeds per grid point) and a plot.")
+    sweep.add_argument("config", nargs="?", help="experiment config, .toml or .yaml (default: built-in defaults)")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every run, as with --set")
+    sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", default=[],
+                       help="a grid axis, e.g. --grid algorithm.name=fedavg,fedprox --grid client.lr=0.05,0.1")
+    sweep.add_argument("--seeds", metavar="S1,S2,...", help="seeds of every grid point (default: the config's)")
+    sweep.add_argument("--jobs", type=int, metavar="N", help="runs at a time (default: 1; Ray: all)")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value of every run")
+    sweep.add_argument("--out", help="the sweep directory (default: sweeps/<config name>)")
+    sweep.set_defaults(func=_sweep)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from fedloom.tracking.compare import expand, load_runs, render_compare, table
+
+    runs, problems = load_runs(expand(args.run_dirs))
+    for problem in problems:
+        _print_error("skipped", problem)
+    if not runs:
+        _print_error("error", "no usable run directory among those given")
+        return 2
+    out = Path(args.out or f"compare-{datetime.now():%Y%m%d-%H%M%S}")
+    written = render_compare(runs, out, problems)
+    console.print(_grid_table(f"fedloom compare: {len(runs)} runs", *table(runs)))
+    console.print(f"compare written: {written[0]} ({len(written) - 1} tables and plots beside it)")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from fedloom.config import ConfigError
+    from fedloom.sweep import parse_grid, parse_seeds, sweep
+
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: give at least 1")
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    overrides = _overrides(args)  # first: a config that is an override moves out of args.config
+    result = sweep(args.config, parse_grid(args.grid), seeds, overrides, args.jobs, args.out,
+                   report=lambda line: console.print(Text(line)))
+    console.print(f"sweep {result.out}: {len(result.ran)} run, {len(result.skipped)} already done")
+    console.print(_grid_table("fedloom sweep: mean ± std over seeds", result.columns, result.rows,
+                              heads=result.columns.index("runs")))  # the grid keys head the columns
+    console.print("written: " + ", ".join(p.name for p in result.written))
+    unfinished = [name for name, status in result.statuses.items() if status != "completed"]
+    if result.interrupted:
+        err_console.print(f"interrupted; {len(unfinished)} runs not completed: rerun the same command to continue")
+        return 130
+    for name in unfinished:
+        _print_error("not completed", f"{name}: {result.statuses[name] or 'no summary'} "
+                     f"{result.errors.get(name, '')}".rstrip())
+    return 1 if unfinished else 0
+
+
+def _grid_table(title: str, columns: list[str], rows: list[list], heads: int = 1) -> Table:
+    """Transposed: a column per row (a run, a grid point), headed by its first ``heads`` cells, and a line
+    per other column, so many metrics of a few runs fit a terminal."""
+    from fedloom.tracking.report import format_value
+
+    table = Table(title=title)
+    table.add_column(", ".join(columns[:heads]))
+    for row in rows:
+        table.add_column(Text(", ".join(str(v) for v in row[:heads]) or "all runs"), overflow="fold")
+    for i, column in enumerate(columns[heads:], heads):
+        table.add_row(Text(column), *(Text("" if row[i] is None else format_value(row[i])) for row in rows))
+    return table
 
 
 def _print_error(label: str, message: object) -> None:

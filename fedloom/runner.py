@@ -28,12 +28,9 @@ from fedloom.data.given import GIVEN, as_datasets
 from fedloom.progress import RoundProgress
 from fedloom.rounds import Round, build_round
 from fedloom.tracking import RunDir, render_report
-from fedloom.tracking.rundir import CONFIG
+from fedloom.tracking.rundir import CONFIG, SUMMARY_KEYS, SUMMARY_PREFIXES
 
 SLOW_ROUND_S = 1.0  # without checkpoint.every, a round slower than this is checkpointed
-SUMMARY_PREFIXES = ("central_", "federated_", "node_", "xbar_")  # the task's metrics, whatever they are
-SUMMARY_KEYS = ("consensus_distance", "bytes_per_node_total", "train_loss", "bytes_up_total", "bytes_down_total",
-                "epsilon", "wall_seconds")
 
 
 @dataclass
@@ -55,18 +52,20 @@ class RunResult:
 
 
 def run(config: str | Path | dict | ExperimentConfig | None = None, overrides: list[str] = (),
-        resume: str | Path | None = None, data: Any = None, model: Callable[..., nn.Module] | None = None) -> RunResult:
+        resume: str | Path | None = None, data: Any = None, model: Callable[..., nn.Module] | None = None,
+        into: str | Path | None = None) -> RunResult:
     """Run an experiment to the end (or to Ctrl-C, keeping what was written); with ``resume``,
     continue the run directory's run from its checkpoint (``overrides`` apply to its saved config).
 
     ``data`` (a fedloom Dataset or (train, test) pair, a dict of arrays, a torch Dataset, a Hugging Face
     Dataset) and ``model`` (an nn.Module class or a function returning one, called with the model
     options and, where it names them, input_shape and n_classes) replace data.dataset and model.name;
-    resuming such a run needs them again."""
+    resuming such a run needs them again. ``into`` writes the run into exactly that directory (made if
+    missing, refused if it holds a run) instead of ``output.dir/<name>-<timestamp>``: a sweep's runs."""
     given = GivenParts(None if data is None else as_datasets(data), model)
     named = [f"data.dataset={GIVEN}"] * (data is not None) + [f"model.name={GIVEN}"] * (model is not None)
     cfg = load_config(Path(resume) / CONFIG if resume else config, [*named, *overrides])
-    return drive(build_round(cfg, given), resume)
+    return drive(build_round(cfg, given), resume, into=into)
 
 
 class RunDirError(OSError):
@@ -86,9 +85,9 @@ DISK_ERRORS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def drive(round_: Round, resume: str | Path | None = None,
-          on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+          on_round: Callable[[dict[str, Any]], None] | None = None, into: str | Path | None = None) -> RunResult:
     """Play ``round_``'s rounds from the start, or from ``resume``'s checkpoint, to the end."""
-    run_dir, state, history = _open(round_, resume)
+    run_dir, state, history = _open(round_, resume, into)
     with _disk_errors(run_dir):
         state, status, crash = _loop(round_, state, history, run_dir, on_round)
         with _signals_ignored():  # a second Ctrl-C must not cut the final writes short
@@ -193,7 +192,7 @@ def _checkpoint_due(cfg: ExperimentConfig, record: dict) -> bool:
     return record["round"] % every == 0 if every else record["round_seconds"] > SLOW_ROUND_S
 
 
-def _open(round_: Round, resume: str | Path | None) -> tuple[RunDir | None, dict, list[dict]]:
+def _open(round_: Round, resume: str | Path | None, into: str | Path | None) -> tuple[RunDir | None, dict, list[dict]]:
     """The run directory, the state to start from and the records so far: a fresh run, or
     ``resume``'s checkpoint with the metrics cut back to it (a killed run may have written
     rounds after its last checkpoint, and a torn last line)."""
@@ -207,7 +206,7 @@ def _open(round_: Round, resume: str | Path | None) -> tuple[RunDir | None, dict
         return run_dir, state, run_dir.truncate_metrics(state["round"])
     if not cfg.output.save:
         return None, fresh, []
-    run_dir = RunDir.create(cfg.output.dir, cfg.name)
+    run_dir = RunDir.create(cfg.output.dir, cfg.name) if into is None else RunDir.fresh(into)
     run_dir.write_config(cfg.to_dict())
     run_dir.write_partition(round_.data.stats())
     if (graph := round_.graph_record()) is not None:

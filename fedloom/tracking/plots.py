@@ -139,6 +139,71 @@ def _epsilon(row: dict) -> float | None:
     return row.get("epsilon")
 
 
+def _virtual_seconds(row: dict) -> float | None:
+    return row.get("virtual_seconds")
+
+
+CENTRAL_METRICS = {  # the task's headline metric: key -> (title, axis label, scale)
+    "central_accuracy": ("Accuracy", "accuracy (%)", 100.0),
+    "central_perplexity": ("Perplexity", "perplexity", 1.0),
+    "central_mse": ("MSE", "mean squared error", 1.0),
+}
+X_AXES = {  # name -> (x of a row, axis label)
+    "round": (_round, "round"),
+    "uplink": (_uplink_mb, "cumulative uplink (MB)"),
+    "epsilon": (_epsilon, "epsilon"),
+    "virtual_seconds": (_virtual_seconds, "virtual seconds"),
+}
+
+
+def _run_style(i: int) -> tuple[str, str]:
+    """A colour (and past ten runs a dash pattern) per run, the same in every panel."""
+    return f"C{i % 10}", ("-", "--", ":", "-.")[i // 10 % 4]
+
+
+def plot_runs(runs: dict[str, list[dict]], key: str, axis: str, quantity: str, ylabel: str, scale: float,
+              path: Path) -> Path | None:
+    """``key`` of several runs overlaid against one of ``X_AXES``; None when no run has both."""
+    x, xlabel = X_AXES[axis]
+    curves = [(label, *_series(rows, key, x, scale)) for label, rows in runs.items()]
+    if not any(xs for _, xs, _ in curves):
+        return None
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for i, (label, xs, ys) in enumerate(curves):
+        if xs:
+            _line(ax, xs, ys, label, *_run_style(i))
+    _decorate(ax, f"{quantity} vs {xlabel.split(' (')[0]}", xlabel, ylabel, integer_x=axis == "round")
+    return _save(fig, path)
+
+
+def plot_bands(groups: dict[str, list[list[dict]]], key: str, quantity: str, ylabel: str, scale: float,
+               path: Path) -> Path | None:
+    """Per group (a sweep's grid point), the mean of ``key`` over its runs against round and a band of
+    mean +- one sample standard deviation (as the sweep's table gives it; one run: a line, no band)."""
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    drawn = False
+    for i, (label, runs) in enumerate(groups.items()):
+        by = {}
+        for rows in runs:
+            for x, y in zip(*_series(rows, key, _round, scale)):
+                by.setdefault(x, []).append(y)
+        if not by:
+            continue
+        xs = sorted(by)
+        mean = np.array([np.mean(by[x]) for x in xs])
+        std = np.array([np.std(by[x], ddof=1) if len(by[x]) > 1 else 0.0 for x in xs])
+        color, style = _run_style(i)
+        _line(ax, xs, mean, f"{label} (n={len(runs)})", color, style)
+        ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2)
+        drawn = True
+    if not drawn:
+        return None
+    _decorate(ax, f"{quantity} vs round (mean and +-1 std over seeds)", "round", ylabel, integer_x=True)
+    return _save(fig, path)
+
+
 def plot_privacy(rows: list[dict], path: Path) -> Path | None:
     """A private run's trade-off: accuracy against the epsilon spent so far (at the run's delta)."""
     curves = {k: v for k, v in ACCURACY_CURVES.items() if _series(rows, k, _epsilon)[0]}

@@ -67,7 +67,8 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
 
 
-def _format(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A summary value as tables show it: floats to 6 significant digits, ints with thousands commas."""
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, int):
@@ -80,11 +81,19 @@ def _format(value: Any) -> str:
 
 
 def _table(mapping: dict) -> str:
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_format(v))}</td></tr>" for k, v in mapping.items())
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(format_value(v))}</td></tr>" for k, v in mapping.items())
     return f"<table>{rows}</table>"
 
 
-def _image(path: Path) -> str:
+def grid_table(columns: list[str], rows: list[list[Any]]) -> str:
+    """A table with a header row; None cells stay empty."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{'' if v is None else html.escape(format_value(v))}</td>" for v in row)
+                   + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)} plot"></figure>'
 
@@ -98,12 +107,18 @@ def _page(name: str, run_dir: Path, summary: dict | None, last: dict | None, plo
         _table(summary) if summary else "<p>No summary.json: the run is still going or was killed before finishing.</p>",
         (f"<h2>Final metrics (round {e(str(last['round']))})</h2>" + _table(last)) if last else "<h2>Final metrics</h2><p>No rounds recorded yet.</p>",
         "<h2>Plots</h2>",
-        "".join(_image(p) for p in plots) or "<p>Nothing to plot yet.</p>",
+        "".join(image(p) for p in plots) or "<p>Nothing to plot yet.</p>",
         "<h2>Resolved config</h2>",
         f"<pre>{e(config)}</pre>" if config is not None else "<p>No config.toml.</p>",
     ]
+    return html_page(f"fedloom run: {name}", sections)
+
+
+def html_page(title: str, sections: list[str]) -> str:
+    """The page around ``sections`` (HTML already escaped): styled, no script, nothing fetched."""
+    e = html.escape
     body = "\n".join(sections)
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>fedloom run: {e(name)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+        f"<title>{e(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
     )

@@ -27,6 +27,9 @@ SUMMARY = "summary.json"
 MODEL = "model.safetensors"
 PARTITION = "partition.json"
 GRAPH = "graph.json"
+SUMMARY_PREFIXES = ("central_", "federated_", "node_", "xbar_")  # the task's metrics, whatever they are
+SUMMARY_KEYS = ("consensus_distance", "bytes_per_node_total", "train_loss", "bytes_up_total", "bytes_down_total",
+                "epsilon", "wall_seconds")  # what the summary takes from the last metrics besides those
 
 
 def _jsonable(obj: Any) -> Any:
@@ -111,6 +114,16 @@ class RunDir:
                 return cls(path)
             except FileExistsError:
                 path = root / f"{stem}-{n}"
+
+    @classmethod
+    def fresh(cls, path: str | Path) -> RunDir:
+        """Exactly ``path`` (made if missing), for a run whose place is fixed in advance (a sweep's);
+        refused if it already holds a run, whose files a new one would mix with."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / CONFIG).exists() or (path / METRICS).exists():
+            raise FileExistsError(f"{path} already holds a run; `fedloom run --resume {path}` continues it")
+        return cls(path)
 
     def write_config(self, config: dict) -> None:
         write_text_atomic(self.path / CONFIG, tomli_w.dumps(_toml_ready(config)))
