@@ -7,6 +7,7 @@ written to a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -27,6 +28,7 @@ SUMMARY = "summary.json"
 MODEL = "model.safetensors"
 PARTITION = "partition.json"
 GRAPH = "graph.json"
+DISK_ERRORS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # the disk, not the file
 
 
 def _jsonable(obj: Any) -> Any:
