@@ -19,7 +19,7 @@ import pytest
 from fedloom import checkpoint
 from fedloom.config import ConfigError, load_config
 from fedloom.rounds import build_round
-from fedloom.runner import drive, run
+from fedloom.runner import RunFailed, drive, run
 from fedloom.tracking import exporters, read_metrics
 from fedloom.tracking.exporters import EXPORTS, MLFLOW_STORE, Exporters, wandb_files, wandb_read
 
@@ -226,3 +226,40 @@ def test_a_failing_exporter_is_reported_once_and_the_run_goes_on(monkeypatch, tm
         "tracking_errors"]
     assert calls == [1, 2] and [r["round"] for r in read_metrics(result.run_dir)] == [1, 2, 3]
     assert (result.run_dir / exporters.METRICS_CSV).read_text().count("\n") == 2  # the header and round 1
+
+
+class Recorder(exporters.Exporter):
+    name = "csv"
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def start(self, cfg, run_dir, resumed):
+        self.calls.append("start")
+
+    def round(self, record):
+        self.calls.append(record["round"])
+
+    def finish(self, summary, run_dir):
+        self.calls.append(f"finish {summary['status']}")
+
+    def close(self):
+        self.calls.append("close")
+
+
+def test_exporters_end_on_a_crash_and_on_an_error_in_the_final_writes(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setitem(exporters.EXPORTERS, "csv", lambda tracking: Recorder(calls))
+
+    def crash(record):
+        if record["round"] == 2:
+            raise RuntimeError("a worker was lost")
+
+    with pytest.raises(RunFailed, match="crashed"):
+        drive(build_round(load_config(None, [*BASE, f"output.dir={str(tmp_path / 'a')!r}"])), on_round=crash)
+    assert calls == ["start", 1, 2, "finish crashed"]  # finished: its close is not called again
+    calls.clear()
+    monkeypatch.setattr("fedloom.runner.render_report", lambda path: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        run(None, [*BASE, "rounds=1", f"output.dir={str(tmp_path / 'b')!r}"])
+    assert calls == ["start", 1, "close"]

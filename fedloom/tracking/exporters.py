@@ -17,7 +17,8 @@ after it are sent when it starts, and replayed rounds up to it are not sent agai
   its ``wall_seconds`` history. Params are not logged again (MLflow refuses a changed param).
 - wandb: the same run id, ``resume="allow"``; W&B writes one ``offline-run-*`` directory a session (``wandb
   sync`` joins them into one run); ``done`` is the last step in the earlier sessions' .wandb logs, read by
-  ``wandb leet inspect`` (W&B keeps only rising steps).
+  ``wandb leet inspect`` (W&B keeps only rising steps). A killed session's log may hold fewer rounds than
+  it was sent (wandb-core writes it in batches): those are sent again from the kept records.
 """
 
 from __future__ import annotations
