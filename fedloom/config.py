@@ -329,6 +329,23 @@ class OutputConfig(Section):
     progress: bool = True
 
 
+class TrackingConfig(Section):
+    """Exporters of each round's record besides metrics.jsonl (runs that write a run directory); each
+    library is an extra: pip install 'fedloom[tensorboard]' (or mlflow, wandb; tracking for all three)."""
+
+    csv: bool = Field(True, description="metrics.csv beside metrics.jsonl: a row a round, a column a key")
+    tensorboard: bool = Field(False, description="scalars each round and the figures at the end, in "
+                              "<run>/tensorboard")
+    mlflow: bool = Field(False, description="params (the config), metrics each round, the run directory as "
+                         "artifacts at the end")
+    mlflow_uri: str | None = Field(None, description="tracking URI; unset: sqlite:///<output.dir>/mlflow.db, "
+                                   "artifacts in <output.dir>/mlartifacts")
+    mlflow_experiment: str = Field("fedloom", min_length=1)
+    wandb: bool = Field(False, description="config, metrics each round and the summary, in <run>/wandb")
+    wandb_project: str = Field("fedloom", min_length=1)
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="offline: wandb sync uploads later")
+
+
 class ExperimentConfig(Section):
     name: str = "digits-fedavg"
     mode: Literal["federated", "decentralized"] = "federated"
@@ -354,6 +371,7 @@ class ExperimentConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _deploy_fits_the_federation(self) -> "ExperimentConfig":

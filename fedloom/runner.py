@@ -11,7 +11,6 @@ interrupted or killed run and ends where an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
-import errno
 import signal
 import threading
 import time
@@ -28,7 +27,8 @@ from fedloom.data.given import GIVEN, as_datasets
 from fedloom.progress import RoundProgress
 from fedloom.rounds import Round, build_round
 from fedloom.tracking import RunDir, render_report
-from fedloom.tracking.rundir import CONFIG, SUMMARY_KEYS, SUMMARY_PREFIXES
+from fedloom.tracking.exporters import Exporters
+from fedloom.tracking.rundir import CONFIG, DISK_ERRORS, SUMMARY_KEYS, SUMMARY_PREFIXES
 
 SLOW_ROUND_S = 1.0  # without checkpoint.every, a round slower than this is checkpointed
 
@@ -81,17 +81,22 @@ class RunFailed(RuntimeError):
         self.result = result
 
 
-DISK_ERRORS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-
 
 def drive(round_: Round, resume: str | Path | None = None,
           on_round: Callable[[dict[str, Any]], None] | None = None, into: str | Path | None = None) -> RunResult:
     """Play ``round_``'s rounds from the start, or from ``resume``'s checkpoint, to the end."""
+    # built first: a missing exporter library stops the run before its directory is made
+    exporters = Exporters.build(round_.cfg) if round_.cfg.output.save or resume is not None else Exporters()
     run_dir, state, history = _open(round_, resume, into)
-    with _disk_errors(run_dir):
-        state, status, crash = _loop(round_, state, history, run_dir, on_round)
-        with _signals_ignored():  # a second Ctrl-C must not cut the final writes short
-            result = _finish(round_, state, history, run_dir, status)
+    try:
+        with _disk_errors(run_dir):
+            if run_dir:
+                exporters.start(round_.cfg, run_dir.path, history, resumed=resume is not None)
+            state, status, crash = _loop(round_, state, history, run_dir, on_round, exporters)
+            with _signals_ignored():  # a second Ctrl-C must not cut the final writes short
+                result = _finish(round_, state, history, run_dir, status, exporters)
+    finally:
+        exporters.close()  # whatever stopped the run (a full disk, an error in the final writes)
     kept = f"; everything so far is kept in {run_dir.path} (fedloom run --resume continues)" if run_dir else ""
     done = result.summary["rounds_done"]
     if status == "failed":
@@ -104,7 +109,8 @@ def drive(round_: Round, resume: str | Path | None = None,
 
 
 def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | None,
-          on_round: Callable[[dict[str, Any]], None] | None) -> tuple[dict, str, Exception | None]:
+          on_round: Callable[[dict[str, Any]], None] | None,
+          exporters: Exporters) -> tuple[dict, str, Exception | None]:
     """Rounds to the end, Ctrl-C/SIGTERM, too many rounds in a row without a usable update, or a crash
     (a round that raised: the state of the last complete round is returned, with the error)."""
     cfg = round_.cfg
@@ -117,6 +123,7 @@ def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | Non
                 history.append(record)
                 if run_dir:
                     run_dir.append_metrics(record)
+                    exporters.round(record)
                     if _checkpoint_due(cfg, record):
                         checkpoint.save(run_dir.path / checkpoint.CHECKPOINT, state)
                 bar.update(record)
@@ -214,8 +221,9 @@ def _open(round_: Round, resume: str | Path | None, into: str | Path | None) -> 
     return run_dir, fresh, []
 
 
-def _finish(round_: Round, state: dict, history: list[dict], run_dir: RunDir | None, status: str) -> RunResult:
-    """The last checkpoint, the final model, the summary and the report."""
+def _finish(round_: Round, state: dict, history: list[dict], run_dir: RunDir | None, status: str,
+            exporters: Exporters) -> RunResult:
+    """The last checkpoint, the final model, the summary and the report, then the exporters' ends."""
     cfg = round_.cfg
     model = round_.final_model(state)
     result = RunResult(cfg, model, round_.final_params(state).clone(), history, run_dir=run_dir and run_dir.path)
@@ -223,9 +231,21 @@ def _finish(round_: Round, state: dict, history: list[dict], run_dir: RunDir | N
     if run_dir:
         checkpoint.save(run_dir.path / checkpoint.CHECKPOINT, state)
         run_dir.save_model({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        _note_tracking_errors(result.summary, exporters)
         run_dir.write_summary(result.summary)
         render_report(run_dir.path)
+        exporters.finish(result.summary, run_dir.path)
+        if _note_tracking_errors(result.summary, exporters):  # an exporter failed at its end
+            run_dir.write_summary(result.summary)
     return result
+
+
+def _note_tracking_errors(summary: dict[str, Any], exporters: Exporters) -> bool:
+    """The exporters' errors as the summary's ``tracking_errors``; True when that changed it."""
+    if exporters.errors == summary.get("tracking_errors", {}):
+        return False
+    summary["tracking_errors"] = dict(exporters.errors)
+    return True
 
 
 def _summary(cfg: ExperimentConfig, result: RunResult, status: str, engine: str) -> dict[str, Any]:

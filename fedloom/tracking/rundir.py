@@ -7,6 +7,7 @@ written to a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -30,6 +31,7 @@ GRAPH = "graph.json"
 SUMMARY_PREFIXES = ("central_", "federated_", "node_", "xbar_")  # the task's metrics, whatever they are
 SUMMARY_KEYS = ("consensus_distance", "bytes_per_node_total", "train_loss", "bytes_up_total", "bytes_down_total",
                 "epsilon", "wall_seconds")  # what the summary takes from the last metrics besides those
+DISK_ERRORS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # the disk, not the file
 
 
 def _jsonable(obj: Any) -> Any:
