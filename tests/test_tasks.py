@@ -63,24 +63,12 @@ def test_regression_reports_mse_and_mae_over_outputs():
                                torch.tensor(5.0))
 
 
-class MedianError:
-    """A user's task: absolute error as the loss, and a metric of its own."""
-
-    primary = "within_one"
-
-    def loss(self, output, target):
-        return (output.squeeze(-1) - target).abs()
-
-    def metrics(self, output, target):
-        return {"within_one": ((output.squeeze(-1) - target).abs() < 1).float()}
-
-
 def test_a_user_task_gives_its_loss_and_metrics_per_example():
-    task = build_task("test_tasks:MedianError", {}, "regression", 1, "mine")
-    out, y = torch.tensor([[0.5], [3.0]]), torch.tensor([0.0, 0.0])
-    assert mean_loss(task, out, y).item() == pytest.approx(1.75)
+    task = build_task("test_task_engines:AbsoluteError", {}, "regression", 1, "mine")
+    out, y = torch.tensor([[0.25], [3.0]]), torch.tensor([0.0, 0.0])
+    assert mean_loss(task, out, y).item() == pytest.approx(1.625)
     terms = task.metric_terms(out, y)
-    assert terms["within_one"][0].tolist() == [1.0, 0.0] and task.primary == "within_one" and task.higher_is_better
+    assert terms["within_half"][0].tolist() == [1.0, 0.0] and task.primary == "within_half" and task.higher_is_better
 
 
 class NoLoss:
