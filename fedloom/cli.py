@@ -78,8 +78,28 @@ def registries() -> dict[str, "Registry"]:  # noqa: F821
             "gossip rules (decentralized.gossip)": GOSSIP_RULES, "engines (engine.name)": ENGINES}
 
 
+def _matches(kind: str, title: str) -> bool:
+    """``kind`` names the registry titled ``title``: a word of the title, singular or plural
+    ("algorithms", "aggregator", "topology"), or the config table it is set in ("attack", "server")."""
+    kind = kind.lower()
+    words, _, key = title.rstrip(")").partition(" (")
+    forms = {kind, kind + "s", kind[:-1] + "ies" if kind.endswith("y") else kind}
+    return bool(forms & set(words.split())) or key.split(".")[0] == kind
+
+
+_KINDS = ("algorithms", "datasets", "partitioners", "models", "tasks", "aggregators", "transforms", "attacks",
+          "compressors", "feedback", "topologies", "gossip", "engines")
+
+
 def _list(args: argparse.Namespace) -> int:
-    for title, registry in registries().items():
+    chosen = registries()
+    if args.kinds:
+        unknown = [k for k in args.kinds if not any(_matches(k, title) for title in chosen)]
+        if unknown:
+            _print_error("error", f"no registry {unknown[0]!r}; the kinds: {', '.join(_KINDS)}")
+            return 2
+        chosen = {t: r for t, r in chosen.items() if any(_matches(k, t) for k in args.kinds)}
+    for title, registry in chosen.items():
         table = Table(title=title, show_header=False, title_justify="left")
         for name, line in registry.describe().items():
             table.add_row(Text(name), Text(line))  # Text: brackets in a description are not rich markup
@@ -109,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted or killed run from its checkpoint")
     run.set_defaults(func=_run)
 
-    lister = commands.add_parser("list", help="list algorithms, datasets, partitioners, models, aggregators, engines")
+    lister = commands.add_parser("list", help="list algorithms, datasets, partitioners, models, aggregators, engines",
+                                 description="List the registries of named parts, or only those of the kinds given.")
+    lister.add_argument("kinds", nargs="*", metavar="KIND", help=f"e.g. algorithms models ({', '.join(_KINDS)})")
     lister.set_defaults(func=_list)
 
     report = commands.add_parser("report", help="render the plots and report.html of a run directory again")

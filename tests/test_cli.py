@@ -101,3 +101,14 @@ def test_report_redraws_from_metrics(tmp_path):
 def test_help_lists_the_commands():
     done = fedloom("run", "--help")
     assert done.returncode == 0 and "--set" in done.stdout
+
+
+def test_list_takes_kinds():
+    done = fedloom("list", "algorithms", "models", env_columns=400)
+    assert done.returncode == 0, done.stderr
+    assert "fedavg" in done.stdout and "resnet20" in done.stdout and "hidden = [widths]" in done.stdout
+    assert "dirichlet" not in done.stdout and "krum" not in done.stdout
+    aggregators = fedloom("list", "aggregator", env_columns=400).stdout
+    assert "weighted mean (FedAvg)" in aggregators and "krum" in aggregators  # mean has a description
+    refused = fedloom("list", "algoritms")
+    assert refused.returncode == 2 and "algoritms" in refused.stderr and "algorithms" in refused.stderr
