@@ -46,10 +46,10 @@ def _summary_table(summary: dict) -> Table:
     for key, value in summary.items():
         if value is None:
             continue
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        elif key.startswith("bytes"):
+        if key.startswith("bytes"):  # before floats: bytes_per_node_total is one
             value = f"{value / 1e6:.2f} MB"
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
         table.add_row(key, str(value))
     return table
 

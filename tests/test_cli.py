@@ -112,3 +112,15 @@ def test_list_takes_kinds():
     assert "weighted mean (FedAvg)" in aggregators and "krum" in aggregators  # mean has a description
     refused = fedloom("list", "algoritms")
     assert refused.returncode == 2 and "algoritms" in refused.stderr and "algorithms" in refused.stderr
+
+
+def test_summary_table_formats_bytes_given_as_floats():
+    from rich.console import Console
+
+    from fedloom.cli import _summary_table
+
+    console = Console(width=200, record=True)
+    console.print(_summary_table({"name": "x", "bytes_per_node_total": 76960.0, "bytes_up_total": 615680,
+                                  "central_accuracy": 0.69359}))
+    text = console.export_text()
+    assert "0.08 MB" in text and "0.62 MB" in text and "0.6936" in text and "76960" not in text
