@@ -10,6 +10,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 PROGRESS_METRICS = (("central_perplexity", "ppl"), ("central_accuracy", "acc"), ("central_mse", "mse"))
 
 
+def central_metric(record: dict[str, Any]) -> str | None:
+    """The key of the metric a run is followed by: perplexity, accuracy or MSE when the record has it,
+    else a user task's own central metric, else the central loss (None before any evaluation)."""
+    for key, _ in PROGRESS_METRICS:
+        if key in record:
+            return key
+    central = [k for k in record if k.startswith("central_") and k != "central_loss"]
+    return central[0] if central else ("central_loss" if "central_loss" in record else None)
+
+
 class RoundProgress:
     def __init__(self, total: int, done: int = 0, enabled: bool = True):
         self.enabled = enabled

@@ -233,3 +233,12 @@ def test_a_non_finite_aggregate_keeps_the_previous_model(quick):
     before = round_.state["x"].clone()
     record = round_.round(1)
     assert "NaN/Inf" in record["model_rejected"] and torch.equal(round_.state["x"], before)
+
+
+def test_run_result_has_a_short_repr_and_a_data_frame(quick):
+    result = run(None, [*quick, *SMALL, "rounds=3", "name=short"])
+    shown = repr(result)
+    assert shown.startswith("RunResult(name='short', status='completed', rounds=3, central_accuracy=")
+    assert shown.endswith("run_dir=None)") and len(shown) < 200
+    frame = result.to_pandas()
+    assert list(frame["round"]) == [1, 2, 3] and frame["train_loss"].iloc[-1] == result.history[-1]["train_loss"]
