@@ -124,3 +124,15 @@ def test_summary_table_formats_bytes_given_as_floats():
                                   "central_accuracy": 0.69359}))
     text = console.export_text()
     assert "0.08 MB" in text and "0.62 MB" in text and "0.6936" in text and "76960" not in text
+
+
+def test_subpackages_are_attributes_and_help_does_not_import_torch():
+    probe = ("import sys, fedloom\n"
+             "assert 'torch' not in sys.modules\n"
+             "from fedloom.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "assert 'torch' not in sys.modules, 'fedloom --help imported torch'\n"
+             "assert 'fedavg' in fedloom.algorithms.ALGORITHMS and fedloom.data.dirichlet\n"
+             "try:\n    fedloom.nothing_here\nexcept AttributeError:\n    print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr
