@@ -330,7 +330,8 @@ class OutputConfig(Section):
 
 
 class ExperimentConfig(Section):
-    name: str = "digits-fedavg"
+    name: str | None = Field(None, description="default: <dataset>-<algorithm> (decentralized: its algorithm), "
+                             "e.g. digits-scaffold")
     mode: Literal["federated", "decentralized"] = "federated"
     seed: int = 0
     rounds: int = Field(50, ge=1)
@@ -354,6 +355,14 @@ class ExperimentConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "ExperimentConfig":
+        # from what runs, so that an override of the dataset or algorithm renames the run
+        if self.name is None:
+            algorithm = self.decentralized.algorithm if self.mode == "decentralized" else self.algorithm.name
+            self.name = f"{self.data.dataset}-{algorithm}"
+        return self
 
     @model_validator(mode="after")
     def _deploy_fits_the_federation(self) -> "ExperimentConfig":

@@ -242,3 +242,14 @@ def test_run_result_has_a_short_repr_and_a_data_frame(quick):
     assert shown.endswith("run_dir=None)") and len(shown) < 200
     frame = result.to_pandas()
     assert list(frame["round"]) == [1, 2, 3] and frame["train_loss"].iloc[-1] == result.history[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ([], "digits-fedavg"), (["algorithm.name=scaffold"], "digits-scaffold"),
+    (["data.dataset=synthetic", "mode=decentralized", "decentralized.algorithm=choco", "compression.name=topk",
+      "compression.options={k = 0.1}"], "synthetic-choco"),
+    (["algorithm.name=scaffold", "name=mine"], "mine"),
+])
+def test_the_default_run_name_follows_dataset_and_algorithm(overrides, name):
+    cfg = load_config(None, overrides)
+    assert cfg.name == name and load_config(cfg.to_dict(), ["algorithm.name=fedprox"]).name == name
