@@ -107,6 +107,14 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULTS = Path(__file__).with_name("defaults.toml")  # the README's Config block; a test keeps them equal
+
+
+def _config(args: argparse.Namespace) -> int:
+    sys.stdout.write(DEFAULTS.read_text())  # not console.print: [data] is a TOML table, not rich markup
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from fedloom.tracking import render_report
 
@@ -133,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="List the registries of named parts, or only those of the kinds given.")
     lister.add_argument("kinds", nargs="*", metavar="KIND", help=f"e.g. algorithms models ({', '.join(_KINDS)})")
     lister.set_defaults(func=_list)
+
+    config = commands.add_parser("config", help="print every config key with its default and what it does",
+                                 description="Print the default config as a commented TOML file to start from.")
+    config.set_defaults(func=_config)
 
     report = commands.add_parser("report", help="render the plots and report.html of a run directory again")
     report.add_argument("run_dir")

@@ -136,3 +136,16 @@ def test_subpackages_are_attributes_and_help_does_not_import_torch():
              "try:\n    fedloom.nothing_here\nexcept AttributeError:\n    print('ok')\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr
+
+
+def test_version_and_config_print_what_they_say():
+    from fedloom.cli import DEFAULTS
+    from fedloom.config import load_config
+
+    done = fedloom("config")
+    assert done.returncode == 0 and done.stdout == DEFAULTS.read_text()
+    assert "[data]" in done.stdout and "# held out as the global test set" in done.stdout
+    import tomllib
+
+    assert load_config(tomllib.loads(done.stdout)).to_dict() == load_config().to_dict()
+
