@@ -108,11 +108,35 @@ def _list(args: argparse.Namespace) -> int:
 
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")  # the README's Config block; a test keeps them equal
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _config(args: argparse.Namespace) -> int:
     sys.stdout.write(DEFAULTS.read_text())  # not console.print: [data] is a TOML table, not rich markup
     return 0
+
+
+def _log_level(args: argparse.Namespace) -> str | None:
+    """--log-level, or -v (info) / -vv (debug); None: leave logging as the command sets it."""
+    verbose = getattr(args, "verbose", 0) or 0
+    return getattr(args, "log_level", None) or (None if not verbose else "info" if verbose == 1 else "debug")
+
+
+def _setup_logging(level: str | None) -> None:
+    if level is None:
+        return
+    import logging
+
+    from fedloom.deploy.cli import LOG_FORMAT
+
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("fedloom").setLevel(level.upper())  # fedloom's loggers only, not every library's
+
+
+def _add_log_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default,
+                        help="level of fedloom's log messages on stderr (default: warning; server, client: info)")
+    parser.add_argument("-v", "--verbose", action="count", default=default, help="-v: info, -vv: debug")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -125,6 +149,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedloom", description="Federated and decentralized learning with PyTorch.")
+    _add_log_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run an experiment (default: FedAvg on the bundled digits data)",
@@ -153,11 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     from fedloom.deploy.cli import add_commands
 
     add_commands(commands)
+    for command in commands.choices.values():  # `fedloom run -v` as well as `fedloom -v run`
+        _add_log_options(command, default=argparse.SUPPRESS)  # SUPPRESS: a sub-command does not undo it
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging(_log_level(args))
     from fedloom.config import ConfigError
     from fedloom.registry import OptionError
     from fedloom.data import DataError

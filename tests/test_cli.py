@@ -149,3 +149,19 @@ def test_version_and_config_print_what_they_say():
 
     assert load_config(tomllib.loads(done.stdout)).to_dict() == load_config().to_dict()
 
+
+def test_log_level_sets_fedloom_loggers_only():
+    probe = ("import logging, sys\nfrom fedloom.cli import main\n"
+             "main(sys.argv[1:])\n"
+             "logging.getLogger('fedloom.x').debug('fedloom debug')\n"
+             "logging.getLogger('fedloom.x').info('fedloom info')\n"
+             "logging.getLogger('other').info('other info')\n")
+    said = {args: subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                                 timeout=120).stderr
+            for args in [("--log-level", "debug", "config"), ("-v", "config"), ("-vv", "config"), ("config",),
+                         ("config", "-v")]}
+    assert "fedloom debug" in said["--log-level", "debug", "config"]
+    assert "other info" not in said["--log-level", "debug", "config"]
+    assert "fedloom info" in said["-v", "config"] and "fedloom debug" not in said["-v", "config"]
+    assert "fedloom debug" in said["-vv", "config"] and "fedloom info" not in said["config",]
+    assert "fedloom info" in said["config", "-v"]  # after the command too
