@@ -149,6 +149,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedloom", description="Federated and decentralized learning with PyTorch.")
+    from fedloom import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedloom {__version__}")
     _add_log_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 

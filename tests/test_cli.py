@@ -139,9 +139,11 @@ def test_subpackages_are_attributes_and_help_does_not_import_torch():
 
 
 def test_version_and_config_print_what_they_say():
+    from fedloom import __version__
     from fedloom.cli import DEFAULTS
     from fedloom.config import load_config
 
+    assert fedloom("--version").stdout.strip() == f"fedloom {__version__}"
     done = fedloom("config")
     assert done.returncode == 0 and done.stdout == DEFAULTS.read_text()
     assert "[data]" in done.stdout and "# held out as the global test set" in done.stdout
