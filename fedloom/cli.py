@@ -21,6 +21,8 @@ def _run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.quiet:
         overrides.append("output.progress=false")
+    if args.progress_every:
+        overrides.append(f"output.progress_every={args.progress_every}")
     if args.resume and (args.config or args.out):
         raise ConfigError("--resume continues the run directory's own config: give no config file and no --out")
     if args.out:
@@ -162,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set algorithm.name=fedprox --set rounds=50")
     run.add_argument("--out", help="directory that receives the run directory (default: runs)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--progress-every", type=int, metavar="N",
+                     help="stdout not a terminal: a progress line every N rounds (default: a tenth of the rounds)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted or killed run from its checkpoint")
     run.set_defaults(func=_run)
 

@@ -326,7 +326,9 @@ class PrivacyConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs"
     save: bool = Field(True, description="write a run directory")
-    progress: bool = True
+    progress: bool = Field(True, description="a live bar on a terminal, else a plain line every progress_every rounds")
+    progress_every: int | None = Field(None, ge=1, description="rounds between plain progress lines (stdout not a "
+                                       "terminal); unset: a tenth of the rounds")
 
 
 class ExperimentConfig(Section):
