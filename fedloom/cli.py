@@ -10,7 +10,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-console = Console()
+
+class _Stdout(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits with 1 here; the run's own exit code (130 after Ctrl-C through `| tee`) is the one to keep
+        from fedloom.progress import silence_stdout
+
+        self.quiet = True
+        silence_stdout()
+
+
+console = _Stdout()
 err_console = Console(stderr=True)
 
 

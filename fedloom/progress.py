@@ -4,6 +4,8 @@ or MSE)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any
 
@@ -14,6 +16,22 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 # the first of these a record carries is shown beside the training loss
 PROGRESS_METRICS = (("central_perplexity", "ppl"), ("central_accuracy", "acc"), ("central_mse", "mse"))
 PLAIN_LINES = 10  # without output.progress_every, a plain line every tenth of the rounds
+
+
+class OutputClosed(KeyboardInterrupt):
+    """stdout's reader has gone (`| tee` ended by Ctrl-C, `| head`): the run stops as on Ctrl-C,
+    completing its run directory."""
+
+
+def silence_stdout() -> None:
+    """What is still written to stdout goes to /dev/null: a broken pipe must not fail the final
+    writes, nor Python's flush at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (replaced in a notebook, a test)
+        pass
 
 
 def central_metric(record: dict[str, Any]) -> str | None:
@@ -69,8 +87,12 @@ class RoundProgress:
         if r % self.every == 0 or r == self.total:
             # the rate of the rounds played here: a resumed run's earlier rounds took no time in this process
             eta = (time.monotonic() - self._started) / max(1, r - self._first) * (self.total - r)
-            self.console.file.write(f"round {r}/{self.total}  {_status(record)}  eta {_clock(eta)}\n")
-            self.console.file.flush()
+            try:
+                self.console.file.write(f"round {r}/{self.total}  {_status(record)}  eta {_clock(eta)}\n")
+                self.console.file.flush()
+            except BrokenPipeError:
+                silence_stdout()
+                raise OutputClosed from None
 
     def __exit__(self, *exc: Any) -> None:
         if self.enabled and self.live:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -253,3 +254,42 @@ def test_run_result_has_a_short_repr_and_a_data_frame(quick):
 def test_the_default_run_name_follows_dataset_and_algorithm(overrides, name):
     cfg = load_config(None, overrides)
     assert cfg.name == name and load_config(cfg.to_dict(), ["algorithm.name=fedprox"]).name == name
+
+
+def _assert_interrupted_and_complete(process, root: Path) -> None:
+    stderr = process.stderr.read()
+    assert process.wait(120) == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "interrupted after round" in stderr
+    run_dir = _only_run_dir(root)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["rounds_done"] >= 1
+    assert (run_dir / "model.safetensors").exists() and (run_dir / "report.html").exists()
+
+
+def _piped_run(out: Path, *args) -> subprocess.Popen:
+    command = [sys.executable, "-m", "fedloom.cli", "run", *_sets([*SMALL[1:-1], "rounds=100000"]), *args, "--out", str(out)]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(TESTS)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, process.kill)  # a readline waiting for a line that never comes
+    watchdog.daemon = True
+    watchdog.start()
+    return process
+
+
+def test_ctrl_c_through_a_closed_stdout_pipe_completes_the_run_directory(tmp_path):
+    """`fedloom run | tee log` and Ctrl-C: tee is gone, so every write to stdout fails (EPIPE)."""
+    process = _piped_run(tmp_path, "--quiet")
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.stdout.close()
+    process.send_signal(signal.SIGINT)
+    _assert_interrupted_and_complete(process, tmp_path)
+
+
+def test_a_reader_closing_stdout_stops_the_run_as_ctrl_c_does(tmp_path):
+    """`fedloom run | head -1`: the next progress line finds the pipe closed."""
+    process = _piped_run(tmp_path, "--progress-every", "1")
+    assert process.stdout.readline().startswith("round 1/100000")
+    process.stdout.close()
+    _assert_interrupted_and_complete(process, tmp_path)
