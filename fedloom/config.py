@@ -6,6 +6,7 @@ Every error names the key the user wrote and what is accepted instead.
 from __future__ import annotations
 
 import copy
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -570,10 +571,24 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[leaf] = parse_value(value.strip())
 
 
+PATH_OPTIONS = ("path",)  # the data.options naming local files (every loader's: npz, csv, cifar, femnist, hf)
+
+
+def _absolute_data_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative data paths in ``raw`` made absolute against ``base``, in place, so that the config
+    saved in the run directory reads the same data from any directory."""
+    options = raw.get("data", {}).get("options") if isinstance(raw.get("data"), dict) else None
+    for key in PATH_OPTIONS if isinstance(options, dict) else ():
+        if isinstance(options.get(key), (str, os.PathLike)) and str(options[key]):
+            path = Path(options[key]).expanduser()
+            options[key] = str(path if path.is_absolute() else Path(os.path.abspath(base / path)))
+
+
 def load_config(source: str | Path | dict[str, Any] | ExperimentConfig | None = None,
                 overrides: list[str] = ()) -> ExperimentConfig:
     """A validated config from a file, a dict or nothing (the defaults), with
-    dotted ``key=value`` overrides applied on top."""
+    dotted ``key=value`` overrides applied on top. Relative data paths (data.options.path) are
+    made absolute: a file's against the file's directory, the others' against the current one."""
     if isinstance(source, ExperimentConfig):
         raw = source.to_dict()
     elif isinstance(source, dict):
@@ -582,6 +597,8 @@ def load_config(source: str | Path | dict[str, Any] | ExperimentConfig | None = 
         raw = {}
     else:
         raw = read_file(source)
+        _absolute_data_paths(raw, Path(source).absolute().parent)
     for assignment in overrides:
         apply_override(raw, assignment)
+    _absolute_data_paths(raw, Path.cwd())
     return validate(raw)
