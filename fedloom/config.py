@@ -40,7 +40,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     dataset: str = "digits"
-    n_clients: int = Field(100, ge=1)
+    n_clients: int | None = Field(None, ge=1, description="default 100; partition natural: the data's own clients")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held out as the global test set")
     client_test_fraction: float = Field(0.2, ge=0, lt=1, description="of each client's data, for local tests")
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the loader (path, alpha, ...)")
@@ -368,8 +368,16 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _default_clients(self) -> "ExperimentConfig":
+        # a natural partition left unsized takes the data's clients, known once it is loaded (builders.sized_to);
+        # till then the checks that need the number wait
+        if self.data.n_clients is None and self.partition.name != "natural":
+            self.data.n_clients = 100
+        return self
+
+    @model_validator(mode="after")
     def _deploy_fits_the_federation(self) -> "ExperimentConfig":
-        if self.deploy.min_clients > self.data.n_clients:
+        if self.data.n_clients is not None and self.deploy.min_clients > self.data.n_clients:
             raise ValueError(f"deploy.min_clients = {self.deploy.min_clients} is more than "
                              f"data.n_clients = {self.data.n_clients}: a round could never close")
         return self
@@ -379,6 +387,8 @@ class ExperimentConfig(Section):
         sampling = self.sampling
         if sampling.fraction is not None and sampling.clients_per_round is not None:
             raise ValueError("sampling: give clients_per_round or fraction, not both")
+        if self.data.n_clients is None:
+            return self
         if sampling.clients_per_round is not None and sampling.clients_per_round > self.data.n_clients:
             raise ValueError(f"sampling.clients_per_round = {sampling.clients_per_round} is more than "
                              f"data.n_clients = {self.data.n_clients}")
@@ -411,7 +421,7 @@ class ExperimentConfig(Section):
 
         t, d = self.topology, self.decentralized
         partial = d.participation < 1 or d.churn > 0
-        if t.matrix is not None and len(t.matrix) != self.data.n_clients:
+        if t.matrix is not None and self.data.n_clients is not None and len(t.matrix) != self.data.n_clients:
             raise ValueError(f"topology.matrix is {len(t.matrix)}x{len(t.matrix)}, but there are "
                              f"{self.data.n_clients} nodes (data.n_clients)")
         if partial and t.matrix is not None:
@@ -436,8 +446,7 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _privacy_rules(self) -> "ExperimentConfig":
-        accounting = self.privacy_accounting()
-        if accounting is None:
+        if self.privacy.mechanism == "none":
             return self
         if self.mode == "decentralized":
             raise ValueError("privacy.mechanism: differential privacy runs in federated mode (DP-FedAvg); "
@@ -450,7 +459,9 @@ class ExperimentConfig(Section):
         if ALGORITHMS[self.algorithm.name].factory.server_step is not NoServerState.server_step:
             raise ValueError(f"algorithm.name = {self.algorithm.name!r} with privacy: its side matrices reach the "
                              "server unclipped and without noise")
-        if (why := accounting.unsupported()) is not None:
+        if self.data.n_clients is None:
+            return self
+        if (why := self.privacy_accounting().unsupported()) is not None:
             raise ValueError(why)
         self.privacy_noise_multiplier()
         return self
