@@ -167,3 +167,26 @@ def test_log_level_sets_fedloom_loggers_only():
     assert "fedloom info" in said["-v", "config"] and "fedloom debug" not in said["-v", "config"]
     assert "fedloom debug" in said["-vv", "config"] and "fedloom info" not in said["config",]
     assert "fedloom info" in said["config", "-v"]  # after the command too
+
+
+BLOCK_GRPC = """import sys
+class NoGrpc:  # as if fedloom were installed without its [deploy] extra
+    def find_spec(self, name, path=None, target=None):
+        if name.partition('.')[0] == 'grpc' or name.startswith('google.protobuf'):
+            raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+sys.meta_path.insert(0, NoGrpc())
+from fedloom.cli import main
+code = main(sys.argv[1:])
+assert not [m for m in sys.modules if m.startswith(('grpc', 'google.protobuf'))]
+sys.exit(code)
+"""
+
+
+def test_simulations_run_without_grpc_and_the_server_names_the_extra(tmp_path):
+    without = lambda *args: subprocess.run([sys.executable, "-c", BLOCK_GRPC, *args],  # noqa: E731
+                                           capture_output=True, text=True, timeout=300)
+    done = without("run", "--quiet", "--set", "rounds=1", "--set", "model.name=logistic", "--set", "client.epochs=1",
+                   "--set", "mode=decentralized", "--set", "data.n_clients=8", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    served = without("server", "--tokens", str(tmp_path / "tokens.txt"))
+    assert served.returncode == 2 and "pip install 'fedloom[deploy]'" in served.stderr, served.stderr
