@@ -420,7 +420,8 @@ def test_a_config_files_data_path_is_read_from_the_files_directory(tmp_path, mon
     assert cfg.data.options["path"] == str(folder / "mine.npz")
     overridden = load_config("../experiment/exp.toml", ["data.options.path='here.npz'"])
     assert overridden.data.options["path"] == str(elsewhere / "here.npz")  # the command line's: the cwd's
-    assert load_config(None, ["data.dataset=npz", "data.options.path='~/x.npz'"]).data.options["path"] == os.path.expanduser("~/x.npz")
+    home = load_config(None, ["data.dataset=npz", "data.options.path='~/x.npz'"])
+    assert home.data.options["path"] == os.path.expanduser("~/x.npz")
     assert main(["run", "../experiment/exp.toml", "--quiet", "--out", "runs"]) == 0
     (run_dir,) = (elsewhere / "runs").iterdir()
     monkeypatch.chdir(tmp_path)  # the saved config holds the absolute path: it loads from anywhere

@@ -267,7 +267,8 @@ def _assert_interrupted_and_complete(process, root: Path) -> None:
 
 
 def _piped_run(out: Path, *args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "fedloom.cli", "run", *_sets([*SMALL[1:-1], "rounds=100000"]), *args, "--out", str(out)]
+    overrides = _sets([*SMALL[1:-1], "rounds=100000"])  # SMALL with progress on, and rounds enough never to end
+    command = [sys.executable, "-m", "fedloom.cli", "run", *overrides, *args, "--out", str(out)]
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(TESTS)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(180, process.kill)  # a readline waiting for a line that never comes
