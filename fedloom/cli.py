@@ -1,4 +1,4 @@
-"""The fedloom command line: run, list, report."""
+"""The fedloom command line: run, list, config, report (and server, client: fedloom.deploy.cli)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from fedloom import __version__
 
 
 class _Stdout(Console):
@@ -161,8 +163,6 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedloom", description="Federated and decentralized learning with PyTorch.")
-    from fedloom import __version__
-
     parser.add_argument("--version", action="version", version=f"fedloom {__version__}")
     _add_log_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -127,7 +127,7 @@ def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | Non
     failed_in_a_row = 0
     try:
         with _signals_interrupt(), RoundProgress(cfg.rounds, state["round"], cfg.output.progress,
-                                                         cfg.output.progress_every) as bar:
+                                                 cfg.output.progress_every) as bar:
             for r in range(state["round"] + 1, cfg.rounds + 1):
                 state, record = _play(round_, state, r, started)
                 history.append(record)
