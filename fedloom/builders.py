@@ -5,6 +5,7 @@ rounds and by the deployment server."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,10 +14,10 @@ from torch import nn
 
 from fedloom.algorithms import ALGORITHMS, FedAvg
 from fedloom.attacks import Adversary
-from fedloom.config import ConfigError, ExperimentConfig
+from fedloom.config import ConfigError, ExperimentConfig, load_config
 from fedloom.core.local_optim import LOCAL_OPTIMIZERS
 from fedloom.core.rng import Stream, seed_for
-from fedloom.data import Dataset, FederatedData, federate, load_dataset
+from fedloom.data import DATASETS, Dataset, FederatedData, federate, load_dataset
 from fedloom.engines.base import LocalTraining
 from fedloom.engines.ray_engine import RayEngine
 from fedloom.engines.serial import SerialEngine
@@ -36,10 +37,22 @@ class GivenParts:
 
 
 def build_data(cfg: ExperimentConfig, given: GivenParts = GivenParts()) -> FederatedData:
-    train, test = given.datasets or load_dataset(cfg.data.dataset, **cfg.data.options)
+    options = cfg.data.options
+    if cfg.partition.name == "natural" and cfg.data.n_clients is not None and "n_clients" in inspect.signature(
+            DATASETS.factory(cfg.data.dataset)).parameters:
+        options = {"n_clients": cfg.data.n_clients, **options}  # a loader that makes its clients (synthetic)
+    train, test = given.datasets or load_dataset(cfg.data.dataset, **options)
     return federate(train, test, cfg.partition.name, cfg.data.n_clients, cfg.seed,
                     test_fraction=cfg.data.test_fraction, client_test_fraction=cfg.data.client_test_fraction,
                     **cfg.partition.options)
+
+
+def sized_to(cfg: ExperimentConfig, data: FederatedData) -> ExperimentConfig:
+    """``cfg`` with data.n_clients set to the number of clients ``data`` has where it was left out (a natural
+    partition: the data's own clients), checked again with it; the run directory saves this one."""
+    if cfg.data.n_clients is not None:
+        return cfg
+    return load_config(cfg, [f"data.n_clients={data.n_clients}"])
 
 
 def build_adversary(cfg: ExperimentConfig, data: FederatedData) -> Adversary | None:

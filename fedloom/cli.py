@@ -1,4 +1,4 @@
-"""The fedloom command line: run, list, report, compare, sweep (and server, client)."""
+"""The fedloom command line: run, list, config, report, compare, sweep (and server, client: fedloom.deploy.cli)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-console = Console()
+from fedloom import __version__
+
+
+class _Stdout(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits with 1 here; the run's own exit code (130 after Ctrl-C through `| tee`) is the one to keep
+        from fedloom.progress import silence_stdout
+
+        self.quiet = True
+        silence_stdout()
+
+
+console = _Stdout()
 err_console = Console(stderr=True)
 
 
@@ -21,6 +33,8 @@ def _run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.quiet:
         overrides.append("output.progress=false")
+    if args.progress_every:
+        overrides.append(f"output.progress_every={args.progress_every}")
     if args.resume and (args.config or args.out):
         raise ConfigError("--resume continues the run directory's own config: give no config file and no --out")
     if args.out:
@@ -46,10 +60,10 @@ def _summary_table(summary: dict) -> Table:
     for key, value in summary.items():
         if value is None:
             continue
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        elif key.startswith("bytes"):
+        if key.startswith("bytes"):  # before floats: bytes_per_node_total is one
             value = f"{value / 1e6:.2f} MB"
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
         table.add_row(key, str(value))
     return table
 
@@ -78,13 +92,65 @@ def registries() -> dict[str, "Registry"]:  # noqa: F821
             "gossip rules (decentralized.gossip)": GOSSIP_RULES, "engines (engine.name)": ENGINES}
 
 
+def _matches(kind: str, title: str) -> bool:
+    """``kind`` names the registry titled ``title``: a word of the title, singular or plural
+    ("algorithms", "aggregator", "topology"), or the config table it is set in ("attack", "server")."""
+    kind = kind.lower()
+    words, _, key = title.rstrip(")").partition(" (")
+    forms = {kind, kind + "s", kind[:-1] + "ies" if kind.endswith("y") else kind}
+    return bool(forms & set(words.split())) or key.split(".")[0] == kind
+
+
+_KINDS = ("algorithms", "datasets", "partitioners", "models", "tasks", "aggregators", "transforms", "attacks",
+          "compressors", "feedback", "topologies", "gossip", "engines")
+
+
 def _list(args: argparse.Namespace) -> int:
-    for title, registry in registries().items():
+    chosen = registries()
+    if args.kinds:
+        unknown = [k for k in args.kinds if not any(_matches(k, title) for title in chosen)]
+        if unknown:
+            _print_error("error", f"no registry {unknown[0]!r}; the kinds: {', '.join(_KINDS)}")
+            return 2
+        chosen = {t: r for t, r in chosen.items() if any(_matches(k, t) for k in args.kinds)}
+    for title, registry in chosen.items():
         table = Table(title=title, show_header=False, title_justify="left")
         for name, line in registry.describe().items():
             table.add_row(Text(name), Text(line))  # Text: brackets in a description are not rich markup
         console.print(table)
     return 0
+
+
+DEFAULTS = Path(__file__).with_name("defaults.toml")  # the README's Config block; a test keeps them equal
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _config(args: argparse.Namespace) -> int:
+    sys.stdout.write(DEFAULTS.read_text())  # not console.print: [data] is a TOML table, not rich markup
+    return 0
+
+
+def _log_level(args: argparse.Namespace) -> str | None:
+    """--log-level, or -v (info) / -vv (debug); None: leave logging as the command sets it."""
+    verbose = getattr(args, "verbose", 0) or 0
+    return getattr(args, "log_level", None) or (None if not verbose else "info" if verbose == 1 else "debug")
+
+
+def _setup_logging(level: str | None) -> None:
+    if level is None:
+        return
+    import logging
+
+    from fedloom.deploy.cli import LOG_FORMAT
+
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("fedloom").setLevel(level.upper())  # fedloom's loggers only, not every library's
+
+
+def _add_log_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default,
+                        help="level of fedloom's log messages on stderr (default: warning; server, client: info)")
+    parser.add_argument("-v", "--verbose", action="count", default=default, help="-v: info, -vv: debug")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -97,6 +163,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedloom", description="Federated and decentralized learning with PyTorch.")
+    parser.add_argument("--version", action="version", version=f"fedloom {__version__}")
+    _add_log_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run an experiment (default: FedAvg on the bundled digits data)",
@@ -107,11 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set algorithm.name=fedprox --set rounds=50")
     run.add_argument("--out", help="directory that receives the run directory (default: runs)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--progress-every", type=int, metavar="N",
+                     help="stdout not a terminal: a progress line every N rounds (default: a tenth of the rounds)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted or killed run from its checkpoint")
     run.set_defaults(func=_run)
 
-    lister = commands.add_parser("list", help="list algorithms, datasets, partitioners, models, aggregators, engines")
+    lister = commands.add_parser("list", help="list algorithms, datasets, partitioners, models, aggregators, engines",
+                                 description="List the registries of named parts, or only those of the kinds given.")
+    lister.add_argument("kinds", nargs="*", metavar="KIND", help=f"e.g. algorithms models ({', '.join(_KINDS)})")
     lister.set_defaults(func=_list)
+
+    config = commands.add_parser("config", help="print every config key with its default and what it does",
+                                 description="Print the default config as a commented TOML file to start from.")
+    config.set_defaults(func=_config)
 
     report = commands.add_parser("report", help="render the plots and report.html of a run directory again")
     report.add_argument("run_dir")
@@ -122,11 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     from fedloom.deploy.cli import add_commands
 
     add_commands(commands)
+    for command in commands.choices.values():  # `fedloom run -v` as well as `fedloom -v run`
+        _add_log_options(command, default=argparse.SUPPRESS)  # SUPPRESS: a sub-command does not undo it
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    _setup_logging(_log_level(args))
     from fedloom.config import ConfigError
     from fedloom.registry import OptionError
     from fedloom.data import DataError

@@ -6,6 +6,7 @@ Every error names the key the user wrote and what is accepted instead.
 from __future__ import annotations
 
 import copy
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -39,7 +40,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     dataset: str = "digits"
-    n_clients: int = Field(100, ge=1)
+    n_clients: int | None = Field(None, ge=1, description="default 100; partition natural: the data's own clients")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held out as the global test set")
     client_test_fraction: float = Field(0.2, ge=0, lt=1, description="of each client's data, for local tests")
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the loader (path, alpha, ...)")
@@ -326,7 +327,9 @@ class PrivacyConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs"
     save: bool = Field(True, description="write a run directory")
-    progress: bool = True
+    progress: bool = Field(True, description="a live bar on a terminal, else a plain line every progress_every rounds")
+    progress_every: int | None = Field(None, ge=1, description="rounds between plain progress lines (stdout not a "
+                                       "terminal); unset: a tenth of the rounds")
 
 
 class TrackingConfig(Section):
@@ -347,7 +350,8 @@ class TrackingConfig(Section):
 
 
 class ExperimentConfig(Section):
-    name: str = "digits-fedavg"
+    name: str | None = Field(None, description="default: <dataset>-<algorithm> (decentralized: its algorithm), "
+                             "e.g. digits-scaffold")
     mode: Literal["federated", "decentralized"] = "federated"
     seed: int = 0
     rounds: int = Field(50, ge=1)
@@ -374,8 +378,24 @@ class ExperimentConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
+    def _default_name(self) -> "ExperimentConfig":
+        # from what runs, so that an override of the dataset or algorithm renames the run
+        if self.name is None:
+            algorithm = self.decentralized.algorithm if self.mode == "decentralized" else self.algorithm.name
+            self.name = f"{self.data.dataset}-{algorithm}"
+        return self
+
+    @model_validator(mode="after")
+    def _default_clients(self) -> "ExperimentConfig":
+        # a natural partition left unsized takes the data's clients, known once it is loaded (builders.sized_to);
+        # till then the checks that need the number wait
+        if self.data.n_clients is None and self.partition.name != "natural":
+            self.data.n_clients = 100
+        return self
+
+    @model_validator(mode="after")
     def _deploy_fits_the_federation(self) -> "ExperimentConfig":
-        if self.deploy.min_clients > self.data.n_clients:
+        if self.data.n_clients is not None and self.deploy.min_clients > self.data.n_clients:
             raise ValueError(f"deploy.min_clients = {self.deploy.min_clients} is more than "
                              f"data.n_clients = {self.data.n_clients}: a round could never close")
         return self
@@ -385,6 +405,8 @@ class ExperimentConfig(Section):
         sampling = self.sampling
         if sampling.fraction is not None and sampling.clients_per_round is not None:
             raise ValueError("sampling: give clients_per_round or fraction, not both")
+        if self.data.n_clients is None:
+            return self
         if sampling.clients_per_round is not None and sampling.clients_per_round > self.data.n_clients:
             raise ValueError(f"sampling.clients_per_round = {sampling.clients_per_round} is more than "
                              f"data.n_clients = {self.data.n_clients}")
@@ -417,7 +439,7 @@ class ExperimentConfig(Section):
 
         t, d = self.topology, self.decentralized
         partial = d.participation < 1 or d.churn > 0
-        if t.matrix is not None and len(t.matrix) != self.data.n_clients:
+        if t.matrix is not None and self.data.n_clients is not None and len(t.matrix) != self.data.n_clients:
             raise ValueError(f"topology.matrix is {len(t.matrix)}x{len(t.matrix)}, but there are "
                              f"{self.data.n_clients} nodes (data.n_clients)")
         if partial and t.matrix is not None:
@@ -442,8 +464,7 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _privacy_rules(self) -> "ExperimentConfig":
-        accounting = self.privacy_accounting()
-        if accounting is None:
+        if self.privacy.mechanism == "none":
             return self
         if self.mode == "decentralized":
             raise ValueError("privacy.mechanism: differential privacy runs in federated mode (DP-FedAvg); "
@@ -456,7 +477,9 @@ class ExperimentConfig(Section):
         if ALGORITHMS[self.algorithm.name].factory.server_step is not NoServerState.server_step:
             raise ValueError(f"algorithm.name = {self.algorithm.name!r} with privacy: its side matrices reach the "
                              "server unclipped and without noise")
-        if (why := accounting.unsupported()) is not None:
+        if self.data.n_clients is None:
+            return self
+        if (why := self.privacy_accounting().unsupported()) is not None:
             raise ValueError(why)
         self.privacy_noise_multiplier()
         return self
@@ -577,10 +600,24 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[leaf] = parse_value(value.strip())
 
 
+PATH_OPTIONS = ("path",)  # the data.options naming local files (every loader's: npz, csv, cifar, femnist, hf)
+
+
+def _absolute_data_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative data paths in ``raw`` made absolute against ``base``, in place, so that the config
+    saved in the run directory reads the same data from any directory."""
+    options = raw.get("data", {}).get("options") if isinstance(raw.get("data"), dict) else None
+    for key in PATH_OPTIONS if isinstance(options, dict) else ():
+        if isinstance(options.get(key), (str, os.PathLike)) and str(options[key]):
+            path = Path(options[key]).expanduser()
+            options[key] = str(path if path.is_absolute() else Path(os.path.abspath(base / path)))
+
+
 def load_config(source: str | Path | dict[str, Any] | ExperimentConfig | None = None,
                 overrides: list[str] = ()) -> ExperimentConfig:
     """A validated config from a file, a dict or nothing (the defaults), with
-    dotted ``key=value`` overrides applied on top."""
+    dotted ``key=value`` overrides applied on top. Relative data paths (data.options.path) are
+    made absolute: a file's against the file's directory, the others' against the current one."""
     if isinstance(source, ExperimentConfig):
         raw = source.to_dict()
     elif isinstance(source, dict):
@@ -589,6 +626,8 @@ def load_config(source: str | Path | dict[str, Any] | ExperimentConfig | None = 
         raw = {}
     else:
         raw = read_file(source)
+        _absolute_data_paths(raw, Path(source).absolute().parent)
     for assignment in overrides:
         apply_override(raw, assignment)
+    _absolute_data_paths(raw, Path.cwd())
     return validate(raw)

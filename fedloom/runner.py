@@ -24,7 +24,7 @@ from fedloom import checkpoint
 from fedloom.builders import GivenParts
 from fedloom.config import ExperimentConfig, load_config
 from fedloom.data.given import GIVEN, as_datasets
-from fedloom.progress import RoundProgress
+from fedloom.progress import RoundProgress, central_metric
 from fedloom.rounds import Round, build_round
 from fedloom.tracking import RunDir, render_report
 from fedloom.tracking.exporters import Exporters
@@ -41,6 +41,20 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
+
+    def __repr__(self) -> str:
+        # short: the default one prints every round's record
+        s = self.summary
+        key = central_metric(self.final)
+        metric = f", {key}={self.final[key]:.4g}" if key else ""
+        return (f"RunResult(name={s.get('name', self.config.name)!r}, status={s.get('status')!r}, "
+                f"rounds={s.get('rounds_done', len(self.history))}{metric}, run_dir={self.run_dir})")
+
+    def to_pandas(self) -> "pandas.DataFrame":  # noqa: F821
+        """The history, one row per round (pandas is imported only here)."""
+        import pandas
+
+        return pandas.DataFrame(self.history)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -117,7 +131,8 @@ def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | Non
     started = time.perf_counter() - state["wall_seconds"]
     failed_in_a_row = 0
     try:
-        with _signals_interrupt(), RoundProgress(cfg.rounds, state["round"], enabled=cfg.output.progress) as bar:
+        with _signals_interrupt(), RoundProgress(cfg.rounds, state["round"], cfg.output.progress,
+                                                 cfg.output.progress_every) as bar:
             for r in range(state["round"] + 1, cfg.rounds + 1):
                 state, record = _play(round_, state, r, started)
                 history.append(record)

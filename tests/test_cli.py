@@ -101,3 +101,92 @@ def test_report_redraws_from_metrics(tmp_path):
 def test_help_lists_the_commands():
     done = fedloom("run", "--help")
     assert done.returncode == 0 and "--set" in done.stdout
+
+
+def test_list_takes_kinds():
+    done = fedloom("list", "algorithms", "models", env_columns=400)
+    assert done.returncode == 0, done.stderr
+    assert "fedavg" in done.stdout and "resnet20" in done.stdout and "hidden = [widths]" in done.stdout
+    assert "dirichlet" not in done.stdout and "krum" not in done.stdout
+    aggregators = fedloom("list", "aggregator", env_columns=400).stdout
+    assert "weighted mean (FedAvg)" in aggregators and "krum" in aggregators  # mean has a description
+    refused = fedloom("list", "algoritms")
+    assert refused.returncode == 2 and "algoritms" in refused.stderr and "algorithms" in refused.stderr
+
+
+def test_summary_table_formats_bytes_given_as_floats():
+    from rich.console import Console
+
+    from fedloom.cli import _summary_table
+
+    console = Console(width=200, record=True)
+    console.print(_summary_table({"name": "x", "bytes_per_node_total": 76960.0, "bytes_up_total": 615680,
+                                  "central_accuracy": 0.69359}))
+    text = console.export_text()
+    assert "0.08 MB" in text and "0.62 MB" in text and "0.6936" in text and "76960" not in text
+
+
+def test_subpackages_are_attributes_and_help_does_not_import_torch():
+    probe = ("import sys, fedloom\n"
+             "assert 'torch' not in sys.modules\n"
+             "from fedloom.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "assert 'torch' not in sys.modules, 'fedloom --help imported torch'\n"
+             "assert 'fedavg' in fedloom.algorithms.ALGORITHMS and fedloom.data.dirichlet\n"
+             "try:\n    fedloom.nothing_here\nexcept AttributeError:\n    print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr
+
+
+def test_version_and_config_print_what_they_say():
+    from fedloom import __version__
+    from fedloom.cli import DEFAULTS
+    from fedloom.config import load_config
+
+    assert fedloom("--version").stdout.strip() == f"fedloom {__version__}"
+    done = fedloom("config")
+    assert done.returncode == 0 and done.stdout == DEFAULTS.read_text()
+    assert "[data]" in done.stdout and "# held out as the global test set" in done.stdout
+    import tomllib
+
+    assert load_config(tomllib.loads(done.stdout)).to_dict() == load_config().to_dict()
+
+
+def test_log_level_sets_fedloom_loggers_only():
+    probe = ("import logging, sys\nfrom fedloom.cli import main\n"
+             "main(sys.argv[1:])\n"
+             "logging.getLogger('fedloom.x').debug('fedloom debug')\n"
+             "logging.getLogger('fedloom.x').info('fedloom info')\n"
+             "logging.getLogger('other').info('other info')\n")
+    said = {args: subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                                 timeout=120).stderr
+            for args in [("--log-level", "debug", "config"), ("-v", "config"), ("-vv", "config"), ("config",),
+                         ("config", "-v")]}
+    assert "fedloom debug" in said["--log-level", "debug", "config"]
+    assert "other info" not in said["--log-level", "debug", "config"]
+    assert "fedloom info" in said["-v", "config"] and "fedloom debug" not in said["-v", "config"]
+    assert "fedloom debug" in said["-vv", "config"] and "fedloom info" not in said["config",]
+    assert "fedloom info" in said["config", "-v"]  # after the command too
+
+
+BLOCK_GRPC = """import sys
+class NoGrpc:  # as if fedloom were installed without its [deploy] extra
+    def find_spec(self, name, path=None, target=None):
+        if name.partition('.')[0] == 'grpc' or name.startswith('google.protobuf'):
+            raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+sys.meta_path.insert(0, NoGrpc())
+from fedloom.cli import main
+code = main(sys.argv[1:])
+assert not [m for m in sys.modules if m.startswith(('grpc', 'google.protobuf'))]
+sys.exit(code)
+"""
+
+
+def test_simulations_run_without_grpc_and_the_server_names_the_extra(tmp_path):
+    without = lambda *args: subprocess.run([sys.executable, "-c", BLOCK_GRPC, *args],  # noqa: E731
+                                           capture_output=True, text=True, timeout=300)
+    done = without("run", "--quiet", "--set", "rounds=1", "--set", "model.name=logistic", "--set", "client.epochs=1",
+                   "--set", "mode=decentralized", "--set", "data.n_clients=8", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    served = without("server", "--tokens", str(tmp_path / "tokens.txt"))
+    assert served.returncode == 2 and "pip install 'fedloom[deploy]'" in served.stderr, served.stderr

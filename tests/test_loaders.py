@@ -403,3 +403,26 @@ def test_from_torch_dataset_errors():
         from_torch_dataset([(1, 0), 5], name="mine")
     with pytest.raises(DataError, match=r"every x must have one shape; example 0 has \(2,\), example 1 has \(3,\)"):
         from_torch_dataset([(np.zeros(2), 0), (np.zeros(3), 1)])
+
+
+def test_a_config_files_data_path_is_read_from_the_files_directory(tmp_path, monkeypatch):
+    from fedloom.cli import main
+    from fedloom.config import load_config
+
+    folder, elsewhere = tmp_path / "experiment", tmp_path / "elsewhere"
+    folder.mkdir(), elsewhere.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(folder / "mine.npz", x=rng.normal(size=(60, 4)).astype(np.float32), y=np.arange(60) % 3)
+    (folder / "exp.toml").write_text('rounds = 1\n[data]\ndataset = "npz"\nn_clients = 4\n'
+                                     '[data.options]\npath = "mine.npz"\n[model]\nname = "logistic"\n')
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config("../experiment/exp.toml")
+    assert cfg.data.options["path"] == str(folder / "mine.npz")
+    overridden = load_config("../experiment/exp.toml", ["data.options.path='here.npz'"])
+    assert overridden.data.options["path"] == str(elsewhere / "here.npz")  # the command line's: the cwd's
+    home = load_config(None, ["data.dataset=npz", "data.options.path='~/x.npz'"])
+    assert home.data.options["path"] == os.path.expanduser("~/x.npz")
+    assert main(["run", "../experiment/exp.toml", "--quiet", "--out", "runs"]) == 0
+    (run_dir,) = (elsewhere / "runs").iterdir()
+    monkeypatch.chdir(tmp_path)  # the saved config holds the absolute path: it loads from anywhere
+    assert load_config(run_dir / "config.toml").data.options["path"] == str(folder / "mine.npz")

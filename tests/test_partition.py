@@ -168,7 +168,7 @@ def test_natural_equals_one_scan_per_group(groups):
 
 
 def test_natural_client_count_mismatch_is_clear(labels, groups):
-    with pytest.raises(DataError, match=r"7 natural clients but n_clients=5"):
+    with pytest.raises(DataError, match=r"7 natural clients but data.n_clients = 5; set data.n_clients = 7, or leave"):
         natural(labels, 5, np.random.default_rng(0), groups)
     with pytest.raises(DataError, match="no natural client ids"):
         partition("natural", labels, None, np.random.default_rng(0))

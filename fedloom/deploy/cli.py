@@ -103,10 +103,17 @@ def _reported(command):
         from fedloom.config import ConfigError
         from fedloom.data import DataError
         from fedloom.registry import OptionError
-        from fedloom.deploy.client import ClientError
-        from fedloom.deploy.security import SecurityError
         from fedloom.runner import RunFailed
 
+        try:  # both import grpc, as every deploy module does
+            from fedloom.deploy.client import ClientError
+            from fedloom.deploy.security import SecurityError
+        except ModuleNotFoundError as err:
+            if (err.name or "").partition(".")[0] not in ("grpc", "google"):
+                raise
+            print(f"error: fedloom {args.command} needs gRPC ({err.name} is not installed): "
+                  "pip install 'fedloom[deploy]'", file=sys.stderr)
+            return 2
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
         try:
             return command(args)

@@ -171,6 +171,9 @@ def serve(config=None, address: str = "127.0.0.1:8080", tokens: dict[int, str] |
 def _check(cfg: ExperimentConfig, tokens: dict[int, str]) -> None:
     if cfg.mode != "federated":
         raise ConfigError(f"mode = {cfg.mode!r}: the server coordinates federated runs only")
+    if cfg.data.n_clients is None:
+        raise ConfigError("data.n_clients: the server's clients take ids 0..n_clients-1; set it (a natural "
+                          "partition's number of clients)")
     if cfg.compression.build() is not None or cfg.compression.downlink != "none":
         raise ConfigError("compression: deployed clients send and receive fp32; set compression.name = 'none', "
                           "no compression.feedback and no compression.downlink")

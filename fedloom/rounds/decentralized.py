@@ -35,7 +35,7 @@ from fedloom.algorithms.gossip import (DSGD, Choco, ClippedGossip, GradientTrack
                                       mean_gossip)
 from fedloom.attacks import ATTACKS, Adversary
 from fedloom.builders import (GivenParts, build_adversary, build_data, build_engine, build_model_for, build_task_for,
-                              check_model_runs, model_device, engine_notes)
+                              check_model_runs, engine_notes, model_device, sized_to)
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
@@ -121,8 +121,8 @@ class DecentralizedRound:
     """The decentralized run's constant parts and its round step on the state tree (module docstring)."""
 
     def __init__(self, cfg: ExperimentConfig, given: GivenParts = GivenParts()):
-        self.cfg = cfg
         self.data = build_data(cfg, given)
+        self.cfg = cfg = sized_to(cfg, self.data)
         self.adversary = build_adversary(cfg, self.data)
         self.byzantine = (self.adversary.fixed if self.adversary is not None
                           else torch.zeros(self.data.n_clients, dtype=torch.bool))

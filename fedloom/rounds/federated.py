@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fedloom import evaluation
 from fedloom.builders import (GivenParts, build_adversary, build_algorithm, build_data, build_engine, build_model_for,
-                              build_task_for, check_model_runs, model_device, engine_notes)
+                              build_task_for, check_model_runs, engine_notes, model_device, sized_to)
 from fedloom.compression.downlink import Downlink
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
@@ -47,8 +47,8 @@ def sample_clients(n_clients: int, k: int, seed: int, round_idx: int) -> list[in
 class FederatedRound:
     def __init__(self, cfg: ExperimentConfig, make_engine: Callable[[nn.Module, FederatedData], Any] | None = None,
                  given: GivenParts = GivenParts()):
-        self.cfg = cfg
         self.data = build_data(cfg, given)
+        self.cfg = cfg = sized_to(cfg, self.data)
         self.adversary = build_adversary(cfg, self.data)
         self.model = build_model_for(cfg, self.data, given)
         check_model_runs(cfg, self.model, self.data)
