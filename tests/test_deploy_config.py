@@ -74,3 +74,14 @@ def test_the_server_refuses_simulation_only_settings(tmp_path, capsys, setting, 
                  "--set", f"output.dir={str(tmp_path)!r}"])
     assert code == 2
     assert re.search(complaint, capsys.readouterr().err)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_client_asked_for_a_device_it_lacks_exits_2_naming_the_flag(tmp_path, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "mine.npz", x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))
+    code = main(["client", "--server", "127.0.0.1:1", "--data", str(tmp_path / "mine.npz"), "--client-id", "0",
+                 "--token", "t", "--device", "cuda", "--patience", "0.1"])
+    assert code == 2
+    assert "--device = 'cuda' but CUDA is not available here" in capsys.readouterr().err

@@ -45,7 +45,7 @@ def _client(args: argparse.Namespace) -> int:
     if not token:
         raise SystemExit("fedloom client: give --token or set FEDLOOM_TOKEN")
     tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca or args.tls_cert else None
-    return run_client(args.server, args.data, args.client_id, token, tls, args.patience, args.model)
+    return run_client(args.server, args.data, args.client_id, token, tls, args.patience, args.model, args.device)
 
 
 def client_id(text: str) -> int:
@@ -93,6 +93,8 @@ def add_commands(subparsers) -> None:
     client.add_argument("--tls-key", help="client private key for mutual TLS (PEM)")
     client.add_argument("--patience", type=float, default=60.0, metavar="SECONDS",
                         help="how long to wait for an unreachable server before giving up (default 60)")
+    client.add_argument("--device", default="cpu", help="where this client trains: cpu (default), cuda, cuda:N, "
+                        "mps or auto (CUDA when available)")
     client.set_defaults(func=_reported(_client))
 
 

@@ -38,6 +38,7 @@ from fedloom.deploy.coordinator import INTERRUPTED
 from fedloom.deploy.messages import (MAX_MESSAGE_BYTES, Receiver, Refused, chunks, describe, local_from_proto, prefixed,
                                      result_tensors)
 from fedloom.deploy.security import ClientTLS, call_metadata, tls_mismatch
+from fedloom.engines.device import DeviceError, resolve_device
 from fedloom.engines.serial import SerialEngine
 from fedloom.builders import build_algorithm, build_model_for, build_task_for
 from fedloom.models import MODELS
@@ -119,8 +120,10 @@ def one_client_data(client_id: int, data: Dataset, n_classes: int) -> FederatedD
 class Trainer:
     """Runs tasks for one client: the model and algorithm the task asks for, as task_config allows."""
 
-    def __init__(self, client_id: int, data: Dataset, model: str | None = None):
+    def __init__(self, client_id: int, data: Dataset, model: str | None = None,
+                 device: torch.device = torch.device("cpu")):
         self.client_id = client_id
+        self.device = device
         self.dataset = data
         self.own_model = model  # a user model 'package.module:Name' from this client's command line
         self._built: tuple | None = None  # (config json, n_classes) -> (data, model, algorithm, task)
@@ -150,7 +153,7 @@ class Trainer:
             local = local_from_proto(header.local)
         except Refused as err:
             raise unusable(err) from None
-        engine = SerialEngine(model, data, local, task)
+        engine = SerialEngine(model, data, local, task, self.device)
         sent = {k: v.clone() for k, v in prefixed(tensors, "sent").items()}
         result = engine.run_round(algorithm, params, sent, [self.client_id], header.round, store)
         named = result_tensors(result.U[0], {k: v[0] for k, v in result.aux.items()},
@@ -256,11 +259,16 @@ def take_part(calls: Calls, trainer: Trainer, metadata, retry: Backoff) -> str |
 
 
 def run_client(server: str, data_path: str | Path, client_id: int, token: str, tls: ClientTLS | None = None,
-               patience_s: float = 60.0, model: str | None = None) -> int:
+               patience_s: float = 60.0, model: str | None = None, device: str = "cpu") -> int:
     """Serve tasks until the server says the run finished (0), or ``patience_s`` pass without a
     running server (1): unreachable, or interrupted and not back. ``model`` is the user model
-    this client agrees to build ('package.module:Name'); None: fedloom's own models only."""
-    trainer = Trainer(client_id, load_dataset("npz", path=data_path)[0], model)
+    this client agrees to build ('package.module:Name'); None: fedloom's own models only.
+    ``device``: where it trains (``engine.device``'s values)."""
+    try:
+        on = resolve_device(device)[0]
+    except DeviceError as err:
+        raise ClientError(str(err).replace("engine.device", "--device")) from None
+    trainer = Trainer(client_id, load_dataset("npz", path=data_path)[0], model, on)
     metadata = call_metadata(client_id, token)
     retry = Backoff()
     with open_channel(server, tls) as channel:
