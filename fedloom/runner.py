@@ -107,7 +107,7 @@ def drive(round_: Round, resume: str | Path | None = None,
             if run_dir:
                 exporters.start(round_.cfg, run_dir.path, history, resumed=resume is not None)
             state, status, crash = _loop(round_, state, history, run_dir, on_round, exporters)
-            with _signals_ignored():  # a second Ctrl-C must not cut the final writes short
+            with signals_ignored():  # a second Ctrl-C must not cut the final writes short
                 result = _finish(round_, state, history, run_dir, status, exporters)
     finally:
         exporters.close()  # whatever stopped the run (a full disk, an error in the final writes)
@@ -131,7 +131,7 @@ def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | Non
     started = time.perf_counter() - state["wall_seconds"]
     failed_in_a_row = 0
     try:
-        with _signals_interrupt(), RoundProgress(cfg.rounds, state["round"], cfg.output.progress,
+        with signals_interrupt(), RoundProgress(cfg.rounds, state["round"], cfg.output.progress,
                                                  cfg.output.progress_every) as bar:
             for r in range(state["round"] + 1, cfg.rounds + 1):
                 state, record = _play(round_, state, r, started)
@@ -278,7 +278,7 @@ def _rounds_done(history: list[dict]) -> int:
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
+def signals_interrupt() -> Iterator[None]:
     """SIGTERM stops the run like Ctrl-C does: the run directory is completed, not abandoned."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -295,7 +295,7 @@ def _signals_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
+def signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return

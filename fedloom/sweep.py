@@ -241,16 +241,16 @@ def _execute(pool: LocalPool | RayPool, todo: list[Combination], jobs: int, conf
              overrides: list[str], result: SweepResult, report: Callable[[str], None]) -> None:
     """Every run, or Ctrl-C/SIGTERM: the running ones are stopped (each ends as interrupted, its directory
     complete, and the next sweep continues it) and the sweep waits for their last writes."""
-    from fedloom.runner import _signals_ignored, _signals_interrupt
+    from fedloom.runner import signals_ignored, signals_interrupt
 
     try:
-        with _signals_interrupt():
+        with signals_interrupt():
             result.interrupted = True  # until the last run has ended
             _schedule(pool, todo, jobs, config, overrides, result, report)
             result.interrupted = False
             pool.close()
     except KeyboardInterrupt:
-        with _signals_ignored():  # a second Ctrl-C must not leave runs half-written
+        with signals_ignored():  # a second Ctrl-C must not leave runs half-written
             pool.stop()
 
 
