@@ -179,3 +179,22 @@ def test_the_page_plots_a_live_runs_rounds_as_they_come(tmp_path):
         process.kill()
         process.wait(30)
         thread.join(10)
+
+
+def test_without_uvicorn_the_command_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from fedloom.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn raises ImportError
+    assert main(["dashboard", str(tmp_path)]) == 2
+    assert "pip install 'fedloom[dashboard]'" in capsys.readouterr().err
+
+
+def test_run_dashboard_prints_the_url_and_the_run_completes(tmp_path):
+    port = _free_port()
+    sets = [a for o in SHORT for a in ("--set", o)]
+    done = subprocess.run([sys.executable, "-m", "fedloom.cli", "run", *sets, "--out", str(tmp_path), "--dashboard",
+                           "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"dashboard: http://127.0.0.1:{port}/" in done.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
