@@ -64,8 +64,11 @@ def _start_dashboard(args: argparse.Namespace, overrides: list[str]) -> None:
     from fedloom.dashboard import serve, url
 
     root = Path(args.resume).parent if args.resume else Path(load_config(args.config, overrides).output.dir)
-    serve(root, args.host, args.port, background=True)
-    err_console.print(f"dashboard: {url(args.host, args.port)}", highlight=False)
+    thread = serve(root, args.host, args.port, background=True)
+    if thread.server.started:
+        err_console.print(f"dashboard: {url(args.host, args.port)}", highlight=False)
+    else:
+        _print_error("dashboard", f"could not serve on {args.host}:{args.port} (taken?); the run goes on without it")
 
 
 def _dashboard(args: argparse.Namespace) -> int:

@@ -30,10 +30,14 @@ def serve(root, host: str = "127.0.0.1", port: int = 8050, background: bool = Fa
         server.run()
         return None
     import threading
+    import time
 
     thread = threading.Thread(target=server.run, name="fedloom-dashboard", daemon=True)
     thread.server = server
     thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)  # bound (or failed, e.g. the port is taken) before the caller prints its URL
     return thread
 
 
