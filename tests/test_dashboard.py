@@ -152,6 +152,15 @@ def _wait(condition, timeout=60.0):
     raise AssertionError("timed out waiting for the page")
 
 
+def _deployment(run_dir: Path) -> None:
+    run_dir.mkdir()
+    records = [{"round": r, "train_loss": 1 / r, "central_accuracy": r / 4, "clients_submitted": [0, r]}
+               for r in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    (run_dir / "partition.json").write_text(json.dumps({"train_sizes": [3, 4, 5], "label_histogram": [[1, 2]] * 3}))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
+
+
 @pytest.mark.slow
 def test_the_page_plots_a_live_runs_rounds_as_they_come(tmp_path):
     browser = _browser()
@@ -173,6 +182,11 @@ def test_the_page_plots_a_live_runs_rounds_as_they_come(tmp_path):
         assert _wait(lambda: int(charts.get_attribute("data-rounds")) > first)
         assert browser.find_elements(by.CSS_SELECTOR, "#metric .main-svg")  # plotly drew the curve
         assert "running" in browser.find_element(by.CSS_SELECTOR, "#runs button[data-run^='live']").text
+        _deployment(tmp_path / "deployed")  # the clients of each round, as a deployment records them
+        _wait(lambda: browser.find_elements(by.CSS_SELECTOR, "#runs button[data-run='deployed']"))[0].click()
+        _wait(lambda: charts.get_attribute("data-rounds") == "3")
+        assert browser.find_elements(by.CSS_SELECTOR, "#participation .main-svg")
+        assert browser.find_elements(by.CSS_SELECTOR, "#labels .main-svg")  # the label histogram's heatmap
     finally:
         browser.quit()
         thread.server.should_exit = True

@@ -2,6 +2,7 @@
 "use strict";
 const state = { run: null, source: null, rows: new Map(), pending: false };
 const LAYOUT = { margin: { t: 40, r: 10, b: 40, l: 55 }, legend: { orientation: "h", y: -0.2 } };
+const CONFIG = { responsive: true, displaylogo: false };
 
 function api(path) { return fetch(path).then((r) => (r.ok ? r.json() : null)); }
 
@@ -58,7 +59,7 @@ function plot(id, title, traces, ytitle) {
   const shown = traces.filter((t) => t.x.length);
   if (!shown.length) return;
   Plotly.react(id, shown, { ...LAYOUT, title: { text: title }, xaxis: { title: { text: "round" } },
-    yaxis: { title: { text: ytitle } } }, { responsive: true });
+    yaxis: { title: { text: ytitle } } }, CONFIG);
 }
 
 function drawCurves() {
@@ -77,19 +78,19 @@ function drawParticipation(rows) {
   const x = [], y = [];
   rows.forEach((r) => (r.clients_submitted || []).forEach((c) => { x.push(r.round); y.push(c); }));
   if (!x.length) return;
-  Plotly.react("participation", [{ x, y, mode: "markers", type: "scattergl", marker: { size: 5 }, name: "submitted" }],
+  Plotly.react("participation", [{ x, y, mode: "markers", type: "scatter", marker: { size: 5 }, name: "submitted" }],
     { ...LAYOUT, title: { text: "clients that took part" }, xaxis: { title: { text: "round" } },
-      yaxis: { title: { text: "client" } } }, { responsive: true });
+      yaxis: { title: { text: "client" } } }, CONFIG);
 }
 
 function drawPartition(stats) {
   const sizes = stats.train_sizes || [];
   Plotly.react("sizes", [{ x: sizes.map((_, i) => i), y: sizes, type: "bar", name: "train examples" }],
-    { ...LAYOUT, title: { text: "client sizes" }, xaxis: { title: { text: "client" } } }, { responsive: true });
+    { ...LAYOUT, title: { text: "client sizes" }, xaxis: { title: { text: "client" } } }, CONFIG);
   if (stats.label_histogram) {
     Plotly.react("labels", [{ z: stats.label_histogram, type: "heatmap", colorscale: "Blues" }],
       { ...LAYOUT, title: { text: "labels per client" }, xaxis: { title: { text: "label" } },
-        yaxis: { title: { text: "client" } } }, { responsive: true });
+        yaxis: { title: { text: "client" } } }, CONFIG);
   }
 }
 
