@@ -1,4 +1,5 @@
-"""The fedloom command line: run, list, config, report, compare, sweep (and server, client: fedloom.deploy.cli)."""
+"""The fedloom command line: run, list, config, report, compare, sweep, dashboard (and server, client:
+fedloom.deploy.cli)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def _run(args: argparse.Namespace) -> int:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out} is a file; give a directory (it is made if missing)")
         overrides.append(f"output.dir={args.out!r}")
+    if args.dashboard:
+        _start_dashboard(args, overrides)
     try:
         result = run(args.config, overrides, resume=args.resume)
     except RunFailed as failed:
@@ -53,6 +56,35 @@ def _run(args: argparse.Namespace) -> int:
                           f"everything so far is in {result.run_dir}")
         return 130
     return 0
+
+
+def _start_dashboard(args: argparse.Namespace, overrides: list[str]) -> None:
+    """``fedloom run --dashboard``: serve the run's output directory from a daemon thread."""
+    from fedloom.config import load_config
+    from fedloom.dashboard import serve, url
+
+    root = Path(args.resume).parent if args.resume else Path(load_config(args.config, overrides).output.dir)
+    thread = serve(root, args.host, args.port, background=True)
+    if thread.server.started:
+        err_console.print(f"dashboard: {url(args.host, args.port)}", highlight=False)
+    else:
+        _print_error("dashboard", f"could not serve on {args.host}:{args.port} (taken?); the run goes on without it")
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from fedloom.dashboard import serve, url
+
+    if not Path(args.runs_dir).is_dir():
+        raise FileNotFoundError(f"no runs directory {args.runs_dir}")
+    console.print(f"fedloom dashboard of {args.runs_dir}: {url(args.host, args.port)} (Ctrl-C stops it)",
+                  highlight=False)
+    serve(Path(args.runs_dir), args.host, args.port)
+    return 0
+
+
+def _add_dashboard_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=8050, help="the dashboard's port (default: 8050)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine)")
 
 
 def _summary_table(summary: dict) -> Table:
@@ -178,7 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress-every", type=int, metavar="N",
                      help="stdout not a terminal: a progress line every N rounds (default: a tenth of the rounds)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted or killed run from its checkpoint")
+    run.add_argument("--dashboard", action="store_true", help="serve a live dashboard of the output directory")
+    _add_dashboard_options(run)
     run.set_defaults(func=_run)
+
+    dashboard = commands.add_parser("dashboard", help="a live web view of the runs in a directory",
+                                    description="Serve a web page of the run directories under RUNS_DIR: their "
+                                    "status, and the selected run's curves as its rounds are written.")
+    dashboard.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR", help="default: runs")
+    _add_dashboard_options(dashboard)
+    dashboard.set_defaults(func=_dashboard)
 
     lister = commands.add_parser("list", help="list algorithms, datasets, partitioners, models, aggregators, engines",
                                  description="List the registries of named parts, or only those of the kinds given.")
@@ -207,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _setup_logging(_log_level(args))
     from fedloom.config import ConfigError
+    from fedloom.dashboard import DashboardUnavailable
     from fedloom.registry import OptionError
     from fedloom.data import DataError
     from fedloom.runner import RunDirError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, OptionError, FileNotFoundError) as err:
+    except (ConfigError, DataError, OptionError, FileNotFoundError, DashboardUnavailable) as err:
         _print_error("error", err)
         return 2
     except RunDirError as err:
