@@ -75,7 +75,7 @@ def _strangers_once_listening(fed, starts: int) -> Strangers:
     return Strangers(fed.address, 4)
 
 
-def test_soak_kills_resumes_and_strangers(federation):
+def test_soak_kills_resumes_and_strangers(federation):  # noqa: F811 (the fixture imported above)
     fed = federation(SOAK)
     fed.start_server("--config", str(fed.dir / "exp.toml"))
     for k in range(N_CLIENTS):
