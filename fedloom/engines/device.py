@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 
 
+DATA_ON_DEVICE = 2**30  # bytes of data kept on the device when nothing else is said
+
+
 class DeviceError(ValueError):
     """A device that this machine does not have; the message says what it has."""
 

@@ -17,10 +17,8 @@ from fedloom.core.rng import Stream, seed_for
 from fedloom.core.store import ClientStore
 from fedloom.data.federated import FederatedData
 from fedloom.engines.base import LocalTraining, RoundResult, batch_order, functional_loss, starts_of
-from fedloom.engines.device import DeviceData, loss_accumulator, moved
+from fedloom.engines.device import DATA_ON_DEVICE, DeviceData, loss_accumulator, moved
 from fedloom.tasks import Task
-
-DATA_ON_DEVICE = 2**30  # bytes of data kept on the device when nothing else is said
 
 
 class SerialEngine:

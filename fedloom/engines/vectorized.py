@@ -22,8 +22,7 @@ from fedloom.core.store import ClientStore
 from fedloom.data.federated import FederatedData
 from fedloom.engines.base import (LocalTraining, RoundResult, batch_plan, block_offsets, block_starts, concatenate,
                                   local_steps, rows_of, starts_of)
-from fedloom.engines.device import DeviceData, free_memory, moved
-from fedloom.engines.serial import DATA_ON_DEVICE
+from fedloom.engines.device import DATA_ON_DEVICE, DeviceData, free_memory, moved
 from fedloom.tasks import Task, mean_loss
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
