@@ -20,6 +20,11 @@ class Stream(IntEnum):
     COMPRESSION = 5  # stochastic compressors
     NOISE = 6  # differential privacy noise
     DROPOUT = 7  # layers like dropout in local training
+    SECAGG = 8  # secure aggregation: simulated dropouts, the clients' own randomness
+    SYSTEM = 9  # the system model: client speeds, bandwidths, availability
+    PARTICIPATION = 10  # clients that take part on their own (unknown) probabilities
+    PERSONAL = 11  # personalization: personal heads, fine-tuning batches
+    MERGING = 12  # model merging: activation matching's batches
 
 
 def seed_for(seed: int, stream: Stream, *key: int) -> int:
