@@ -42,7 +42,8 @@ class DataConfig(Section):
     dataset: str = "digits"
     n_clients: int | None = Field(None, ge=1, description="default 100; partition natural: the data's own clients")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held out as the global test set")
-    client_test_fraction: float = Field(0.2, ge=0, lt=1, description="of each client's data, for local tests")
+    client_test_fraction: float = Field(0.2, ge=0, lt=1, description="of each client's data, for local tests "
+                                        "(natural clients that a test split names: their own test examples)")
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the loader (path, alpha, ...)")
 
     @model_validator(mode="after")

@@ -230,6 +230,7 @@ def test_hf_save_to_disk_dict_with_images_clients_and_test(hf, tmp_path):
     assert train.groups.tolist() == [1, 0, 1] and train.name == "pets"
     assert torch.equal(test.x, torch.from_numpy(pixels[3:].transpose(0, 3, 1, 2) / np.float32(255)))
     assert test.y.tolist() == [1, 1] and test.n_classes == 3
+    assert test.groups.tolist() == [2, 2]  # u9 trains nowhere: numbered after the training clients u1, u2
 
 
 def test_hf_single_dataset_grayscale_and_named_splits(hf, tmp_path):
@@ -258,6 +259,7 @@ def test_hf_parquet_directory_splits_by_file_name(hf, tmp_path):
     train, test = load_dataset("hf", path=tmp_path / "data", client_column="site")
     assert train.x.tolist() == [[0.5, 1, 2], [1.5, 3, 4], [2.5, 5, 6]] and train.y.tolist() == [1, 0, 2]
     assert train.groups.tolist() == [1, 1, 0] and test.x.tolist() == [[3.5, 7, 8]] and test.y.tolist() == [1]
+    assert test.groups.tolist() == [2]  # site 9 is not a training site
     assert not any(tmp_path.glob("data/*.lock")) and sorted(p.name for p in (tmp_path / "data").iterdir()) == [
         "test.parquet", "train.parquet"]
 

@@ -3,6 +3,7 @@ CSV or JSON files. ``datasets`` is optional (``pip install fedloom[hf]``) and im
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .datasets import DataError, Dataset, from_arrays
+from .datasets import DataError, Dataset, from_arrays, shared_ids
 from .images import array_images, pil_images
 
 if TYPE_CHECKING:
@@ -88,8 +89,14 @@ def load_hf(*, path: str | Path, train_split: str = "train", test_split: str | N
         train = convert(_pick_split(splits, train_split, path, "train_split"), train_split, client_column)
         if test_split is None or (test_split == "test" and "test" not in splits):
             return train, None
-        test = _pick_split(splits, test_split, path, "test_split")  # its client ids, if any, are not inputs
-        return train, convert(test, test_split, client_column if client_column in test.features else None)
+        test_ds = _pick_split(splits, test_split, path, "test_split")
+        clients = client_column if client_column in test_ds.features else None
+        test = convert(test_ds, test_split, clients)
+        if clients is not None:  # one id map for both splits, so a client is the same client in both
+            train_ids, test_ids = shared_ids(_numpy_column(splits[train_split], client_column),
+                                             _numpy_column(test_ds, client_column))
+            train, test = dataclasses.replace(train, groups=train_ids), dataclasses.replace(test, groups=test_ids)
+        return train, test
 
 
 def from_hf_dataset(ds: hf.Dataset, *, label_column: str = "label", image_column: str | None = None,
