@@ -229,7 +229,7 @@ class DecentralizedRound:
 
     def describe(self, state: State) -> dict[str, Any]:
         return {**self.data.size(), "topology": self.cfg.topology.name, "spectral_gap": self.topology.static_gap(),
-                **engine_notes(self.cfg, self.model, self.engine_name)}
+                **engine_notes(self.cfg, self.model, self.engine)}
 
     def graph_record(self) -> dict[str, Any] | None:
         """What the run directory keeps to draw the graph: up to DRAWN_NODES nodes, fixed graphs only."""

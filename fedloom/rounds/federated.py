@@ -125,7 +125,7 @@ class FederatedRound:
 
     def describe(self, state: State) -> dict[str, Any]:
         described = {**self.data.size(), "pipeline": self.pipeline.steps(),
-                     **engine_notes(self.cfg, self.model, self.engine_name)}
+                     **engine_notes(self.cfg, self.model, self.engine)}
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
             described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
         return described
