@@ -78,8 +78,9 @@ def test_the_sum_noise_multiplier_makes_the_pair_one_gaussian_of_multiplier_z(z,
     # is one Gaussian of multiplier 1 / sqrt((2 / z_sum)^2 + (1 / count_std)^2), the plain round's z / 2
     assert ((2 / z_sum) ** 2 + (1 / count_std) ** 2) ** -0.5 == pytest.approx(z / 2, rel=1e-12)
     rounds, delta = 10, 1e-5
-    pair = PLDAccountant(value_discretization_interval=1e-3).compose(SelfComposedDpEvent(GaussianDpEvent(z_sum / 2), rounds)).compose(
-        SelfComposedDpEvent(GaussianDpEvent(count_std), rounds))  # the two releases of every round, composed
+    pair = PLDAccountant(value_discretization_interval=1e-3)  # the two releases of every round, composed
+    pair.compose(SelfComposedDpEvent(GaussianDpEvent(z_sum / 2), rounds))
+    pair.compose(SelfComposedDpEvent(GaussianDpEvent(count_std), rounds))
     cfg = load_config(None, [*ADAPTIVE, f"privacy.noise_multiplier={z}", f"privacy.count_noise={count_std}",
                              f"rounds={rounds}", "data.n_clients=10", "sampling.clients_per_round=10",
                              'privacy.accountant="pld"', f"privacy.delta={delta}"])
