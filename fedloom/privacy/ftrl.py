@@ -44,7 +44,8 @@ def tree_noise(d: int, std: float, like: Tensor, seed: int, tree: int, t: int) -
 def ftrl(denominator: int, std: float, lr: float, momentum: float, tree_rounds: int,
          epsilon_after: Callable[[int], float]) -> Transform:
     """The next global model from the clipped rows (clip them first): noise std per tree node ``std`` on the
-    mean's scale. State: ``tree`` (the tree's first round, 0 before any), ``anchor``, ``sum``, ``momentum``."""
+    mean's scale. State: None before the first round, then ``tree`` (its first round), ``anchor``, ``sum``,
+    ``momentum``."""
 
     def apply(U: Tensor, w: Tensor, state: dict | None, ctx: Context):
         t = (ctx.round - 1) % tree_rounds + 1  # the round's leaf in its tree
@@ -58,6 +59,8 @@ def ftrl(denominator: int, std: float, lr: float, momentum: float, tree_rounds: 
         velocity = momentum * state["momentum"] + noisy_prefix
         x = state["anchor"] - lr * velocity
         new_state = {"tree": tree, "anchor": state["anchor"], "sum": leaves, "momentum": velocity}
-        return x[None], torch.ones(1, dtype=w.dtype), new_state, {"epsilon": epsilon_after(ctx.round)}
+        # the model goes where the global model lives (as the server optimizer's does), the tree stays with the rows
+        metrics = {"epsilon": epsilon_after(ctx.round)}
+        return x.to(ctx.params.device)[None], torch.ones(1, dtype=w.dtype), new_state, metrics
 
     return Transform("dp_ftrl", apply)
