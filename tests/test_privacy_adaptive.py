@@ -52,8 +52,9 @@ def test_with_the_papers_count_noise_the_clip_stays_near_the_quantile():
     clips = _clip_trajectory(norms, 0.5, count_std=200 / 20, rounds=200)
     late = torch.tensor(clips[-100:])
     assert late.mean().item() == pytest.approx(torch.quantile(norms, 0.5).item(), rel=0.08)
-    # the count's noise (std 0.05 on the fraction) moves the clip, by a factor exp(0.2 * 0.05) a round
-    assert 0.05 < (late.log().diff().std() / (0.2 * 0.05)).item() < 1.5
+    # the count's noise (std 0.05 on the fraction) moves log C by about 0.2 * 0.05 a round (measured 1.01 times
+    # that; without noise the clip settles and the ratio is 0)
+    assert 0.8 < (late.log().diff().std() / (0.2 * 0.05)).item() < 1.25
 
 
 def test_the_sum_noise_has_std_z_sum_times_the_current_clip_over_m_and_the_rows_are_clipped_to_it():
