@@ -25,7 +25,7 @@ from fedloom.data import DATASETS, PARTITIONERS
 from fedloom.compression.base import Shapes
 from fedloom.models import MODELS
 from fedloom.pipeline.transforms import TRANSFORMS
-from fedloom.privacy.accounting import Accounting
+from fedloom.privacy.accounting import Accounting, sum_noise_multiplier
 from fedloom.registry import Registry
 from fedloom.tasks import TASKS
 
@@ -301,10 +301,18 @@ class CheckpointConfig(Section):
 class PrivacyConfig(Section):
     """User-level differential privacy, DP-FedAvg (McMahan et al. 2018): rows clipped to ``clip``, averaged
     over the clients sampled per round with uniform weights, Gaussian noise of std noise_multiplier * clip
-    on the sum (central: the server adds it; local: each client adds it to its own row)."""
+    on the sum (central: the server adds it; local: each client adds it to its own row; ftrl: DP-FTRL's tree
+    of noise on the prefix sums, Kairouz et al. 2021). ``adaptive_clip``: the clip follows a quantile of the
+    update norms (Andrew et al. 2021), starting at ``clip``."""
 
-    mechanism: Literal["none", "central", "local"] = "none"
-    clip: float = Field(1.0, gt=0, description="L2 norm every client's row is clipped to")
+    mechanism: Literal["none", "central", "local", "ftrl"] = "none"
+    clip: float = Field(1.0, gt=0, description="L2 norm every client's row is clipped to (adaptive: the first)")
+    adaptive_clip: bool = Field(False, description="the clip follows target_quantile of the update norms (central)")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: the fraction of rows the clip should keep "
+                                   "unclipped")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive: the clip's geometric step size")
+    count_noise: float | None = Field(None, gt=0, description="adaptive: std of the noise on the count of unclipped "
+                                      "rows (default clients_per_round / 20)")
     noise_multiplier: float | None = Field(None, gt=0, description="noise std over clip; or give target_epsilon")
     target_epsilon: float | None = Field(None, gt=0, description="calibrate noise_multiplier to reach this "
                                          "epsilon after all rounds")
@@ -317,7 +325,7 @@ class PrivacyConfig(Section):
             # compare with the defaults, not the keys given: a saved (resolved) config writes every key
             changed = [k for k in type(self).model_fields if getattr(self, k) != type(self).model_fields[k].default]
             if changed:
-                raise ValueError(f"{', '.join(changed)} applies with privacy.mechanism = 'central' or 'local' "
+                raise ValueError(f"{', '.join(changed)} applies with privacy.mechanism = 'central', 'local' or 'ftrl' "
                                  "(mechanism is 'none')")
         elif (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(f"privacy.mechanism = {self.mechanism!r}: give noise_multiplier or target_epsilon "
@@ -478,12 +486,29 @@ class ExperimentConfig(Section):
         if ALGORITHMS[self.algorithm.name].factory.server_step is not NoServerState.server_step:
             raise ValueError(f"algorithm.name = {self.algorithm.name!r} with privacy: its side matrices reach the "
                              "server unclipped and without noise")
+        self._private_combinations()
         if self.data.n_clients is None:
             return self
         if (why := self.privacy_accounting().unsupported()) is not None:
             raise ValueError(why)
-        self.privacy_noise_multiplier()
+        if self.privacy.adaptive_clip:
+            self.privacy_sum_noise_multiplier()
+        else:
+            self.privacy_noise_multiplier()
         return self
+
+    def _private_combinations(self) -> None:
+        """Adaptive clipping and DP-FTRL's rules (the keys they read, the mechanisms they fit)."""
+        p = self.privacy
+        if p.adaptive_clip and p.mechanism != "central":
+            raise ValueError(f"privacy.adaptive_clip with privacy.mechanism = {p.mechanism!r}: the clip is learnt "
+                             "from a count the trusted server noises once (central); local DP would need every "
+                             "client to noise its own bit (sqrt(clients_per_round) times the noise) and DP-FTRL's "
+                             "tree assumes one clip for all its leaves; use mechanism = 'central'")
+        if p.mechanism == "ftrl" and self.server_choice()[0] != "sgd":
+            raise ValueError(f"server.optimizer = {self.server_choice()[0]!r} with privacy.mechanism = 'ftrl': "
+                             "DP-FTRL's model is the start minus server.lr times the (momentum) noisy prefix sum, "
+                             "server SGD; set server.optimizer = 'sgd' (server.momentum is its momentum)")
 
     def privacy_accounting(self) -> Accounting | None:
         """What the accountant needs of this run, or None when privacy is off."""
@@ -503,14 +528,32 @@ class ExperimentConfig(Section):
             raise ValueError(f"privacy.target_epsilon = {p.target_epsilon:g} cannot be reached: {err}; raise "
                              "privacy.target_epsilon or privacy.delta, or lower rounds") from None
 
-    def server_optimizer(self) -> tuple[str, OptimizerFactory]:
-        """The server optimizer's name and factory: [server] where given, else the algorithm's preset."""
+    def privacy_count_noise(self) -> float:
+        """Adaptive clipping's sigma_b: privacy.count_noise, else clients_per_round / 20 (Andrew et al.)."""
+        count_noise = self.privacy.count_noise
+        return count_noise if count_noise is not None else self.clients_per_round() / 20
+
+    def privacy_sum_noise_multiplier(self) -> float:
+        """Adaptive clipping's noise multiplier on the clipped sum, derived from the (calibrated) one."""
+        z, count_std = self.privacy_noise_multiplier(), self.privacy_count_noise()
+        try:
+            return sum_noise_multiplier(z, count_std)
+        except ValueError as err:
+            raise ValueError(f"privacy.count_noise: {err}; raise privacy.count_noise (default clients_per_round / "
+                             "20) above noise_multiplier / 2, or lower the noise multiplier") from None
+
+    def server_choice(self) -> tuple[str, float, float]:
+        """The server optimizer's name, lr and momentum: [server] where given, else the algorithm's preset."""
         preset, server = SERVER_PRESETS.get(self.algorithm.name, ServerPreset()), self.server
-        name = server.optimizer or preset.optimizer
-        return name, server_optimizer(
-            name, lr=server.lr if server.lr is not None else preset.lr,
-            momentum=server.momentum if server.momentum is not None else preset.momentum,
-            beta1=server.beta1, beta2=server.beta2, tau=server.tau)
+        return (server.optimizer or preset.optimizer, server.lr if server.lr is not None else preset.lr,
+                server.momentum if server.momentum is not None else preset.momentum)
+
+    def server_optimizer(self) -> tuple[str, OptimizerFactory]:
+        """The server optimizer's name and factory (:meth:`server_choice`)."""
+        name, lr, momentum = self.server_choice()
+        server = self.server
+        return name, server_optimizer(name, lr=lr, momentum=momentum, beta1=server.beta1, beta2=server.beta2,
+                                      tau=server.tau)
 
     def clients_per_round(self) -> int:
         """As configured; by default 10 clients a round (all of them when there are fewer)."""
