@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedloom.config import ExperimentConfig, load_config
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, seed_for
 from fedloom.core.store import ClientStore
-from fedloom.merging.merge import METHODS, merge
+from fedloom.data import FederatedData
+from fedloom.merging.merge import METHODS, State, merge
 from fedloom.merging.runs import Evaluator, aligner_for
 
 INIT_KEY = 2  # the merging stream's key for the clients' own initial models (0, 1: activation batch, sweeps)
@@ -54,8 +55,7 @@ def one_shot(config: str | Path | dict | ExperimentConfig | None = None, overrid
     starts = _starts(cfg, data, spec, model, clients, same_init)
     engine = build_engine(cfg, model, data)
     result = engine.run_round(build_algorithm(cfg), starts, {}, clients, 1, ClientStore())
-    buffers = {k: v for k, v in model.state_dict().items() if k not in spec.names}
-    states = [{**buffers, **{k: v.clone() for k, v in spec.unflatten(row).items()}} for row in starts - result.U]
+    states = states_of_rows(model, spec, starts - result.U)
     evaluate = Evaluator(model, data, build_task_for(cfg, data))
     merged = {m: evaluate(merge(states, aligner_for(m, model, data, cfg.seed))) for m in methods}
     return OneShotResult([evaluate(s) for s in states], merged)
@@ -74,3 +74,16 @@ def _starts(cfg: ExperimentConfig, data, spec: ParamSpec, model, clients: list[i
             own = build_model(cfg.model.name, data.input_shape, data.n_classes, **cfg.model.options)
         rows.append(spec.flatten(own))
     return torch.stack(rows)
+
+
+def states_of_rows(model: nn.Module, spec: ParamSpec, rows: Tensor) -> list[State]:
+    """State dicts of the flat models ``rows`` [n, d] (buffers, if any, the model's own)."""
+    buffers = {k: v for k, v in model.state_dict().items() if k not in spec.names}
+    return [{**buffers, **{k: v.clone() for k, v in spec.unflatten(row).items()}} for row in rows]
+
+
+def merge_rows(model: nn.Module, spec: ParamSpec, rows: Tensor, method: str, data: FederatedData,
+               seed: int) -> Tensor:
+    """The flat models ``rows`` [n, d] merged by ``method`` (after aligning them), as one flat model [d]."""
+    merged = merge(states_of_rows(model, spec, rows.cpu()), aligner_for(method, model, data, seed))
+    return torch.cat([merged[name].reshape(-1) for name in spec.names]).float()

@@ -88,9 +88,13 @@ def activation_batch(data: FederatedData, seed: int) -> Tensor:
     return data.x[torch.as_tensor(rng.choice(len(data.x), size=size, replace=False))]
 
 
-def aligner_for(method: Method, model: nn.Module, data: FederatedData, seed: int, ot_reg: float = 0.0) -> Aligner:
+def check_method(method: str) -> None:
     if method not in METHODS:
         raise MergeError(f"merge method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+def aligner_for(method: Method, model: nn.Module, data: FederatedData, seed: int, ot_reg: float = 0.0) -> Aligner:
+    check_method(method)
     try:
         spec = spec_for(model)
     except SpecError as err:
@@ -107,6 +111,7 @@ def merge_runs(models: list[str | Path], method: Method = "weight", data_config:
 
     if len(models) < 2:
         raise MergeError("give at least two models to merge")
+    check_method(method)
     saved = [load_saved(m) for m in models]
     for other in saved[1:]:
         check_same_architecture(saved[0], other)
