@@ -219,7 +219,7 @@ ONE_SHOT = ["data.dataset=digits", "data.n_clients=10", "partition.name=dirichle
 def test_one_shot_an_aligned_merge_beats_plain_averaging_of_clients_trained_apart():
     for seed in (0, 1):
         result = one_shot(None, [*ONE_SHOT, f"seed={seed}"], methods=("average", "weight"))
-        assert result.merged["weight"]["accuracy"] > result.merged["average"]["accuracy"] + 0.1
+        assert result.merged["weight"]["accuracy"] > result.merged["average"]["accuracy"] + 0.05
         assert result.merged["weight"]["loss"] < result.merged["average"]["loss"]
 
 
