@@ -236,3 +236,26 @@ def test_weight_matching_cuts_the_loss_barrier_of_two_independently_trained_mlps
     pair = merge_runs(dirs, "weight", out=tmp_path / "m")["pairs"][0]
     assert pair["barrier_plain"] > 0.1
     assert pair["barrier_aligned"] < 0.5 * pair["barrier_plain"]
+
+
+def test_matched_averaging_transform_undoes_the_clients_permutations_before_the_mean():
+    from fedloom.core.params import ParamSpec
+    from fedloom.merging.transform import matched_averaging
+    from fedloom.pipeline.base import Context
+
+    model = _model("mlp", (1, 8, 8), {"hidden": (32,)})
+    flat, spec = ParamSpec.of(model), spec_for(model)
+    x = flat.flatten(model)
+    noisy = [x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(c)) for c in range(3)]
+    locals_ = []
+    for c, row in enumerate(noisy):
+        moved = apply(spec, flat.unflatten(row), random_permutation(spec, torch.Generator().manual_seed(10 + c)))
+        locals_.append(torch.cat([moved[n].reshape(-1) for n in flat.names]))
+    U = x - torch.stack(locals_)
+    ctx = Context(round=1, seed=0, client_ids=[0, 1, 2], params=x)
+    aligned, w, _, metrics = matched_averaging(model, "weight").apply(U, torch.ones(3), None, ctx)
+    torch.testing.assert_close(x - aligned.mean(0), torch.stack(noisy).mean(0), rtol=0, atol=1e-6)
+    assert (x - U.mean(0) - torch.stack(noisy).mean(0)).abs().max() > 0.1  # the plain mean is far off
+    assert metrics["matched_shift"] > 0
+    with pytest.raises(ValueError, match="activation matching needs data"):
+        matched_averaging(model, "activation")
