@@ -11,6 +11,6 @@ from fedloom.merging.spec import (Alignment, Axis, PermutationSpec, Probe, Segme
                                   random_permutation, resnet_spec, sequential_spec, spec_for)
 
 __all__ = ["METHODS", "Aligner", "Alignment", "Axis", "MergeError", "OneShotResult", "PermutationSpec", "Probe",
-           "Segment", "SpecError", "activation_matching", "apply", "barrier", "interpolate", "matched_averaging", "mean_state", "merge",
-           "merge_runs", "one_shot", "ot_fusion", "path", "random_permutation", "resnet_spec", "sequential_spec",
-           "spec_for", "weight_matching"]
+           "Segment", "SpecError", "activation_matching", "apply", "barrier", "interpolate", "matched_averaging",
+           "mean_state", "merge", "merge_runs", "one_shot", "ot_fusion", "path", "random_permutation",
+           "resnet_spec", "sequential_spec", "spec_for", "weight_matching"]

@@ -12,7 +12,6 @@ barrier = max_t [loss(t) - ((1 - t) loss(0) + t loss(1))].
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -81,7 +80,8 @@ def barrier(losses: list[float], ts: list[float]) -> float:
     return max(loss - ((1 - t) * losses[0] + t * losses[-1]) for loss, t in zip(losses, ts))
 
 
-def path(a: State, b: State, evaluate: Callable[[State], dict[str, float]], points: int = 11) -> dict[str, list[float] | float]:
+def path(a: State, b: State, evaluate: Callable[[State], dict[str, float]],
+         points: int = 11) -> dict[str, list[float] | float]:
     """The metrics of the models on the segment from A to B (``evaluate``: state -> {"loss": ..., ...})
     and the loss barrier."""
     ts = [i / (points - 1) for i in range(points)]
@@ -89,6 +89,3 @@ def path(a: State, b: State, evaluate: Callable[[State], dict[str, float]], poin
     curves = {k: [r[k] for r in rows] for k in rows[0]}
     return {"t": ts, **curves, "barrier": barrier(curves["loss"], ts)}
 
-
-def state_of(model: nn.Module) -> State:
-    return {k: v.detach().clone() for k, v in copy.deepcopy(model).state_dict().items()}

@@ -125,7 +125,8 @@ def merge_runs(models: list[str | Path], method: Method = "weight", data_config:
     pairs = [_pair(states[0], b, str(s.where), align, evaluate, points) for b, s in zip(states[1:], saved[1:])]
     merged = merge(states, align)
     report = {"method": method, "models": [str(s.where) for s in saved], "pairs": pairs,
-              "ends": [evaluate(s) for s in states], "merged": evaluate(merged), "average": evaluate(mean_state(states))}
+              "ends": [evaluate(s) for s in states], "merged": evaluate(merged),
+              "average": evaluate(mean_state(states))}
     _write(Path(out), merged, report)
     return report
 
