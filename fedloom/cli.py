@@ -313,6 +313,20 @@ def _add_research_commands(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--out", help="the sweep directory (default: sweeps/<config name>)")
     sweep.set_defaults(func=_sweep)
 
+    merge = commands.add_parser("merge", help="align and merge saved models; the loss barrier between them",
+                                description="Align the models of run directories (their model.safetensors) to "
+                                "the first one and merge them all; report the loss along the straight path from "
+                                "the first model to each other one, plain and aligned, with the loss barrier. "
+                                "Writes merged.safetensors, merge.json and barrier.png into --out.")
+    merge.add_argument("models", nargs="+", metavar="MODEL", help="run directories (or their model.safetensors)")
+    merge.add_argument("--method", default="weight",
+                       help="weight (Git Re-Basin weight matching, the default), activation, ot (optimal "
+                       "transport fusion, needs fedloom[merging]) or average (no alignment)")
+    merge.add_argument("--data", metavar="CONFIG", help="evaluate on this config's data (default: the first run's)")
+    merge.add_argument("--points", type=int, default=11, help="models on each path (default: 11)")
+    merge.add_argument("--out", default="merged", help="output directory (default: merged)")
+    merge.set_defaults(func=_merge)
+
 
 def _compare(args: argparse.Namespace) -> int:
     from datetime import datetime
@@ -354,6 +368,33 @@ def _sweep(args: argparse.Namespace) -> int:
         _print_error("not completed", f"{name}: {result.statuses[name] or 'no summary'} "
                      f"{result.errors.get(name, '')}".rstrip())
     return 1 if unfinished else 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from fedloom.merging.runs import MergeError, merge_runs
+
+    if args.points < 3:
+        _print_error("error", f"--points {args.points}: give at least 3")
+        return 2
+    try:
+        report = merge_runs(args.models, args.method, args.data, args.out, args.points)
+    except MergeError as err:
+        _print_error("error", err)
+        return 2
+    table = Table(title=f"fedloom merge ({args.method}): loss barrier from {report['models'][0]}")
+    for column in ("model", "barrier plain", f"barrier {args.method}"):
+        table.add_column(column)
+    for pair in report["pairs"]:
+        table.add_row(Text(pair["model"]), f"{pair['barrier_plain']:.4f}", f"{pair['barrier_aligned']:.4f}")
+    console.print(table)
+    merged, average = report["merged"], report["average"]
+    console.print(Text(f"merged ({args.method}): " + _metrics_line(merged) + "; averaged: " + _metrics_line(average)))
+    console.print(f"written: {Path(args.out) / 'merge.json'}, barrier.png, merged.safetensors")
+    return 0
+
+
+def _metrics_line(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def _grid_table(title: str, columns: list[str], rows: list[list], heads: int = 1) -> Table:

@@ -205,6 +205,8 @@ class DecentralizedConfig(Section):
     participation: float = Field(1.0, gt=0, le=1, description="fraction of nodes active each round (MoDeST-style)")
     churn: float = Field(0.0, ge=0, lt=1, description="probability a node is offline in a round")
     choco_gamma: float = Field(0.5, gt=0, le=1, description="CHOCO-SGD consensus step size")
+    final_merge: Literal["none", "weight", "activation", "ot"] = Field(
+        "none", description="at the end, also merge the node models after aligning them (fedloom.merging)")
     gossip: Literal[tuple(GOSSIP_RULES)] = Field(  # type: ignore[valid-type]
         "mean", description="clipped: ClippedGossip (He et al. 2023)")
     clip_tau: float | None = Field(None, gt=0, description="clipped: fixed clipping radius; unset: adaptive")
