@@ -229,10 +229,7 @@ class DecentralizedRound:
 
     def describe(self, state: State) -> dict[str, Any]:
         return {**self.data.size(), "topology": self.cfg.topology.name, "spectral_gap": self.topology.static_gap(),
-<<<<<<< HEAD
-                **engine_notes(self.cfg, self.model, self.engine)}
-=======
-                **engine_notes(self.cfg, self.model, self.engine_name), **self.final_merge(state)}
+                **engine_notes(self.cfg, self.model, self.engine), **self.final_merge(state)}
 
     def final_merge(self, state: State) -> dict[str, Any]:
         """``decentralized.final_merge``: the honest node models merged after aligning them, evaluated as
@@ -245,7 +242,6 @@ class DecentralizedRound:
         merged = merge_rows(self.model, self.spec, self.honest(state["X"]), method, self.data, self.cfg.seed)
         metrics = evaluation.central(self.model, self.spec, merged.to(self.device), self.data, self.task)
         return {f"final_merge_{k.removeprefix('central_')}": v for k, v in metrics.items()}
->>>>>>> h-merging
 
     def graph_record(self) -> dict[str, Any] | None:
         """What the run directory keeps to draw the graph: up to DRAWN_NODES nodes, fixed graphs only."""
