@@ -180,6 +180,10 @@ def _check(cfg: ExperimentConfig, tokens: dict[int, str]) -> None:
     if cfg.privacy.mechanism == "local":
         raise ConfigError("privacy.mechanism = 'local': deployed clients do not add their own noise yet, so the "
                           "server would see their rows unnoised; use 'central' (the server clips and noises)")
+    if cfg.secure_aggregation.protocol != "none":
+        raise ConfigError(f"secure_aggregation.protocol = {cfg.secure_aggregation.protocol!r}: deployed clients "
+                          "do not run the protocol over gRPC yet, so the server would see their rows unmasked; "
+                          "secure aggregation runs in simulation (fedloom run)")
     if cfg.attack.name != "none":
         raise ConfigError("attack: simulated Byzantine clients belong to simulations; a deployment's clients "
                           "are real (remove the [attack] table)")
