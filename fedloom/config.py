@@ -6,6 +6,7 @@ Every error names the key the user wrote and what is accepted instead.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import os
 import tomllib
@@ -549,6 +550,10 @@ class ExperimentConfig(Section):
                 raise ValueError("privacy.mechanism = 'distributed' adds the central noise in shares under secure "
                                  "aggregation: set secure_aggregation.protocol = 'secagg' or 'secagg+'")
             return self
+        missing = [name for name in ("cryptography", "Crypto") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"secure_aggregation.protocol = {s.protocol!r} needs the cryptography and pycryptodome "
+                             f"packages (missing: {', '.join(missing)}): pip install 'fedloom[secagg]'")
         if (why := self._needs_individual_rows()) is not None:
             raise ValueError(f"secure_aggregation.protocol = {s.protocol!r}: the server sees only the masked sum, "
                              f"so {why}")

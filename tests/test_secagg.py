@@ -233,6 +233,15 @@ def test_combinations_that_need_individual_rows_are_refused(extra, message):
     assert message in str(err.value)
 
 
+def test_a_missing_crypto_library_is_named_at_load(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "Crypto" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"missing: Crypto\): pip install 'fedloom\[secagg\]'"):
+        load_config(_base(protocol="secagg"))
+
+
 def test_needed_bits_is_the_smallest_ring_that_holds_the_sum():
     for clients, value_bits in [(1, 2), (20, 16), (1000, 16), (7, 9)]:
         bits, top = needed_bits(clients, value_bits), clients * (2 ** (value_bits - 1) - 1)
