@@ -78,16 +78,22 @@ def sharing_only_row(n: int, fraction: float) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| protocol | n | t | dropout | client s | server s | client KB up | client KB down |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| protocol | n | t | dropout | client s | server s | client KB up | client KB down | outcome |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         up = f"{r['client_bytes_up'] / 1e3:.1f}" if "client_bytes_up" in r else "-"
         down = f"{r['client_bytes_down'] / 1e3:.1f}" if "client_bytes_down" in r else "-"
         server = f"{r['server_s']:.4f}" if "server_s" in r else "-"
         lines.append(f"| {r['protocol']} | {r['n']} | {r.get('threshold', '-')} | {r.get('dropout', 0):g} | "
                      f"{r['client_s']:.4f} | {server} | "
-                     f"{up} | {down} |")
+                     f"{up} | {down} | {_outcome(r)} |")
     return "\n".join(lines)
+
+
+def _outcome(row: dict) -> str:
+    if "failure" not in row:
+        return "-"
+    return "summed" if row["failure"] is None else f"failed: {row['failure']}"
 
 
 def plot(by_n: list[dict], by_dropout: list[dict], path: Path) -> None:
@@ -106,8 +112,8 @@ def plot(by_n: list[dict], by_dropout: list[dict], path: Path) -> None:
     a.plot([r["n"] for r in sharing], [r["client_s"] for r in sharing], "x:", label="secagg: one client's Shamir")
     a.set(xscale="log", yscale="log", xlabel="clients n", ylabel="seconds per round", title="cost against n")
     a.legend(fontsize=7)
-    for name, style in [("secagg", "o-"), ("secagg+", "s-")]:
-        rows = [r for r in by_dropout if r["protocol"] == name]
+    for name, style in [("secagg", "o-"), ("secagg+", "s-")]:  # failed rounds left out: they stop early
+        rows = [r for r in by_dropout if r["protocol"] == name and r["failure"] is None]
         b.plot([r["dropout"] for r in rows], [r["server_s"] for r in rows], style, label=f"{name}: server")
         b.plot([r["dropout"] for r in rows], [r["client_s"] for r in rows], style, alpha=0.5, label=f"{name}: client")
     b.set(xlabel="fraction dropping before masked input", ylabel="seconds", title=f"cost against dropouts "

@@ -14,7 +14,8 @@ server sums masked, quantized rows (``fedloom/privacy/secagg*.py``); with privac
 "distributed", each client clips its row and adds its share of the central noise first:
 
     secagg:      ... validate -> aggregate:secagg -> ...
-    distributed: ... validate -> dp_clip (client) -> dp_local_noise (client, z clip / sqrt(m)) -> aggregate:secagg -> ...
+    distributed: ... validate -> dp_clip (client) -> dp_local_noise (client, z clip / sqrt(m))
+                 -> aggregate:secagg -> ...
 
 ``server.transforms`` are extra transforms, by registry name or a user's
 ``package.module:factory`` import path, each with its ``options``; they run on

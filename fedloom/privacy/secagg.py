@@ -74,7 +74,8 @@ class Params:
 # ---- primitives (wrappers over cryptography and pycryptodome) ----
 
 def _kdf(secret: bytes, purpose: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=b"fedloom-secagg " + purpose).derive(secret)
+    info = b"fedloom-secagg " + purpose  # one key per use of a secret
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
 
 
 def prg(seed: bytes, params: Params) -> np.ndarray:
@@ -186,7 +187,8 @@ class SecAggClient:
         self.keys, graph_seed = _unpack_keys(broadcast)
         self.group = sharing_graph(list(self.keys), self.params.neighbours, graph_seed)[self.id]
         if len(self.group) < self.params.threshold:
-            raise ProtocolAborted(f"client {self.id}: {len(self.group)} in its group, threshold {self.params.threshold}")
+            raise ProtocolAborted(f"client {self.id}: {len(self.group)} in its group, "
+                                  f"threshold {self.params.threshold}")
         shares = split_secret(self.b_seed + _raw_private(self.s_key), self.params.threshold, len(self.group))
         out = {}
         for v, share in zip(self.group, shares):

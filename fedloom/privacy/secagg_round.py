@@ -136,7 +136,8 @@ def secure_mean(spec: SecureMean, extra_metrics: Callable[[int], dict] = lambda 
         drops = draw_drops(sorted(inputs), spec.dropouts, ctx.seed, ctx.round)
         outcome = run_protocol(inputs, params, seed_for(ctx.seed, Stream.SECAGG, ctx.round, 1), drops)
         # uplink_bytes: what the round's record counts as bytes_up (all four phases' messages)
-        metrics = {**outcome.costs.metrics(), **extra_metrics(ctx.round), "uplink_bytes": sum(outcome.costs.up.values())}
+        metrics = {**outcome.costs.metrics(), **extra_metrics(ctx.round),
+                   "uplink_bytes": sum(outcome.costs.up.values())}
         if outcome.total is None:
             return U[:0], w[:0], state, {**metrics, "round_failed": True, "secagg_failure": outcome.failure}
         row = _mean_of(spec, outcome.total)
