@@ -4,7 +4,7 @@ Aggregation with (Poly)Logarithmic Overhead"), honest-but-curious version, as ex
 that exchange bytes, so that a deployment can carry the same messages over its own transport.
 
     0 advertise keys  client -> server: two X25519 public keys (c: share encryption, s: masks)
-                      server -> clients: every advertised key and the sharing graph's seed
+                      server -> each client: its sharing group's keys (SecAgg: everyone's)
     1 share keys      client -> server: Shamir t-of-k shares of its self-mask seed b_u and of s_u's
                       secret key, one AES-GCM ciphertext per neighbour (server routes them)
     2 masked input    client -> server: y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv) mod 2^bits
@@ -134,19 +134,18 @@ def _unpack_ids(data: bytes) -> list[int]:
     return [ID.unpack_from(data, 4 + 4 * i)[0] for i in range(n)]
 
 
-def _pack_keys(keys: dict[int, tuple[bytes, bytes]], graph_seed: int) -> bytes:
-    body = b"".join(ID.pack(u) + c + s for u, (c, s) in sorted(keys.items()))
-    return struct.pack(">QI", graph_seed, len(keys)) + body
+def _pack_keys(keys: dict[int, tuple[bytes, bytes]]) -> bytes:
+    return ID.pack(len(keys)) + b"".join(ID.pack(u) + c + s for u, (c, s) in sorted(keys.items()))
 
 
-def _unpack_keys(data: bytes) -> tuple[dict[int, tuple[bytes, bytes]], int]:
-    graph_seed, n = struct.unpack_from(">QI", data)
-    keys, at, size = {}, 12, 4 + 2 * KEY_BYTES
+def _unpack_keys(data: bytes) -> dict[int, tuple[bytes, bytes]]:
+    (n,) = ID.unpack_from(data)
+    keys, at, size = {}, 4, 4 + 2 * KEY_BYTES
     for _ in range(n):
         (u,) = ID.unpack_from(data, at)
         keys[u] = (data[at + 4:at + 4 + KEY_BYTES], data[at + 4 + KEY_BYTES:at + size])
         at += size
-    return keys, graph_seed
+    return keys
 
 
 def _pack_blobs(blobs: dict[int, bytes]) -> bytes:
@@ -182,10 +181,11 @@ class SecAggClient:
     def advertise(self) -> bytes:
         return ID.pack(self.id) + _raw_public(self.c_key) + _raw_public(self.s_key)
 
-    def share_keys(self, broadcast: bytes) -> bytes:
-        """Shares of b_u and s_u's key, each encrypted for its recipient in u's sharing group."""
-        self.keys, graph_seed = _unpack_keys(broadcast)
-        self.group = sharing_graph(list(self.keys), self.params.neighbours, graph_seed)[self.id]
+    def share_keys(self, group_keys: bytes) -> bytes:
+        """Shares of b_u and s_u's key, each encrypted for its recipient in u's sharing group (the clients
+        whose keys the server sent u: u and its neighbours)."""
+        self.keys = _unpack_keys(group_keys)
+        self.group = sorted(self.keys)
         if len(self.group) < self.params.threshold:
             raise ProtocolAborted(f"client {self.id}: {len(self.group)} in its group, "
                                   f"threshold {self.params.threshold}")
@@ -252,13 +252,14 @@ class SecAggServer:
     total: np.ndarray | None = None
     sent_input: list[int] = field(default_factory=list)
 
-    def collect_keys(self, messages: list[bytes]) -> bytes:
+    def collect_keys(self, messages: list[bytes]) -> dict[int, bytes]:
+        """Each client's sharing group's public keys (its own included)."""
         for m in messages:
             (u,) = ID.unpack_from(m)
             self.keys[u] = (m[4:4 + KEY_BYTES], m[4 + KEY_BYTES:4 + 2 * KEY_BYTES])
         self._enough(len(self.keys), "advertised keys")
         self.graph = sharing_graph(list(self.keys), self.params.neighbours, self.graph_seed)
-        return _pack_keys(self.keys, self.graph_seed)
+        return {u: _pack_keys({v: self.keys[v] for v in group}) for u, group in self.graph.items()}
 
     def route_shares(self, messages: dict[int, bytes]) -> dict[int, bytes]:
         """Each recipient's ciphertexts, from the senders of phase 1 only."""

@@ -78,11 +78,11 @@ def run_protocol(inputs: dict[int, np.ndarray], params: Params, graph_seed: int,
     try:
         alive = [u for u in alive if u not in drops["advertise"]]
         adverts = _clients_phase(costs, "advertise", alive, lambda u: clients[u].advertise())
-        broadcast, costs.server_s["advertise"] = _timed(server.collect_keys, list(adverts.values()))
-        costs.down["advertise"] = len(broadcast) * len(alive)
+        group_keys, costs.server_s["advertise"] = _timed(server.collect_keys, list(adverts.values()))
+        costs.down["advertise"] = sum(len(m) for m in group_keys.values())
 
         alive = [u for u in alive if u not in drops["share_keys"]]
-        shares = _clients_phase(costs, "share_keys", alive, lambda u: clients[u].share_keys(broadcast))
+        shares = _clients_phase(costs, "share_keys", alive, lambda u: clients[u].share_keys(group_keys[u]))
         routed, costs.server_s["share_keys"] = _timed(server.route_shares, shares)
         costs.down["share_keys"] = sum(len(m) for m in routed.values())
 
