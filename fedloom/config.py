@@ -6,6 +6,8 @@ Every error names the key the user wrote and what is accepted instead.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -307,7 +309,8 @@ class PrivacyConfig(Section):
     of noise on the prefix sums, Kairouz et al. 2021). ``adaptive_clip``: the clip follows a quantile of the
     update norms (Andrew et al. 2021), starting at ``clip``."""
 
-    mechanism: Literal["none", "central", "local", "ftrl"] = "none"
+    mechanism: Literal["none", "central", "local", "ftrl", "distributed"] = Field(
+        "none", description="distributed: each client adds its share of the central noise under secure aggregation")
     clip: float = Field(1.0, gt=0, description="L2 norm every client's row is clipped to (adaptive: the first)")
     adaptive_clip: bool = Field(False, description="the clip follows target_quantile of the update norms (central)")
     target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: the fraction of rows the clip should keep "
@@ -327,12 +330,65 @@ class PrivacyConfig(Section):
             # compare with the defaults, not the keys given: a saved (resolved) config writes every key
             changed = [k for k in type(self).model_fields if getattr(self, k) != type(self).model_fields[k].default]
             if changed:
-                raise ValueError(f"{', '.join(changed)} applies with privacy.mechanism = 'central', 'local' or 'ftrl' "
+                raise ValueError(f"{', '.join(changed)} applies with privacy.mechanism = 'central', 'local', 'ftrl' "
+                                 "or 'distributed' "
                                  "(mechanism is 'none')")
         elif (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(f"privacy.mechanism = {self.mechanism!r}: give noise_multiplier or target_epsilon "
                              "(one of them)")
         return self
+
+
+class SecureAggregationConfig(Section):
+    """Secure aggregation (``fedloom/privacy/secagg*.py``): the server gets masked, quantized rows only and
+    sums them; secagg (Bonawitz et al. 2017) or secagg+ (Bell et al. 2020, O(log n) neighbours)."""
+
+    protocol: Literal["none", "secagg", "secagg+"] = "none"
+    threshold: int | float = Field(0.6, gt=0, description="Shamir threshold: an integer count, or a fraction "
+                                   "(0 < t <= 1.0) of a client's sharing group (all the round's clients; secagg+: "
+                                   "its neighbours and itself)")
+    bits: int = Field(32, ge=8, le=62, description="the ring Z_{2^bits} the masked rows live in")
+    value_bits: int = Field(16, ge=2, le=60, description="a client's coordinate is an integer of this many bits")
+    clip: float = Field(1.0, gt=0, description="each weighted coordinate is clamped to [-clip, clip] before "
+                        "quantization")
+    rounding: Literal["stochastic", "deterministic"] = Field("stochastic", description="quantization rounding")
+    neighbours: int | None = Field(None, ge=2, description="secagg+: neighbours per client (even); default "
+                                   "2 * ceil(log2 clients_per_round)")
+    dropout_advertise: float = Field(0.0, ge=0, lt=1, description="simulated: fraction of the round's clients "
+                                     "silent from the advertise-keys phase on")
+    dropout_share_keys: float = Field(0.0, ge=0, lt=1, description="... from the share-keys phase on")
+    dropout_masked_input: float = Field(0.0, ge=0, lt=1, description="... from the masked-input phase on")
+    dropout_unmask: float = Field(0.0, ge=0, lt=1, description="... at the unmask phase (after sending y_u)")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SecureAggregationConfig":
+        if isinstance(self.threshold, float) and self.threshold > 1:
+            raise ValueError(f"secure_aggregation.threshold = {self.threshold}: a fraction is at most 1.0 "
+                             "(a count is an integer)")
+        if self.neighbours is not None and (self.protocol != "secagg+" or self.neighbours % 2):
+            raise ValueError(f"secure_aggregation.neighbours = {self.neighbours}: an even number, with "
+                             "protocol = 'secagg+'")
+        if self.value_bits >= self.bits:
+            raise ValueError(f"secure_aggregation.value_bits = {self.value_bits} must be below bits = {self.bits}")
+        return self
+
+    def group_size(self, clients: int) -> int:
+        """The clients that hold shares of one client's secrets, itself included."""
+        k = self.neighbours_for(clients)
+        return clients if k is None else k + 1
+
+    def neighbours_for(self, clients: int) -> int | None:
+        """secagg+'s neighbours in a round of ``clients``; None: everyone (secagg, or secagg+ that covers all)."""
+        if self.protocol != "secagg+":
+            return None
+        k = self.neighbours if self.neighbours is not None else 2 * math.ceil(math.log2(max(clients, 2)))
+        return None if k >= clients - 1 else k
+
+    def threshold_for(self, clients: int) -> int:
+        group = self.group_size(clients)
+        if isinstance(self.threshold, int):
+            return min(self.threshold, group)  # a round with fewer clients than sampled shares among fewer
+        return max(1, math.ceil(self.threshold * group))
 
 
 class OutputConfig(Section):
@@ -385,6 +441,7 @@ class ExperimentConfig(Section):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -512,12 +569,67 @@ class ExperimentConfig(Section):
                              "DP-FTRL's model is the start minus server.lr times the (momentum) noisy prefix sum, "
                              "server SGD; set server.optimizer = 'sgd' (server.momentum is its momentum)")
 
+    @model_validator(mode="after")
+    def _secure_aggregation_rules(self) -> "ExperimentConfig":
+        s, p = self.secure_aggregation, self.privacy
+        if s.protocol == "none":
+            if p.mechanism == "distributed":
+                raise ValueError("privacy.mechanism = 'distributed' adds the central noise in shares under secure "
+                                 "aggregation: set secure_aggregation.protocol = 'secagg' or 'secagg+'")
+            return self
+        missing = [name for name in ("cryptography", "Crypto") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"secure_aggregation.protocol = {s.protocol!r} needs the cryptography and pycryptodome "
+                             f"packages (missing: {', '.join(missing)}): pip install 'fedloom[secagg]'")
+        if (why := self._needs_individual_rows()) is not None:
+            raise ValueError(f"secure_aggregation.protocol = {s.protocol!r}: the server sees only the masked sum, "
+                             f"so {why}")
+        if self.data.n_clients is not None:
+            self._secure_aggregation_fits(self.clients_per_round())
+        return self
+
+    def _needs_individual_rows(self) -> str | None:
+        """What in this config would need a client's own row on the server, if anything."""
+        s = self
+        if s.mode == "decentralized":
+            return "it runs in federated mode (decentralized runs have no server)"
+        if s.server.aggregator.name != "mean":
+            return f"server.aggregator = {s.server.aggregator.name!r} (it needs individual rows) cannot run; use 'mean'"
+        if s.server.transforms:
+            return "server.transforms (they act on individual rows) cannot run"
+        if s.attack.name != "none":
+            return f"attack.name = {s.attack.name!r} (a simulated attack on individual rows) cannot run"
+        if s.compression.build() is not None:
+            return f"compression.name = {s.compression.name!r} (uplink compression of rows) cannot run"
+        if s.deploy.max_update_norm is not None:
+            return "deploy.max_update_norm (the server checks each row's norm) cannot run"
+        if s.privacy.mechanism in ("central", "local", "ftrl"):
+            return (f"privacy.mechanism = {s.privacy.mechanism!r} cannot run (the server clips or noises rows, or "
+                    "the clients noise theirs for a server that sees them); use privacy.mechanism = 'distributed'")
+        if ALGORITHMS[s.algorithm.name].factory.server_step is not NoServerState.server_step:
+            return f"algorithm.name = {s.algorithm.name!r} (its side matrices reach the server unmasked) cannot run"
+        return None
+
+    def _secure_aggregation_fits(self, clients: int) -> None:
+        from fedloom.privacy.secagg_quantize import needed_bits
+
+        s = self.secure_aggregation
+        need = needed_bits(clients, s.value_bits)
+        if need > s.bits:
+            raise ValueError(f"secure_aggregation.bits = {s.bits} is too few: the sum of {clients} clients' "
+                             f"{s.value_bits}-bit values needs {need} bits not to wrap; raise bits or lower "
+                             "value_bits (or sampling.clients_per_round)")
+        if isinstance(s.threshold, int) and s.threshold > s.group_size(clients):
+            raise ValueError(f"secure_aggregation.threshold = {s.threshold} is more than a sharing group "
+                             f"({s.group_size(clients)} clients)")
+
     def privacy_accounting(self) -> Accounting | None:
         """What the accountant needs of this run, or None when privacy is off."""
         p = self.privacy
         if p.mechanism == "none":
             return None
-        return Accounting(p.mechanism, p.accountant, self.data.n_clients, self.clients_per_round(), p.delta)
+        mechanism = "central" if p.mechanism == "distributed" else p.mechanism  # the sum carries central noise
+        return Accounting(mechanism, p.accountant, self.data.n_clients, self.clients_per_round(), p.delta)
 
     def privacy_noise_multiplier(self) -> float:
         """privacy.noise_multiplier, or the one calibrated to privacy.target_epsilon for the planned rounds."""

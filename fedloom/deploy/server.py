@@ -183,6 +183,10 @@ def _check(cfg: ExperimentConfig, tokens: dict[int, str]) -> None:
     if cfg.compression.build() is not None or cfg.compression.downlink != "none":
         raise ConfigError("compression: deployed clients send and receive fp32; set compression.name = 'none', "
                           "no compression.feedback and no compression.downlink")
+    if cfg.secure_aggregation.protocol != "none":
+        raise ConfigError(f"secure_aggregation.protocol = {cfg.secure_aggregation.protocol!r}: deployed clients "
+                          "do not run the protocol over gRPC yet, so the server would see their rows unmasked; "
+                          "secure aggregation runs in simulation (fedloom run)")
     if cfg.attack.name != "none":
         raise ConfigError("attack: simulated Byzantine clients belong to simulations; a deployment's clients "
                           "are real (remove the [attack] table)")

@@ -11,6 +11,14 @@ clips the rows and its noisy fixed-denominator mean replaces ``aggregate``:
     adaptive (central): ... -> dp_adaptive_mean (clip, noise, the clip's quantile step) -> ...
     ftrl:    ... validate -> [compress] -> [server.transforms...] -> dp_clip -> dp_ftrl (the model; no optimizer)
 
+With [secure_aggregation], ``aggregate:secagg`` (or ``secagg+``) replaces ``aggregate``: the
+server sums masked, quantized rows (``fedloom/privacy/secagg*.py``); with privacy.mechanism =
+"distributed", each client clips its row and adds its share of the central noise first:
+
+    secagg:      ... validate -> aggregate:secagg -> ...
+    distributed: ... validate -> dp_clip (client) -> dp_local_noise (client, z clip / sqrt(m))
+                 -> aggregate:secagg -> ...
+
 ``server.transforms`` are extra transforms, by registry name or a user's
 ``package.module:factory`` import path, each with its ``options``; they run on
 the decoded rows, before aggregation (where norm clipping and privacy noise go).
@@ -18,6 +26,7 @@ the decoded rows, before aggregation (where norm clipping and privacy noise go).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from fedloom.aggregation.base import make_aggregator
@@ -30,8 +39,10 @@ from fedloom.privacy import transforms as dp
 from fedloom.privacy.ftrl import ftrl
 
 
-def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: Shapes | None = None) -> Pipeline:
-    """``shapes``: the model's parameter shapes, for compressors that work layer by layer."""
+def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: Shapes | None = None,
+                   max_weight: float = 1.0) -> Pipeline:
+    """``shapes``: the model's parameter shapes, for compressors that work layer by layer; ``max_weight``:
+    the largest client's weight (examples), public, for secure aggregation's quantized weights."""
     steps: list[Transform] = []
     if adversary is not None:
         steps.append(transforms.attack(adversary))
@@ -47,7 +58,9 @@ def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: S
     steps.extend(_user_transform(t.name, t.options) for t in cfg.server.transforms)
     if mechanism == "ftrl":  # its model is FTRL's, no server optimizer after it
         return Pipeline(tuple(steps + _ftrl(cfg)))
-    if mechanism == "none":
+    if cfg.secure_aggregation.protocol != "none":
+        steps.extend(_secure_aggregate(cfg, max_weight))
+    elif mechanism == "none":
         aggregator = cfg.server.aggregator
         steps.append(transforms.aggregate(make_aggregator(aggregator.name, **aggregator.options)))
     else:
@@ -90,6 +103,24 @@ def _epsilon_after(cfg: ExperimentConfig) -> Callable[[int], float]:
     """Epsilon after a number of rounds, at the run's (calibrated) noise multiplier."""
     z, accounting = cfg.privacy_noise_multiplier(), cfg.privacy_accounting()
     return lambda rounds: accounting.epsilon(z, rounds)
+
+
+def _secure_aggregate(cfg: ExperimentConfig, max_weight: float) -> list[Transform]:
+    """Secure aggregation's mean; with distributed DP each client first clips and adds N(0, z^2 clip^2 / m),
+    so the m rows' sum carries the central noise std z clip (dp_mean's, before its division by m)."""
+    from fedloom.privacy import secagg_round  # needs the secagg extra (cryptography, pycryptodome)
+
+    s, p, m = cfg.secure_aggregation, cfg.privacy, cfg.clients_per_round()
+    quantizer = secagg_round.Quantizer(s.bits, s.value_bits, s.clip, s.rounding == "stochastic")
+    dropouts = {phase: getattr(s, f"dropout_{phase}") for phase in secagg_round.PHASES}
+    spec = secagg_round.SecureMean(s.threshold_for, s.neighbours_for, quantizer, dropouts, max_weight,
+                                   name=s.protocol)
+    if p.mechanism != "distributed":
+        return [secagg_round.secure_mean(spec)]
+    z, accounting = cfg.privacy_noise_multiplier(), cfg.privacy_accounting()
+    epsilon = lambda r: {"epsilon": accounting.epsilon(z, r)}  # noqa: E731
+    return [dp.dp_clip(p.clip, "client"), dp.local_noise(z * p.clip / m ** 0.5),
+            secagg_round.secure_mean(replace(spec, denominator=m), epsilon)]
 
 
 def _user_transform(name: str, options: dict) -> Transform:

@@ -69,7 +69,8 @@ class FederatedRound:
         self.engine_name = self.engine.name
         # evaluation runs where the engine put the model (the CPU for Ray actors' and remote clients' runs)
         self.task, self.device = build_task_for(cfg, self.data), model_device(self.model)
-        self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes)
+        self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes,
+                                       max_weight=float(self.data.client_sizes().max()))
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
 
