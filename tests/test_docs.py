@@ -21,7 +21,7 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```\s*$", re.M | re.S)
 TITLE = re.compile(r'title="([\w.]+\.py)"')
-QUIET_MKDOCS = {"NO_MKDOCS_2_WARNING": "1", "DISABLE_MKDOCS_2_WARNING": "true"}
+QUIET_MKDOCS = {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice about MkDocs 2
 
 
 def blocks(page: Path, language: str) -> list[tuple[str | None, str]]:
@@ -59,6 +59,9 @@ def test_site_builds_strict(tmp_path):
     assert "fedloom.runner.run" in api and "fedloom.runner.Stepper" in api  # rendered from the docstrings
     assert "continue the run directory" in api
     assert (tmp_path / "site" / "architecture" / "index.html").exists()
+    pages = {p: p.read_text() for p in (tmp_path / "site").rglob("*.html")}
+    outside = {p.name: m for p, text in pages.items() for m in re.findall(r'(?:href|src)="(?:https?:)?//[^"]+', text)}
+    assert len(pages) > 15 and outside == {}  # the site works offline and points nowhere else
 
 
 def _site_copy(tmp_path: Path, page: str) -> Path:
@@ -68,7 +71,8 @@ def _site_copy(tmp_path: Path, page: str) -> Path:
     subprocess.run(["cp", "-r", str(DOCS), str(docs)], check=True)
     (docs / "extra.md").write_text(page)
     config |= {"docs_dir": str(docs), "site_dir": str(tmp_path / "site"), "nav": [*config["nav"], {"x": "extra.md"}]}
-    config["plugins"][1]["mkdocstrings"]["handlers"]["python"]["paths"] = [str(ROOT), str(tmp_path)]
+    (handler,) = [p["mkdocstrings"] for p in config["plugins"] if isinstance(p, dict) and "mkdocstrings" in p]
+    handler["handlers"]["python"]["paths"] = [str(ROOT), str(tmp_path)]
     (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
     return tmp_path
 
