@@ -50,7 +50,7 @@ def _client(args: argparse.Namespace) -> int:
 
 def client_id(text: str) -> int:
     """A --client-id: the wire carries ids as uint64."""
-    from fedloom.deploy.security import MAX_CLIENT_ID, is_client_id
+    from fedloom.deploy import MAX_CLIENT_ID, is_client_id  # no gRPC: parsed before its absence is reported
 
     if not is_client_id(text):
         raise argparse.ArgumentTypeError(f"{text[:30]!r} is not an integer 0..{MAX_CLIENT_ID}")

@@ -22,23 +22,17 @@ from pathlib import Path
 
 import grpc
 
+from fedloom.deploy import MAX_CLIENT_ID, MAX_ID_DIGITS, is_client_id
+
 log = logging.getLogger("fedloom.deploy")
 
 CLIENT_ID_KEY = "x-fedloom-client-id"
 TOKEN_KEY = "x-fedloom-token"
-MAX_CLIENT_ID = 2**64 - 1  # the wire's client_id fields are uint64
-MAX_ID_DIGITS = len(str(MAX_CLIENT_ID))
 CALLS_PER_CLIENT = 3  # a subscription and a submission, and room for one replacing a broken one
 
 
 class SecurityError(ValueError):
     """A tokens or certificate file that cannot be used; the message names it."""
-
-
-def is_client_id(text: str) -> bool:
-    """ASCII digits of a uint64 only: str.isdigit also takes characters such as '²' that int() refuses,
-    and int() itself raises on a string of thousands of digits."""
-    return text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and int(text) <= MAX_CLIENT_ID
 
 
 def read_tokens(path: str | Path) -> dict[int, str]:
