@@ -116,3 +116,16 @@ def test_an_async_run_resumes_from_its_checkpoint_to_the_uninterrupted_run(tmp_p
     lines = lambda d: _strip([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()])  # noqa: E731
     assert lines(cut.run_dir) == lines(whole.run_dir)
     assert (cut.run_dir / "staleness.png").is_file()
+
+
+@pytest.mark.slow
+def test_fedbuff_reaches_85_percent_in_less_virtual_time_than_synchronous_fedavg():
+    # digits Dirichlet(0.5), speeds spread 10x, the same number of client updates (20 x 10)
+    common = ["data.n_clients=100", "partition.options={alpha = 0.5}", "evaluation.federated=false",
+              "output.save=false", "output.progress=false", "evaluation.target_accuracy=0.85",
+              "system.profile=sampled", "system.speed_spread=10", "rounds=20"]
+    sync = run(None, common).summary["time_to_target"]
+    fedbuff = run(None, [*common, "mode=asynchronous", "asynchronous.concurrency=20",
+                         "asynchronous.buffer_size=10"]).summary["time_to_target"]
+    assert sync is not None and fedbuff is not None
+    assert fedbuff["virtual_seconds"] < sync["virtual_seconds"]

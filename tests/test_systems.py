@@ -3,6 +3,7 @@ line, virtual time is compute plus payloads over links, deadlines drop exactly t
 over-selection keeps the first k, only online clients are sampled, and the runner's clock adds up."""
 
 import numpy as np
+import torch
 import pytest
 
 from fedloom.config import ConfigError, load_config
@@ -204,3 +205,11 @@ def test_a_trace_with_an_unknown_client_stops_the_run_naming_the_line(tmp_path):
     path = _trace(tmp_path, *[f"{c},1.0,10,50," for c in range(20)], "20,1.0,10,50,")
     with pytest.raises(TraceError, match="devices.csv:22: unknown client 20"):
         make_round(*SMALL, "system.profile=trace", f"system.trace={str(path)!r}")
+
+
+def test_a_round_nobody_finishes_by_its_deadline_keeps_the_model_and_takes_the_deadline():
+    s = stepper(*SAMPLED, "system.deadline_s=0.00001")
+    x0 = s.state["x"].clone()
+    record = s.round(1)
+    assert record["n_late"] == 5 and record["round_virtual_seconds"] == 0.00001 and record["bytes_up"] == 0
+    assert torch.equal(s.state["x"], x0)

@@ -104,9 +104,15 @@ class FederatedRound:
                round_idx: int, store: ClientStore) -> tuple[RoundResult, Any]:
         """Train the kept clients (and the late ones when they count next round): (the rows this round
         aggregates, last round's late ones first; the late rows to keep for the next round, or None)."""
+        if self.system is None:
+            return self.engine.run_round(self.algorithm, start, sent, clients, round_idx, store), None
         stale = self.cfg.system.late == "stale"
         trained = np.sort(np.concatenate([timed.on_time, timed.late])) if stale else timed.on_time
-        result = self.engine.run_round(self.algorithm, start, sent, [clients[i] for i in trained], round_idx, store)
+        if len(trained) == 0:  # nobody made the deadline: nothing to train
+            result = RoundResult([], torch.zeros(0, self.spec.dim), torch.zeros(0), {}, torch.zeros(0))
+        else:
+            result = self.engine.run_round(self.algorithm, start, sent, [clients[i] for i in trained], round_idx,
+                                           store)
         late_rows = torch.as_tensor(np.isin(trained, timed.late)).nonzero().flatten()
         on_time = rows_of(result, torch.as_tensor(np.isin(trained, timed.on_time)).nonzero().flatten())
         if state.get("late") is not None:
