@@ -45,12 +45,9 @@ def test_fedbuff_step_is_the_server_lr_times_the_mean_of_buffered_deltas():
     x0 = s.state["x"].clone()
     first = s.state["queue"][0][2]
     record = s.round(1)
-    # one client at a time, no server step between the two: both started from x0, staleness 0;
-    # each trained alone in its own engine call (calls 1 and 2)
-    deltas = []
-    clients = [first, _second_client(s, first)]
-    for call, client in enumerate(clients, start=1):
-        deltas.append(train_once(s.round_, x0, [client], round_idx=call).U[0])
+    # one client at a time, no server step between the two: both started from x0, staleness 0; they
+    # train at the server step, together, in engine call 1
+    deltas = train_once(s.round_, x0, [first, _second_client(s, first)], round_idx=1).U
     assert record["staleness"] == [0, 0] and record["n_sampled"] == 2
     torch.testing.assert_close(s.state["x"], x0 - 0.5 * (deltas[0] + deltas[1]) / 2)
 

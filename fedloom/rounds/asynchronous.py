@@ -14,17 +14,18 @@ One round is one server model update:
 Staleness is the number of server updates since the client started. s is constant, polynomial
 (1 + tau)^-a (a = 0.5 is FedBuff's 1/sqrt(1 + tau)) or hinge (1 up to b, then 1 / (a (tau - b) + 1)).
 
-A client's update depends only on its start model, so training waits until an update is needed: then
-every started, untrained client trains in one engine call, each from its own start model (the vectorized
-engine batches them although they finish at different virtual times). The state tree adds to the
+A client's update depends only on its start model, so training waits until an update is needed (FedAsync:
+at its arrival; FedBuff: at the server step): then every started, untrained client trains in one engine
+call, each from its own start model (the vectorized engine batches them although they finish at
+different virtual times). The state tree adds to the
 federated one:
 
     now       the virtual clock
     version   server updates so far
     queue     heap of in-flight jobs (finish time, job number, client, start version)
     starts    start version -> the model, for versions with untrained jobs
-    results   job number -> (row, examples, train loss) of trained in-flight jobs
-    buffer    fedbuff: the updates waiting for the next server step
+    results   job number -> (row, examples, train loss) of trained jobs in flight or buffered
+    buffer    fedbuff: (client, job, start version, staleness, s(staleness)) waiting for the server step
     jobs, calls  counters keying the sampling and the engine calls' batch streams
 """
 
@@ -76,21 +77,21 @@ class AsynchronousRound(FederatedRound):
         store = ClientStore(state["clients"])
         began, applied, metrics = state["now"], [], {}
         while not metrics:
-            if st["queue"][0][1] not in st["results"]:
-                st = self._train_pending(st, store)
+            if a.algorithm == "fedasync" and st["queue"][0][1] not in st["results"]:
+                st = self._train_pending(st, store)  # FedAsync needs this update now
             finish, job, client, version = heapq.heappop(st["queue"])
-            row, examples, loss = st["results"].pop(job)
             staleness = st["version"] - version
-            applied.append((client, staleness, loss))
             weight = staleness_weight(a.staleness, staleness, a.staleness_a, a.staleness_b)
             st["now"] = finish
             if a.algorithm == "fedasync":
+                row, _, loss = st["results"].pop(job)
+                applied.append((staleness, loss))
                 st["x"], st["version"] = fedasync_mix(st["x"], row, a.alpha * weight), st["version"] + 1
                 metrics = {"n_rejected": 0}
-            else:
-                st["buffer"].append((client, weight * row, examples))
+            else:  # FedBuff needs the buffered deltas only at its server step: they train then, together
+                st["buffer"].append((client, job, version, staleness, weight))
                 if len(st["buffer"]) == a.buffer_size:
-                    st, metrics = self._flush(st, round_idx)
+                    st, applied, metrics = self._flush(st, round_idx, store)
             st = self._start(st)
         st["clients"] = store.states
         record = self._async_record(round_idx, st["now"] - began, applied, metrics)
@@ -119,38 +120,45 @@ class AsynchronousRound(FederatedRound):
         return st
 
     def _train_pending(self, st: State, store: ClientStore) -> State:
-        """Every in-flight job not trained yet, in one engine call from each job's start model."""
-        pending = sorted((entry for entry in st["queue"] if entry[1] not in st["results"]), key=lambda e: e[1])
-        versions = [entry[3] for entry in pending]
+        """Every job not trained yet (in flight or buffered), in one engine call from each job's start model."""
+        jobs = [(job, client, version) for _, job, client, version in st["queue"]]
+        jobs += [(job, client, version) for client, job, version, _, _ in st["buffer"]]
+        pending = sorted(entry for entry in jobs if entry[0] not in st["results"])
+        versions = [version for _, _, version in pending]
         x0 = (st["starts"][versions[0]] if len(set(versions)) == 1
               else torch.stack([st["starts"][v] for v in versions]))
-        result = self.engine.run_round(self.algorithm, x0, {}, [entry[2] for entry in pending], st["calls"] + 1,
+        result = self.engine.run_round(self.algorithm, x0, {}, [client for _, client, _ in pending], st["calls"] + 1,
                                        store)
         results = dict(st["results"])
-        for i, entry in enumerate(pending):
-            start = st["starts"][entry[3]]
+        for i, (job, _, version) in enumerate(pending):
+            start = st["starts"][version]
             row = start - result.U[i] if self.cfg.asynchronous.algorithm == "fedasync" else result.U[i]
-            results[entry[1]] = (row.detach().cpu(), float(result.weights[i]), float(result.train_loss[i]))
+            results[job] = (row.detach().cpu(), float(result.weights[i]), float(result.train_loss[i]))
         return {**st, "results": results, "starts": {}, "calls": st["calls"] + 1}
 
-    def _flush(self, st: State, round_idx: int) -> tuple[State, dict[str, Any]]:
-        """FedBuff's server step: the buffered (staleness-scaled) deltas through the server pipeline."""
-        clients = [entry[0] for entry in st["buffer"]]
-        U = torch.stack([entry[1] for entry in st["buffer"]])
+    def _flush(self, st: State, round_idx: int, store: ClientStore) -> tuple[State, list[tuple], dict[str, Any]]:
+        """FedBuff's server step: the buffered deltas, scaled by s(staleness), through the server pipeline;
+        (the new state, (staleness, train loss) of each update, the pipeline's metrics)."""
+        if any(job not in st["results"] for _, job, _, _, _ in st["buffer"]):
+            st = self._train_pending(st, store)
+        results = dict(st["results"])
+        taken = [(entry, results.pop(entry[1])) for entry in st["buffer"]]
+        U = torch.stack([weight * row for (_, _, _, _, weight), (row, _, _) in taken])
+        clients = [entry[0] for entry, _ in taken]
         ctx = Context(round_idx, self.cfg.seed, clients, st["x"], {})
         out, _, pipeline_states, metrics = self.pipeline.apply(U, torch.ones(len(clients)), st["pipeline"], ctx)
-        st = {**st, "pipeline": pipeline_states, "buffer": [], "version": st["version"] + 1}
+        st = {**st, "pipeline": pipeline_states, "buffer": [], "results": results, "version": st["version"] + 1}
         if len(out) and bool(torch.isfinite(out[0]).all()):
             st["x"] = out[0]
         else:
             metrics["model_rejected"] = "no usable update, or the aggregated model held NaN/Inf; the previous one is kept"
         metrics.setdefault("n_rejected", 0)
-        return st, metrics
+        return st, [(entry[3], loss) for entry, (_, _, loss) in taken], metrics
 
     def _async_record(self, round_idx: int, seconds: float, applied: list[tuple], metrics: dict) -> dict[str, Any]:
-        staleness = [s for _, s, _ in applied]
+        staleness = [s for s, _ in applied]
         payload = metrics.pop("uplink_bytes", self.row_bytes * len(applied))
-        return {"round": round_idx, "train_loss": float(np.mean([loss for _, _, loss in applied])),
+        return {"round": round_idx, "train_loss": float(np.mean([loss for _, loss in applied])),
                 "n_sampled": len(applied), **metrics, "staleness": staleness,
                 "staleness_mean": float(np.mean(staleness)), "staleness_max": int(max(staleness)),
                 "round_virtual_seconds": seconds, "bytes_up": payload,
