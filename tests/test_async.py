@@ -84,7 +84,9 @@ def test_staleness_on_a_hand_built_schedule(tmp_path):
 def _examples(round_, client):
     from fedloom.systems.rounds import examples_processed
 
-    return examples_processed(round_.data.client_sizes()[[client]], round_.local)
+    from fedloom.builders import local_training
+
+    return examples_processed(round_.data.client_sizes()[[client]], local_training(round_.cfg))
 
 
 def _strip(history):

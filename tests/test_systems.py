@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import pytest
 
+from fedloom.builders import local_training
 from fedloom.config import ConfigError, load_config
 from fedloom.runner import run
 from fedloom.systems import SystemModel, TraceError, build_system, read_trace
@@ -108,7 +109,7 @@ def _trained(round_, monkeypatch):
 
 
 def _seconds(round_, clients):
-    examples = examples_processed(round_.data.client_sizes()[clients], round_.local)
+    examples = examples_processed(round_.data.client_sizes()[clients], local_training(round_.cfg))
     d = round_.spec.dim
     return round_.system.seconds(clients, examples, np.full(len(clients), 4 * d), np.full(len(clients), 4 * d))
 

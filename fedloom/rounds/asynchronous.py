@@ -43,7 +43,7 @@ from fedloom.core.store import ClientStore
 from fedloom.pipeline.base import Context
 from fedloom.rounds.base import State
 from fedloom.rounds.federated import BYTES_PER_FLOAT, FederatedRound, _add_totals
-from fedloom.systems.rounds import IDLE_WAIT_S, examples_processed
+from fedloom.systems.rounds import IDLE_WAIT_S
 
 MAX_WAITS = 100_000  # IDLE_WAIT_S steps a new start may wait for an idle client to come online
 
@@ -112,8 +112,8 @@ class AsynchronousRound(FederatedRound):
         else:
             raise RuntimeError(f"no idle client came online within {MAX_WAITS * IDLE_WAIT_S:g} virtual seconds")
         client = int(numpy_generator(self.cfg.seed, Stream.SAMPLING, st["jobs"]).choice(candidates))
-        seconds = self.system.seconds([client], examples_processed(self.data.client_sizes()[[client]], self.local),
-                                      np.array([self.row_bytes]), np.array([BYTES_PER_FLOAT * self.spec.dim]))
+        seconds = self.system.seconds([client], self.examples[[client]], np.array([self.row_bytes]),
+                                      np.array([BYTES_PER_FLOAT * self.spec.dim]))
         st = {**st, "queue": list(st["queue"]), "starts": {**st["starts"], st["version"]: st["x"]},
               "jobs": st["jobs"] + 1}
         heapq.heappush(st["queue"], (start + float(seconds[0]), st["jobs"] - 1, client, st["version"]))

@@ -73,7 +73,7 @@ class FederatedRound:
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
         self.system = build_system(cfg, self.data.n_clients)
         if self.system is not None:
-            self.local = local_training(cfg)
+            self.examples = examples_processed(self.data.client_sizes(), local_training(cfg))  # per client
             self.row_bytes = uplink_row_bytes(cfg.compression.build(self.spec.shapes), cfg.seed, self.spec.dim)
 
     def init_state(self) -> State:
@@ -95,8 +95,7 @@ class FederatedRound:
         if self.system is None:
             return Cut(np.arange(len(clients)), np.zeros(0, dtype=np.int64), 0.0)
         sent_bytes = BYTES_PER_FLOAT * sum(t.numel() for t in sent.values())
-        examples = examples_processed(self.data.client_sizes()[clients], self.local)
-        seconds = self.system.seconds(clients, examples, np.full(len(clients), self.row_bytes),
+        seconds = self.system.seconds(clients, self.examples[clients], np.full(len(clients), self.row_bytes),
                                       down_bytes.numpy() + sent_bytes)
         return cut(seconds, self.cfg.clients_per_round(), self.cfg.system.deadline_s)
 
