@@ -340,6 +340,8 @@ class SystemConfig(Section):
     profile: Literal["none", "sampled", "trace"] = "none"
     trace: str | None = Field(None, description="profile = 'trace': CSV client,speed,up_mbps,down_mbps,available")
     seconds_per_example: float = Field(0.001, gt=0, description="compute time of one example on a speed-1 client")
+    device_flops: float | None = Field(None, gt=0, description="FLOP/s of a speed-1 client; set, an example costs "
+                                       "the model's measured training FLOPs (3x forward) over it instead")
     speed_spread: float = Field(1.0, ge=1, description="log-normal speeds, median 1: 95th over 5th percentile")
     bandwidth_classes: list[BandwidthClass] = Field(
         default_factory=lambda: [BandwidthClass(up_mbps=10.0, down_mbps=50.0)],

@@ -214,3 +214,9 @@ def test_a_round_nobody_finishes_by_its_deadline_keeps_the_model_and_takes_the_d
     record = s.round(1)
     assert record["n_late"] == 5 and record["round_virtual_seconds"] == 0.00001 and record["bytes_up"] == 0
     assert torch.equal(s.state["x"], x0)
+
+
+def test_device_flops_time_an_example_by_the_models_training_flops():
+    round_ = make_round(*SMALL, "system.profile=sampled", "system.device_flops=3840")
+    # logistic regression on digits: 64 x 10 multiply-adds = 1,280 forward FLOPs, 3x for training
+    assert round_.system.seconds_per_example == pytest.approx(1.0)

@@ -71,7 +71,7 @@ class FederatedRound:
         self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes)
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
-        self.system = build_system(cfg, self.data.n_clients)
+        self.system = build_system(cfg, self.data.n_clients, self.model, self.data.x[0].to(self.device))
         if self.system is not None:
             self.examples = examples_processed(self.data.client_sizes(), local_training(cfg))  # per client
             self.row_bytes = uplink_row_bytes(cfg.compression.build(self.spec.shapes), cfg.seed, self.spec.dim)

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedloom.core.rng import Stream, numpy_generator
 from fedloom.systems.trace import read_trace
@@ -54,22 +57,34 @@ class SystemModel:
         return self.availability(t)
 
 
-def build_system(cfg, n_clients: int) -> SystemModel | None:
-    """The system model of ``cfg.system`` for ``n_clients`` clients, or None without one."""
+def training_flops_per_example(model: nn.Module, example: Tensor) -> float:
+    """FLOPs of one example's training step: three times its forward pass (forward, and backward for
+    the inputs and the weights), the forward counted by torch's FlopCounterMode."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example[None])
+    return 3.0 * counter.get_total_flops()
+
+
+def build_system(cfg, n_clients: int, model: nn.Module | None = None, example: Tensor | None = None
+                 ) -> SystemModel | None:
+    """The system model of ``cfg.system`` for ``n_clients`` clients, or None without one; ``model`` and an
+    ``example`` input time an example from FLOPs when system.device_flops is set."""
     s = cfg.system
     if s.profile == "none":
         return None
+    per_example = (s.seconds_per_example if s.device_flops is None
+                   else training_flops_per_example(model, example) / s.device_flops)
     if s.profile == "trace":
         trace = read_trace(s.trace, n_clients)
         return SystemModel(trace.speed, trace.up_mbps * BYTES_PER_MEGABIT, trace.down_mbps * BYTES_PER_MEGABIT,
-                           s.seconds_per_example, interval_availability(trace.intervals))
+                           per_example, interval_availability(trace.intervals))
     speed = np.exp(speed_sigma(s.speed_spread) * numpy_generator(cfg.seed, Stream.SYSTEM, 0).standard_normal(n_clients))
     shares = np.array([b.share for b in s.bandwidth_classes], dtype=np.float64)
     drawn = numpy_generator(cfg.seed, Stream.SYSTEM, 1).choice(len(shares), size=n_clients, p=shares / shares.sum())
     up = np.array([b.up_mbps for b in s.bandwidth_classes])[drawn] * BYTES_PER_MEGABIT
     down = np.array([b.down_mbps for b in s.bandwidth_classes])[drawn] * BYTES_PER_MEGABIT
     rng = numpy_generator(cfg.seed, Stream.SYSTEM, 2)
-    return SystemModel(speed, up, down, s.seconds_per_example, _availability(s, n_clients, rng))
+    return SystemModel(speed, up, down, per_example, _availability(s, n_clients, rng))
 
 
 def _availability(s, n: int, rng: np.random.Generator) -> Availability:
