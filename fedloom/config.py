@@ -264,6 +264,8 @@ class SamplingConfig(Section):
 class EvaluationConfig(Section):
     every: int = Field(1, ge=1, description="evaluate every k rounds (and always after the last)")
     federated: bool = True
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="the summary's time_to_target: the "
+                                          "round, wall and virtual seconds central_accuracy first reached it")
 
 
 class EngineConfig(Section):
@@ -391,6 +393,66 @@ class SecureAggregationConfig(Section):
         return max(1, math.ceil(self.threshold * group))
 
 
+class BandwidthClass(Section):
+    up_mbps: float = Field(gt=0)
+    down_mbps: float = Field(gt=0)
+    share: float = Field(1.0, gt=0, description="relative share of the clients in this class")
+
+
+class SystemConfig(Section):
+    """The system model (``fedloom.systems``): client speeds, bandwidths and availability, drawn
+    (profile = 'sampled') or read from a CSV trace (profile = 'trace'); and the synchronous round's
+    straggler rules. With a system model every record carries virtual_seconds."""
+
+    profile: Literal["none", "sampled", "trace"] = "none"
+    trace: str | None = Field(None, description="profile = 'trace': CSV client,speed,up_mbps,down_mbps,available")
+    seconds_per_example: float = Field(0.001, gt=0, description="compute time of one example on a speed-1 client")
+    device_flops: float | None = Field(None, gt=0, description="FLOP/s of a speed-1 client; set, an example costs "
+                                       "the model's measured training FLOPs (3x forward) over it instead")
+    speed_spread: float = Field(1.0, ge=1, description="log-normal speeds, median 1: 95th over 5th percentile")
+    bandwidth_classes: list[BandwidthClass] = Field(
+        default_factory=lambda: [BandwidthClass(up_mbps=10.0, down_mbps=50.0)],
+        description="each client draws a class by share: [{up_mbps = 2, down_mbps = 10, share = 0.5}, ...]")
+    availability: Literal["always", "markov", "diurnal"] = "always"
+    mean_online_s: float = Field(3600.0, gt=0, description="markov: mean online duration")
+    mean_offline_s: float = Field(3600.0, gt=0, description="markov: mean offline duration")
+    day_s: float = Field(86400.0, gt=0, description="diurnal: the period")
+    online_fraction: float = Field(0.5, gt=0, le=1, description="diurnal: share of each day a client is online")
+    deadline_s: float | None = Field(None, gt=0, description="synchronous rounds: updates finishing later are late")
+    late: Literal["drop", "stale"] = Field("drop", description="late updates: dropped, or applied next round")
+    over_selection: float = Field(0.0, ge=0, description="sample this fraction more clients, keep the first "
+                                  "clients_per_round to finish")
+
+    @model_validator(mode="after")
+    def _profile_complete(self) -> "SystemConfig":
+        if (self.profile == "trace") != (self.trace is not None):
+            raise ValueError("give system.trace (a CSV file) exactly when system.profile = 'trace'")
+        changed = [k for k in ("deadline_s", "over_selection", "speed_spread", "availability")
+                   if getattr(self, k) != type(self).model_fields[k].default]
+        if self.profile == "none" and changed:
+            raise ValueError(f"system.{changed[0]} needs a system model: system.profile = 'sampled' or 'trace'")
+        if self.profile == "trace" and [k for k in changed if k in ("speed_spread", "availability")]:
+            raise ValueError("system.speed_spread and system.availability are drawn for profile = 'sampled'; "
+                             "a trace gives its own speeds and availability")
+        if self.late == "stale" and self.deadline_s is None:
+            raise ValueError("system.late = 'stale' keeps updates that miss system.deadline_s: set a deadline")
+        return self
+
+
+class AsynchronousConfig(Section):
+    """mode = 'asynchronous': event-driven on the virtual clock; one round is one server model update."""
+
+    algorithm: Literal["fedbuff", "fedasync"] = Field("fedbuff", description="fedbuff: Nguyen et al. 2022; "
+                                                      "fedasync: Xie, Koyejo, Gupta 2019")
+    concurrency: int = Field(10, ge=1, description="clients training at once")
+    buffer_size: int = Field(10, ge=1, description="fedbuff: updates per server step (K)")
+    alpha: float = Field(0.6, gt=0, le=1, description="fedasync: the mixing weight")
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        "polynomial", description="s(tau): 1 | (1 + tau)^-a | 1 up to b, then 1 / (a (tau - b) + 1)")
+    staleness_a: float = Field(0.5, ge=0, description="polynomial (0.5: FedBuff's 1/sqrt(1 + tau)), hinge")
+    staleness_b: float = Field(4.0, ge=0, description="hinge: staleness without discount")
+
+
 class OutputConfig(Section):
     dir: str = "runs"
     save: bool = Field(True, description="write a run directory")
@@ -419,7 +481,7 @@ class TrackingConfig(Section):
 class ExperimentConfig(Section):
     name: str | None = Field(None, description="default: <dataset>-<algorithm> (decentralized: its algorithm), "
                              "e.g. digits-scaffold")
-    mode: Literal["federated", "decentralized"] = "federated"
+    mode: Literal["federated", "decentralized", "asynchronous"] = "federated"
     seed: int = 0
     rounds: int = Field(50, ge=1)
     max_failed_rounds: int = Field(3, ge=1, description="rounds in a row in which every update is rejected "
@@ -442,6 +504,8 @@ class ExperimentConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
+    system: SystemConfig = Field(default_factory=SystemConfig)
+    asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -622,6 +686,44 @@ class ExperimentConfig(Section):
         if isinstance(s.threshold, int) and s.threshold > s.group_size(clients):
             raise ValueError(f"secure_aggregation.threshold = {s.threshold} is more than a sharing group "
                              f"({s.group_size(clients)} clients)")
+
+    @model_validator(mode="after")
+    def _system_rules(self) -> "ExperimentConfig":
+        s = self.system
+        if self.mode == "decentralized" and s.profile != "none":
+            raise ValueError("[system] times federated and asynchronous rounds; decentralized runs have no clock")
+        if self.privacy.mechanism != "none" and (s.availability != "always" or s.over_selection > 0 or
+                                                 (s.profile != "none" and self.privacy.mechanism == "ftrl")):
+            raise ValueError(f"privacy.mechanism = {self.privacy.mechanism!r} accounts clients sampled uniformly "
+                             "from all of them (DP-FTRL: each once an epoch); system.availability (other than "
+                             "'always') and system.over_selection choose them by the clock instead, and DP-FTRL "
+                             "takes no system model")
+        if self.mode == "asynchronous":
+            self._asynchronous_rules()
+        return self
+
+    def _asynchronous_rules(self) -> None:
+        s, a = self.system, self.asynchronous
+        if s.profile == "none":
+            raise ValueError("mode = 'asynchronous' runs on the virtual clock: set system.profile = 'sampled' or 'trace'")
+        if s.deadline_s is not None or s.over_selection > 0:
+            raise ValueError("system.deadline_s and system.over_selection are synchronous rules; mode = "
+                             "'asynchronous' has no rounds to close")
+        if ALGORITHMS[self.algorithm.name].factory.server_step is not NoServerState.server_step:
+            raise ValueError(f"algorithm.name = {self.algorithm.name!r} keeps server state (side matrices); "
+                             "mode = 'asynchronous' runs client rules without one (fedavg, fedprox, ...)")
+        if self.compression.downlink != "none" or self.privacy.mechanism != "none":
+            raise ValueError("mode = 'asynchronous' sends clients the fp32 model and has no privacy accounting: "
+                             "leave compression.downlink = 'none' and privacy.mechanism = 'none'")
+        pipeline = self.compression.build() is not None or self.server.transforms or self.server.aggregator.name != "mean"
+        if a.algorithm == "fedasync" and pipeline:
+            raise ValueError("asynchronous.algorithm = 'fedasync' mixes each client's model into the server's: it "
+                             "runs no server pipeline (compression, server.transforms, server.aggregator); use 'fedbuff'")
+        # a buffered client waits for the flush before it may start again
+        busy = a.concurrency + (a.buffer_size - 1 if a.algorithm == "fedbuff" else 0)
+        if self.data.n_clients is not None and busy > self.data.n_clients:
+            raise ValueError(f"asynchronous.concurrency = {a.concurrency} (plus buffer_size - 1 for fedbuff) is "
+                             f"more than data.n_clients = {self.data.n_clients}")
 
     def privacy_accounting(self) -> Accounting | None:
         """What the accountant needs of this run, or None when privacy is off."""

@@ -188,7 +188,16 @@ def _play(round_: Round, state: dict, r: int, started: float) -> tuple[dict, dic
         record.update(round_.evaluate(state))
     record["round_seconds"] = time.perf_counter() - began
     record["wall_seconds"] = time.perf_counter() - started
-    return {**state, "round": r, "wall_seconds": record["wall_seconds"]}, record
+    virtual = state.get("virtual_seconds", 0.0)
+    if "round_virtual_seconds" in record:  # the virtual clock: a round timed by a system model
+        virtual += record["round_virtual_seconds"]
+        record["virtual_seconds"] = virtual
+    return {**state, "round": r, "wall_seconds": record["wall_seconds"], "virtual_seconds": virtual}, record
+
+
+def fresh_state(round_: Round) -> dict:
+    """The state tree before round 1: the round's own, the round counter and both clocks."""
+    return {**round_.init_state(), "round": 0, "wall_seconds": 0.0, "virtual_seconds": 0.0}
 
 
 class Stepper:
@@ -198,7 +207,7 @@ class Stepper:
 
     def __init__(self, round_: Round):
         self.round_ = round_
-        self.state = {**round_.init_state(), "round": 0, "wall_seconds": 0.0}
+        self.state = fresh_state(round_)
         self.started = time.perf_counter()
 
     def round(self, r: int) -> dict[str, Any]:
@@ -219,7 +228,7 @@ def _open(round_: Round, resume: str | Path | None, into: str | Path | None) -> 
     ``resume``'s checkpoint with the metrics cut back to it (a killed run may have written
     rounds after its last checkpoint, and a torn last line)."""
     cfg = round_.cfg
-    fresh = {**round_.init_state(), "round": 0, "wall_seconds": 0.0}
+    fresh = fresh_state(round_)
     if resume is not None:
         run_dir = RunDir(Path(resume))
         checkpoint.remove_orphans(run_dir.path)
@@ -270,7 +279,21 @@ def _summary(cfg: ExperimentConfig, result: RunResult, status: str, engine: str)
             "rounds": cfg.rounds, "algorithm": algorithm, "dataset": cfg.data.dataset, "engine": engine,
             **{k: v for k, v in final.items() if k.startswith(SUMMARY_PREFIXES)},
             **{k: final[k] for k in SUMMARY_KEYS if k in final},
+            **_time_to_target(cfg, result.history),
             "run_dir": str(result.run_dir) if result.run_dir else None}
+
+
+def _time_to_target(cfg: ExperimentConfig, history: list[dict]) -> dict[str, Any]:
+    """With evaluation.target_accuracy: the first evaluated round whose central_accuracy reached it, its
+    wall seconds and (with a system model) virtual seconds; None when no round did."""
+    target = cfg.evaluation.target_accuracy
+    if target is None:
+        return {}
+    for record in history:
+        if record.get("central_accuracy", -1.0) >= target:
+            reached = {k: record[k] for k in ("round", "wall_seconds", "virtual_seconds") if k in record}
+            return {"time_to_target": {"target_accuracy": target, **reached}}
+    return {"time_to_target": None}
 
 
 def _rounds_done(history: list[dict]) -> int:

@@ -29,6 +29,10 @@ RESUMABLE = {
     "topk_ef": ["compression.name=topk", "compression.options={k = 0.05}", "compression.feedback=ef"],
     "fedadam": ["algorithm.name=fedadam"],
     "dsgd": ["mode=decentralized", "data.n_clients=12"],
+    "fedbuff_async": ["mode=asynchronous", "system.profile=sampled", "system.speed_spread=10",
+                      "asynchronous.concurrency=4", "asynchronous.buffer_size=3"],
+    "stale_deadline": ["system.profile=sampled", "system.speed_spread=10", "system.deadline_s=0.02",
+                       "system.late=stale"],
 }
 
 

@@ -1,5 +1,5 @@
 """What one round is, for each mode: federated (``federated.py``), decentralized
-(``decentralized.py``); the deployment's coordinator is a federated round whose
+(``decentralized.py``), asynchronous (``asynchronous.py``: one server update on the virtual clock); the deployment's coordinator is a federated round whose
 engine is remote (``fedloom.deploy.server``).
 
 A round object holds the run's constant parts (data, model, algorithm, engine,

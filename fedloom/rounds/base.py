@@ -39,6 +39,10 @@ def build_round(cfg: ExperimentConfig, given: GivenParts = GivenParts()) -> Roun
         from fedloom.rounds.decentralized import DecentralizedRound
 
         return DecentralizedRound(cfg, given)
+    if cfg.mode == "asynchronous":
+        from fedloom.rounds.asynchronous import AsynchronousRound
+
+        return AsynchronousRound(cfg, given=given)
     from fedloom.rounds.federated import FederatedRound
 
     return FederatedRound(cfg, given=given)

@@ -10,6 +10,12 @@ The state tree of a federated run:
     clients    client id -> the algorithm's persistent client state
     downlink   the downlink rule's state, or None
     counters   running byte totals
+    late       with system.late = "stale": last round's late updates (a RoundResult's fields), or None
+
+With a system model (``[system]``, ``fedloom.systems``) a round is timed: only clients online at its
+virtual start are sampled (over-selected by ``system.over_selection``), each client's virtual time is
+its compute plus its payloads over its links, and the round closes at the clients_per_round-th finisher
+or at ``system.deadline_s``; clients cancelled or dropped are not trained at all.
 """
 
 from __future__ import annotations
@@ -17,22 +23,26 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fedloom import evaluation
 from fedloom.builders import (GivenParts, build_adversary, build_algorithm, build_data, build_engine, build_model_for,
-                              build_task_for, check_model_runs, engine_notes, model_device, sized_to)
+                              build_task_for, check_model_runs, engine_notes, local_training, model_device,
+                              sized_to)
 from fedloom.compression.downlink import Downlink
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
 from fedloom.core.store import ClientStore
 from fedloom.data import FederatedData
-from fedloom.engines.base import RoundResult
+from fedloom.engines.base import RoundResult, concatenate, rows_of
 from fedloom.pipeline.base import Context
 from fedloom.pipeline.build import build_pipeline
 from fedloom.rounds.base import State
+from fedloom.systems import build_system
+from fedloom.systems.rounds import IDLE_WAIT_S, Cut, cut, examples_processed, sample_available, uplink_row_bytes
 
 BYTES_PER_FLOAT = 4
 TOTALS = ("bytes_up", "bytes_down", "wire_bytes_up", "wire_bytes_down")  # per-round counts that also get a _total
@@ -73,40 +83,86 @@ class FederatedRound:
                                        max_weight=float(self.data.client_sizes().max()))
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
+        self.system = build_system(cfg, self.data.n_clients, self.model, self.data.x[0].to(self.device))
+        if self.system is not None:
+            self.examples = examples_processed(self.data.client_sizes(), local_training(cfg))  # per client
+            self.row_bytes = uplink_row_bytes(cfg.compression.build(self.spec.shapes), cfg.seed, self.spec.dim)
 
     def init_state(self) -> State:
         x0 = self.spec.flatten(self.model).detach().cpu().clone()
         return {"x": x0, "algorithm": self.algorithm.server_init(x0), "pipeline": self.pipeline.init(x0.numel()),
                 "clients": {}, "downlink": self.downlink.init(x0) if self.downlink else None,
-                "counters": {k: 0 for k in TOTALS}}
+                "counters": {k: 0 for k in TOTALS}, "late": None}
+
+    def _sample(self, state: State, round_idx: int) -> list[int]:
+        """This round's clients: uniform, or, with a system model, from those online at its virtual start."""
+        k = self.cfg.clients_per_round()
+        if self.system is None:
+            return sample_clients(self.data.n_clients, k, self.cfg.seed, round_idx,
+                                  once_per_epoch=self.cfg.privacy.mechanism == "ftrl")
+        online = self.system.available(state.get("virtual_seconds", 0.0))
+        return sample_available(online, k, self.cfg.system.over_selection, self.cfg.seed, round_idx)
+
+    def _timed(self, clients: list[int], down_bytes: Tensor, sent: dict[str, Tensor]) -> Cut:
+        """Who of ``clients`` is kept, who is late, and the round's virtual seconds (system model only)."""
+        if self.system is None:
+            return Cut(np.arange(len(clients)), np.zeros(0, dtype=np.int64), 0.0)
+        sent_bytes = BYTES_PER_FLOAT * sum(t.numel() for t in sent.values())
+        seconds = self.system.seconds(clients, self.examples[clients], np.full(len(clients), self.row_bytes),
+                                      down_bytes.numpy() + sent_bytes)
+        return cut(seconds, self.cfg.clients_per_round(), self.cfg.system.deadline_s)
+
+    def _train(self, state: State, clients: list[int], timed: Cut, start: Tensor, sent: dict[str, Tensor],
+               round_idx: int, store: ClientStore) -> tuple[RoundResult, Any]:
+        """Train the kept clients (and the late ones when they count next round): (the rows this round
+        aggregates, last round's late ones first; the late rows to keep for the next round, or None)."""
+        if self.system is None:
+            return self.engine.run_round(self.algorithm, start, sent, clients, round_idx, store), None
+        stale = self.cfg.system.late == "stale"
+        trained = np.sort(np.concatenate([timed.on_time, timed.late])) if stale else timed.on_time
+        if len(trained) == 0:  # nobody made the deadline: nothing to train
+            result = RoundResult([], torch.zeros(0, self.spec.dim), torch.zeros(0), {}, torch.zeros(0))
+        else:
+            result = self.engine.run_round(self.algorithm, start, sent, [clients[i] for i in trained], round_idx,
+                                           store)
+        late_rows = torch.as_tensor(np.isin(trained, timed.late)).nonzero().flatten()
+        on_time = rows_of(result, torch.as_tensor(np.isin(trained, timed.on_time)).nonzero().flatten())
+        if state.get("late") is not None:
+            on_time = concatenate([RoundResult(**state["late"]), on_time])
+        return on_time, (vars(rows_of(result, late_rows)) if stale and len(late_rows) else None)
 
     def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
-        clients = sample_clients(self.data.n_clients, self.cfg.clients_per_round(), self.cfg.seed, round_idx,
-                                 once_per_epoch=self.cfg.privacy.mechanism == "ftrl")
+        clients = self._sample(state, round_idx)
+        if not clients:  # nobody online: the round waits on the virtual clock
+            return state, {"round": round_idx, "n_sampled": 0, "round_virtual_seconds": IDLE_WAIT_S}
         sent = self.algorithm.broadcast(state["algorithm"])
-        start, model_bytes, downlink = self._model_for_clients(state, clients, round_idx)
+        start, down_bytes, downlink = self._model_for_clients(state, clients, round_idx)
+        model_bytes = int(down_bytes.sum())
+        timed = self._timed(clients, down_bytes, sent)
         store = ClientStore(state["clients"])
-        result = self.engine.run_round(self.algorithm, start, sent, clients, round_idx, store)
+        result, late = self._train(state, clients, timed, start, sent, round_idx, store)
         ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), state["x"], dict(result.aux))
         U, _, pipeline_states, metrics = self.pipeline.apply(result.U, result.weights, state["pipeline"], ctx)
-        new = {**state, "pipeline": pipeline_states, "clients": store.states, "downlink": downlink}
+        new = {**state, "pipeline": pipeline_states, "clients": store.states, "downlink": downlink, "late": late}
         model_rejected = len(U) > 0 and not bool(torch.isfinite(U[0]).all())
         if len(U) and not model_rejected:  # else no usable update, or a non-finite model: it stays as it was
             new["x"] = U[0]
             new["algorithm"] = self.algorithm.server_step(state["algorithm"], ctx.aux, self.data.n_clients)
         record = self._record(round_idx, len(clients), result, ctx, metrics, sent, model_bytes)
+        if self.system is not None:
+            record.update(round_virtual_seconds=timed.seconds, n_late=len(timed.late),
+                          n_cancelled=len(clients) - len(timed.on_time) - len(timed.late))
         if model_rejected:
             record["model_rejected"] = "the aggregated model held NaN/Inf; the previous one is kept"
         new["counters"] = _add_totals(state["counters"], record)
         return new, record
 
-    def _model_for_clients(self, state: State, clients: list[int], round_idx: int) -> tuple[Tensor, int, Any]:
-        """The model the sampled clients train from, its downlink bytes, and the downlink's new state:
-        the fp32 global model, or the downlink compressor's copy of it (``compression/downlink.py``)."""
+    def _model_for_clients(self, state: State, clients: list[int], round_idx: int) -> tuple[Tensor, Tensor, Any]:
+        """The model the sampled clients train from, its downlink bytes per client, and the downlink's new
+        state: the fp32 global model, or the downlink compressor's copy of it (``compression/downlink.py``)."""
         if self.downlink is None:
-            return state["x"], len(clients) * BYTES_PER_FLOAT * self.spec.dim, None
-        start, nbytes, downlink = self.downlink.send(state["downlink"], state["x"], clients, round_idx)
-        return start, int(nbytes.sum()), downlink
+            return state["x"], torch.full((len(clients),), BYTES_PER_FLOAT * self.spec.dim, dtype=torch.long), None
+        return self.downlink.send(state["downlink"], state["x"], clients, round_idx)
 
     def _record(self, round_idx: int, n_sampled: int, result: RoundResult, ctx: Context, metrics: dict,
                 sent: dict[str, Tensor], model_bytes: int) -> dict[str, Any]:

@@ -100,12 +100,16 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _round_and_uplink(rows: list[dict], curves: dict, quantity: str, ylabel: str, scale: float, path: Path) -> Path | None:
-    """The two-panel figure shared by accuracy and loss: vs round, and vs cumulative uplink MB."""
+    """The figure shared by accuracy and loss: vs round, vs cumulative uplink MB and, when a system model
+    timed the run, vs virtual seconds."""
     if not any(_series(rows, key, _round)[0] for key in curves):
         return None
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    panels = ((_round, "round", f"{quantity} vs round"), (_uplink_mb, "cumulative uplink (MB)", f"{quantity} vs cumulative uplink"))
-    for ax, (x, xlabel, title) in zip(fig.subplots(1, 2), panels):
+    panels = [(_round, "round", f"{quantity} vs round"),
+              (_uplink_mb, "cumulative uplink (MB)", f"{quantity} vs cumulative uplink")]
+    if any(r.get("virtual_seconds") is not None for r in rows):
+        panels.append((_virtual_seconds, "virtual seconds", f"{quantity} vs virtual time"))
+    fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
+    for ax, (x, xlabel, title) in zip(fig.subplots(1, len(panels)), panels):
         drawn = False
         for key, (label, color, style) in curves.items():
             xs, ys = _series(rows, key, x, scale)
@@ -116,6 +120,19 @@ def _round_and_uplink(rows: list[dict], curves: dict, quantity: str, ylabel: str
             _decorate(ax, title, xlabel, ylabel, integer_x=x is _round)
         else:
             _placeholder(ax, title, "no byte counts recorded (bytes_up_total)")
+    return _save(fig, path)
+
+
+def plot_staleness(rows: list[dict], path: Path) -> Path | None:
+    """An asynchronous run: how stale the applied updates were (server versions behind), all rounds together."""
+    values = [s for r in rows for s in r.get("staleness") or ()]
+    if not values:
+        return None
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.hist(values, bins=np.arange(max(values) + 2) - 0.5, color="tab:purple")
+    _decorate(ax, f"Staleness of the {len(values)} applied updates (mean {np.mean(values):.2f})",
+              "staleness (server updates since the client's start)", "updates", integer_x=True)
     return _save(fig, path)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .plots import (by_round, plot_accuracy, plot_consensus, plot_error, plot_graph, plot_loss, plot_nodes, plot_partition,
-                    plot_perplexity, plot_privacy)
+                    plot_perplexity, plot_privacy, plot_staleness)
 from .rundir import CONFIG, GRAPH, PARTITION, SUMMARY, read_metrics, to_json, write_text_atomic
 
 REPORT = "report.html"
@@ -43,6 +43,7 @@ def render_report(run_dir: str | Path) -> Path:
         plot_perplexity(rows, run_dir / "perplexity.png"),
         plot_error(rows, run_dir / "error.png"),
         plot_privacy(rows, run_dir / "privacy.png"),
+        plot_staleness(rows, run_dir / "staleness.png"),
         plot_partition(partition, run_dir / "partition.png") if partition else None,
         plot_nodes(rows, run_dir / "nodes.png"),
         plot_consensus(rows, run_dir / "consensus.png"),

@@ -1,0 +1,112 @@
+"""The virtual clock: synchronous against asynchronous FL on heterogeneous clients, and the clock's own cost.
+
+    python bench/clock.py compare [--rounds 40]   # digits Dirichlet(0.5), speeds spread 10x
+    python bench/clock.py cost [--rounds 3]       # 10,000 clients: async (1,000 concurrent) vs sync
+
+compare: virtual seconds to 0.85 central accuracy (evaluation.target_accuracy) of synchronous FedAvg
+(10 clients a round), the same with 30% over-selection, and FedBuff (buffer 10, concurrency 20) at the
+same number of client updates; then a bandwidth-bound system (0.1 Mbps uplinks) without and with top-k
+compression (k = 0.25, error feedback). cost: wall seconds of an asynchronous FedBuff run of 10,000
+synthetic clients with 1,000 training at once (buffer 1,000) against the synchronous vectorized run of
+1,000 clients a round, the same number of client updates, run one after the other with the load average.
+Markdown tables on stdout; bench/results/clock_<part>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from fedloom.runner import run
+
+RESULTS = Path(__file__).parent / "results"
+COMMON = ["data.n_clients=100", "partition.options={alpha = 0.5}", "evaluation.federated=false", "output.save=false",
+          "output.progress=false", "evaluation.target_accuracy=0.85", "system.profile=sampled",
+          "system.speed_spread=10", "engine.name=vectorized"]
+COMPARE = {
+    "sync FedAvg": [],
+    "sync FedAvg, 30% over-selection": ["system.over_selection=0.3"],
+    "FedBuff (K=10, C=20)": ["mode=asynchronous", "asynchronous.concurrency=20", "asynchronous.buffer_size=10"],
+    "sync FedAvg, 0.1 Mbps uplink": ["system.bandwidth_classes=[{up_mbps = 0.1, down_mbps = 1.0}]"],
+    "sync FedAvg, 0.1 Mbps uplink, top-k 0.25 + EF": [
+        "system.bandwidth_classes=[{up_mbps = 0.1, down_mbps = 1.0}]", "compression.name=topk",
+        "compression.options={k = 0.25}", "compression.feedback=ef"],
+}
+
+
+def _row(name: str, result, wall: float) -> dict:
+    history = result.history
+    target = result.summary.get("time_to_target") or {}
+    return {"run": name, "client_updates": sum(r.get("n_sampled", 0) - r.get("n_cancelled", 0) for r in history),
+            "virtual_s_to_0.85": target.get("virtual_seconds"), "rounds_to_0.85": target.get("round"),
+            "mean_round_virtual_s": sum(r["round_virtual_seconds"] for r in history) / len(history),
+            "final_accuracy": result.final.get("central_accuracy"), "wall_s": wall,
+            "load_average": os.getloadavg()[0]}
+
+
+def compare(rounds: int) -> list[dict]:
+    rows = []
+    for name, extra in COMPARE.items():
+        began = time.perf_counter()
+        result = run(None, [*COMMON, f"rounds={rounds}", *extra])
+        rows.append(_row(name, result, time.perf_counter() - began))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _blobs(n_clients: int) -> Path:
+    """A generated npz of 20 examples a client (20 features, 10 Gaussian classes), cached."""
+    import numpy as np
+
+    path = Path(__file__).parent / ".cache" / f"clock_blobs_{n_clients}.npz"
+    if not path.is_file():
+        path.parent.mkdir(exist_ok=True)
+        rng = np.random.default_rng(0)
+        y = rng.integers(0, 10, 25 * n_clients)
+        x = (rng.normal(size=(10, 20))[y] + rng.normal(size=(len(y), 20))).astype(np.float32)
+        np.savez(path, x=x, y=y)
+    return path
+
+
+def cost(rounds: int) -> list[dict]:
+    common = ["data.dataset=npz", f"data.options={{path = {str(_blobs(10_000))!r}}}", "data.n_clients=10000",
+              "partition.name=iid", "model.name=logistic", "client.epochs=1", "evaluation.every=1000",
+              "evaluation.federated=false", "output.save=false", "output.progress=false", "system.profile=sampled",
+              "system.speed_spread=10", "engine.name=vectorized", f"rounds={rounds}"]
+    runs = {"sync vectorized, 1,000 clients a round": ["sampling.clients_per_round=1000"],
+            "async FedBuff, 1,000 concurrent, K=1,000": ["mode=asynchronous", "asynchronous.concurrency=1000",
+                                                         "asynchronous.buffer_size=1000"]}
+    rows = []
+    for name, extra in runs.items():
+        began = time.perf_counter()
+        result = run(None, [*common, *extra])
+        rows.append({"run": name, "client_updates": sum(r["n_sampled"] for r in result.history),
+                     "wall_s": time.perf_counter() - began, "load_average": os.getloadavg()[0]})
+        print(rows[-1], flush=True)
+    rows[1]["wall_ratio_async_over_sync"] = rows[1]["wall_s"] / rows[0]["wall_s"]
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                      *("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("part", choices=["compare", "cost"])
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    rows = compare(args.rounds or 40) if args.part == "compare" else cost(args.rounds or 3)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"clock_{args.part}.json").write_text(json.dumps(rows, indent=2))
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Asynchronous federated learning, event-driven on the virtual clock (mode = "asynchronous").
+
+``asynchronous.concurrency`` clients train at once; when one finishes (its finish event: start time
+plus its virtual seconds from the system model) the server uses its update and a new client, drawn
+uniformly from the idle clients online at that moment, starts from the server's model as it is then.
+One round is one server model update:
+
+- FedAsync (Xie, Koyejo, Gupta 2019, "Asynchronous Federated Optimization"): every arriving local
+  model y is mixed in, x <- (1 - a) x + a y with a = alpha * s(staleness);
+- FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous Aggregation"): arriving
+  deltas, scaled by s(staleness), are buffered; every buffer_size of them run through the server
+  pipeline (compression, validation, aggregator, the server optimizer: server.lr is eta_g) as one step.
+
+Staleness is the number of server updates since the client started. s is constant, polynomial
+(1 + tau)^-a (a = 0.5 is FedBuff's 1/sqrt(1 + tau)) or hinge (1 up to b, then 1 / (a (tau - b) + 1)).
+
+A client's update depends only on its start model, so training waits until an update is needed (FedAsync:
+at its arrival; FedBuff: at the server step): then every started, untrained client trains in one engine
+call, each from its own start model (the vectorized engine batches them although they finish at
+different virtual times). The state tree adds to the
+federated one:
+
+    now       the virtual clock
+    version   server updates so far
+    queue     heap of in-flight jobs (finish time, job number, client, start version)
+    starts    start version -> the model, for versions with untrained jobs
+    results   job number -> (row, examples, train loss) of trained jobs in flight or buffered
+    buffer    fedbuff: (client, job, start version, staleness, s(staleness)) waiting for the server step
+    jobs, calls  counters keying the sampling and the engine calls' batch streams
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedloom.core.rng import Stream, numpy_generator
+from fedloom.core.store import ClientStore
+from fedloom.pipeline.base import Context
+from fedloom.rounds.base import State
+from fedloom.rounds.federated import BYTES_PER_FLOAT, FederatedRound, _add_totals
+from fedloom.systems.rounds import IDLE_WAIT_S
+
+MAX_WAITS = 100_000  # IDLE_WAIT_S steps a new start may wait for an idle client to come online
+
+
+def staleness_weight(kind: str, tau: int, a: float, b: float) -> float:
+    """s(tau) of FedAsync's staleness functions."""
+    if kind == "constant":
+        return 1.0
+    if kind == "polynomial":
+        return float((1 + tau) ** -a)
+    return 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1)
+
+
+def fedasync_mix(x: Tensor, local: Tensor, weight: float) -> Tensor:
+    """FedAsync's server rule: (1 - a) x + a y."""
+    return (1 - weight) * x + weight * local
+
+
+class AsynchronousRound(FederatedRound):
+    def init_state(self) -> State:
+        state = {**super().init_state(), "now": 0.0, "version": 0, "queue": [], "starts": {}, "results": {},
+                 "buffer": [], "jobs": 0, "calls": 0}
+        for _ in range(self.cfg.asynchronous.concurrency):
+            state = self._start(state)
+        return state
+
+    def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
+        a = self.cfg.asynchronous
+        st = {**state, "queue": list(state["queue"]), "starts": dict(state["starts"]),
+              "results": dict(state["results"]), "buffer": list(state["buffer"])}
+        store = ClientStore(state["clients"])
+        began, applied, metrics = state["now"], [], {}
+        while not metrics:
+            if a.algorithm == "fedasync" and st["queue"][0][1] not in st["results"]:
+                st = self._train_pending(st, store)  # FedAsync needs this update now
+            finish, job, client, version = heapq.heappop(st["queue"])
+            staleness = st["version"] - version
+            weight = staleness_weight(a.staleness, staleness, a.staleness_a, a.staleness_b)
+            st["now"] = finish
+            if a.algorithm == "fedasync":
+                row, _, loss = st["results"].pop(job)
+                applied.append((staleness, loss))
+                st["x"], st["version"] = fedasync_mix(st["x"], row, a.alpha * weight), st["version"] + 1
+                metrics = {"n_rejected": 0}
+            else:  # FedBuff needs the buffered deltas only at its server step: they train then, together
+                st["buffer"].append((client, job, version, staleness, weight))
+                if len(st["buffer"]) == a.buffer_size:
+                    st, applied, metrics = self._flush(st, round_idx, store)
+            st = self._start(st)
+        st["clients"] = store.states
+        record = self._async_record(round_idx, st["now"] - began, applied, metrics)
+        st["counters"] = _add_totals(state["counters"], record)
+        return st, record
+
+    def _start(self, st: State) -> State:
+        """A new job: an idle client online now (or as soon as one is) starts from the current model."""
+        busy = {entry[2] for entry in st["queue"]} | {entry[0] for entry in st["buffer"]}
+        idle = np.ones(self.data.n_clients, dtype=bool)
+        idle[list(busy)] = False
+        start = st["now"]
+        for _ in range(MAX_WAITS):
+            candidates = np.flatnonzero(idle & self.system.available(start))
+            if len(candidates):
+                break
+            start += IDLE_WAIT_S
+        else:
+            raise RuntimeError(f"no idle client came online within {MAX_WAITS * IDLE_WAIT_S:g} virtual seconds")
+        client = int(numpy_generator(self.cfg.seed, Stream.SAMPLING, st["jobs"]).choice(candidates))
+        seconds = self.system.seconds([client], self.examples[[client]], np.array([self.row_bytes]),
+                                      np.array([BYTES_PER_FLOAT * self.spec.dim]))
+        st = {**st, "queue": list(st["queue"]), "starts": {**st["starts"], st["version"]: st["x"]},
+              "jobs": st["jobs"] + 1}
+        heapq.heappush(st["queue"], (start + float(seconds[0]), st["jobs"] - 1, client, st["version"]))
+        return st
+
+    def _train_pending(self, st: State, store: ClientStore) -> State:
+        """Every job not trained yet (in flight or buffered), in one engine call from each job's start model."""
+        jobs = [(job, client, version) for _, job, client, version in st["queue"]]
+        jobs += [(job, client, version) for client, job, version, _, _ in st["buffer"]]
+        pending = sorted(entry for entry in jobs if entry[0] not in st["results"])
+        versions = [version for _, _, version in pending]
+        x0 = (st["starts"][versions[0]] if len(set(versions)) == 1
+              else torch.stack([st["starts"][v] for v in versions]))
+        result = self.engine.run_round(self.algorithm, x0, {}, [client for _, client, _ in pending], st["calls"] + 1,
+                                       store)
+        results = dict(st["results"])
+        for i, (job, _, version) in enumerate(pending):
+            start = st["starts"][version]
+            row = start - result.U[i] if self.cfg.asynchronous.algorithm == "fedasync" else result.U[i]
+            results[job] = (row.detach().cpu(), float(result.weights[i]), float(result.train_loss[i]))
+        return {**st, "results": results, "starts": {}, "calls": st["calls"] + 1}
+
+    def _flush(self, st: State, round_idx: int, store: ClientStore) -> tuple[State, list[tuple], dict[str, Any]]:
+        """FedBuff's server step: the buffered deltas, scaled by s(staleness), through the server pipeline;
+        (the new state, (staleness, train loss) of each update, the pipeline's metrics)."""
+        if any(job not in st["results"] for _, job, _, _, _ in st["buffer"]):
+            st = self._train_pending(st, store)
+        results = dict(st["results"])
+        taken = [(entry, results.pop(entry[1])) for entry in st["buffer"]]
+        U = torch.stack([weight * row for (_, _, _, _, weight), (row, _, _) in taken])
+        clients = [entry[0] for entry, _ in taken]
+        ctx = Context(round_idx, self.cfg.seed, clients, st["x"], {})
+        out, _, pipeline_states, metrics = self.pipeline.apply(U, torch.ones(len(clients)), st["pipeline"], ctx)
+        st = {**st, "pipeline": pipeline_states, "buffer": [], "results": results, "version": st["version"] + 1}
+        if len(out) and bool(torch.isfinite(out[0]).all()):
+            st["x"] = out[0]
+        else:
+            metrics["model_rejected"] = "no usable update, or the aggregated model held NaN/Inf; the previous one is kept"
+        metrics.setdefault("n_rejected", 0)
+        return st, [(entry[3], loss) for entry, (_, _, loss) in taken], metrics
+
+    def _async_record(self, round_idx: int, seconds: float, applied: list[tuple], metrics: dict) -> dict[str, Any]:
+        staleness = [s for s, _ in applied]
+        payload = metrics.pop("uplink_bytes", self.row_bytes * len(applied))
+        return {"round": round_idx, "train_loss": float(np.mean([loss for _, loss in applied])),
+                "n_sampled": len(applied), **metrics, "staleness": staleness,
+                "staleness_mean": float(np.mean(staleness)), "staleness_max": int(max(staleness)),
+                "round_virtual_seconds": seconds, "bytes_up": payload,
+                "bytes_down": len(applied) * BYTES_PER_FLOAT * self.spec.dim}
