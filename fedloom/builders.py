@@ -9,9 +9,11 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from fedloom import participation
 from fedloom.algorithms import ALGORITHMS, FedAvg
 from fedloom.attacks import Adversary
 from fedloom.config import ConfigError, ExperimentConfig, load_config
@@ -65,6 +67,21 @@ def build_adversary(cfg: ExperimentConfig, data: FederatedData) -> Adversary | N
                           attack.redraw, attack.omniscient, attack.options)
     adversary.poison(data.y, data.train_idx, data.n_classes)
     return adversary
+
+
+def build_participation(cfg: ExperimentConfig, data: FederatedData) -> np.ndarray | None:
+    """Every client's participation probability (``participation.mode = "bernoulli"``), else None."""
+    p = cfg.participation
+    if p.mode != "bernoulli":
+        return None
+    if p.distribution == "classes" and data.task != "classification":
+        raise ConfigError(f"participation.distribution = 'classes' sets each client's probability from its labels; "
+                          f"dataset {cfg.data.dataset!r} is {data.task} data (use uniform, beta or given)")
+    probabilities = participation.client_probabilities(p, data, cfg.seed)
+    if len(probabilities) != data.n_clients:
+        raise ConfigError(f"participation: {len(probabilities)} probabilities given for the data's "
+                          f"{data.n_clients} clients (one per client)")
+    return probabilities
 
 
 def build_model_for(cfg: ExperimentConfig, data: FederatedData, given: GivenParts = GivenParts()) -> nn.Module:

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from fedloom import evaluation
 from fedloom.builders import (GivenParts, build_adversary, build_algorithm, build_data, build_engine, build_model_for,
-                              build_task_for, check_model_runs, engine_notes, model_device, sized_to)
+                              build_participation, build_task_for, check_model_runs, engine_notes, model_device,
+                              sized_to)
 from fedloom.compression.downlink import Downlink
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
@@ -30,6 +31,7 @@ from fedloom.core.rng import Stream, numpy_generator
 from fedloom.core.store import ClientStore
 from fedloom.data import FederatedData
 from fedloom.engines.base import RoundResult
+from fedloom.participation import bernoulli_participants
 from fedloom.pipeline.base import Context
 from fedloom.pipeline.build import build_pipeline
 from fedloom.rounds.base import State
@@ -61,6 +63,7 @@ class FederatedRound:
         self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes)
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
+        self.participation = build_participation(cfg, self.data)  # p_i per client, or None: uniform sampling
 
     def init_state(self) -> State:
         x0 = self.spec.flatten(self.model).detach().cpu().clone()
@@ -69,12 +72,15 @@ class FederatedRound:
                 "counters": {k: 0 for k in TOTALS}}
 
     def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
-        clients = sample_clients(self.data.n_clients, self.cfg.clients_per_round(), self.cfg.seed, round_idx)
+        clients = self._participants(round_idx)
+        if not clients:  # nobody took part (bernoulli participation): no update, the model stays
+            return self._no_participant(state, round_idx)
         sent = self.algorithm.broadcast(state["algorithm"])
         start, model_bytes, downlink = self._model_for_clients(state, clients, round_idx)
         store = ClientStore(state["clients"])
         result = self.engine.run_round(self.algorithm, start, sent, clients, round_idx, store)
-        ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), state["x"], dict(result.aux))
+        ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), state["x"], dict(result.aux),
+                      n_clients=self.data.n_clients)
         U, _, pipeline_states, metrics = self.pipeline.apply(result.U, result.weights, state["pipeline"], ctx)
         new = {**state, "pipeline": pipeline_states, "clients": store.states, "downlink": downlink}
         model_rejected = len(U) > 0 and not bool(torch.isfinite(U[0]).all())
@@ -86,6 +92,17 @@ class FederatedRound:
             record["model_rejected"] = "the aggregated model held NaN/Inf; the previous one is kept"
         new["counters"] = _add_totals(state["counters"], record)
         return new, record
+
+    def _participants(self, round_idx: int) -> list[int]:
+        """Who takes part: a uniform sample of clients_per_round, or each client on its own probability."""
+        if self.participation is None:
+            return sample_clients(self.data.n_clients, self.cfg.clients_per_round(), self.cfg.seed, round_idx)
+        return bernoulli_participants(self.participation, self.cfg.seed, round_idx)
+
+    def _no_participant(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
+        record = {"round": round_idx, "train_loss": float("nan"), "n_sampled": 0, "n_rejected": 0,
+                  "n_byzantine": 0, "bytes_up": 0, "bytes_down": 0}
+        return {**state, "counters": _add_totals(state["counters"], record)}, record
 
     def _model_for_clients(self, state: State, clients: list[int], round_idx: int) -> tuple[Tensor, int, Any]:
         """The model the sampled clients train from, its downlink bytes, and the downlink's new state:
