@@ -6,7 +6,7 @@ For each seed, FedAvg (the participants' example-weighted mean) and FedAU (rows 
 estimated participation interval, summed over all clients) run the same federation, the same participation
 probabilities and the same participants every round. Prints the central test accuracy at the end, and the
 mean of the last ``--last`` evaluations (less noisy), per seed and averaged, as a markdown table, and writes
-bench/results/fedau.json.
+bench/results/fedau_seeds_<seeds>.json.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
         mean_final = statistics.fmean(final for final, _ in by_seed.values())
         mean_tail = statistics.fmean(tail for _, tail in by_seed.values())
         print(f"| {method} | {' | '.join(finals)} | {mean_final:.3f} | {mean_tail:.3f} |")
-    out = Path(__file__).resolve().parent / "results" / "fedau.json"
+    out = Path(__file__).resolve().parent / "results" / f"fedau_seeds_{'_'.join(map(str, args.seeds))}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
