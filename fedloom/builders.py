@@ -77,7 +77,10 @@ def build_participation(cfg: ExperimentConfig, data: FederatedData) -> np.ndarra
     if p.distribution == "classes" and data.task != "classification":
         raise ConfigError(f"participation.distribution = 'classes' sets each client's probability from its labels; "
                           f"dataset {cfg.data.dataset!r} is {data.task} data (use uniform, beta or given)")
-    probabilities = participation.client_probabilities(p, data, cfg.seed)
+    try:
+        probabilities = participation.client_probabilities(p, data, cfg.seed)
+    except ValueError as err:  # a file that was not checked at load (a natural partition's count comes later)
+        raise ConfigError(str(err)) from None
     if len(probabilities) != data.n_clients:
         raise ConfigError(f"participation: {len(probabilities)} probabilities given for the data's "
                           f"{data.n_clients} clients (one per client)")

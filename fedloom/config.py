@@ -271,7 +271,8 @@ class ParticipationConfig(Section):
     p_max: float = Field(1.0, gt=0, le=1, description="uniform: the interval's end")
     alpha: float = Field(0.1, gt=0, description="classes: the class weights' Dirichlet concentration; beta: a + b")
     probabilities: list[float] = Field(default_factory=list, description="given: one per client")
-    path: str | None = Field(None, description="given: a file of probabilities, one a line")
+    path: str | None = Field(None, description="given: a file of probabilities, one a line (relative to the "
+                             "config file)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ParticipationConfig":
@@ -684,13 +685,19 @@ PATH_OPTIONS = ("path",)  # the data.options naming local files (every loader's:
 
 
 def _absolute_data_paths(raw: dict[str, Any], base: Path) -> None:
-    """Relative data paths in ``raw`` made absolute against ``base``, in place, so that the config
-    saved in the run directory reads the same data from any directory."""
+    """Relative data paths in ``raw`` (and participation.path) made absolute against ``base``, in place, so
+    that the config saved in the run directory reads the same files from any directory."""
     options = raw.get("data", {}).get("options") if isinstance(raw.get("data"), dict) else None
     for key in PATH_OPTIONS if isinstance(options, dict) else ():
-        if isinstance(options.get(key), (str, os.PathLike)) and str(options[key]):
-            path = Path(options[key]).expanduser()
-            options[key] = str(path if path.is_absolute() else Path(os.path.abspath(base / path)))
+        _make_absolute(options, key, base)
+    if isinstance(raw.get("participation"), dict):
+        _make_absolute(raw["participation"], "path", base)
+
+
+def _make_absolute(table: dict[str, Any], key: str, base: Path) -> None:
+    if isinstance(table.get(key), (str, os.PathLike)) and str(table[key]):
+        path = Path(table[key]).expanduser()
+        table[key] = str(path if path.is_absolute() else Path(os.path.abspath(base / path)))
 
 
 def load_config(source: str | Path | dict[str, Any] | ExperimentConfig | None = None,

@@ -140,6 +140,8 @@ def test_rounds_follow_the_bernoulli_draws_and_fedau_changes_the_model():
     round_ = make_round(*overrides)
     p = round_.participation
     assert p.shape == (20,) and p.min() >= 0.1 and p.max() <= 0.6
+    assert round_.describe(round_.init_state())["participation_probability"] == {
+        "mean": pytest.approx(p.mean()), "min": p.min(), "max": p.max()}
     fedavg = run(None, overrides)
     assert [h["n_sampled"] for h in fedavg.history] == [len(bernoulli_participants(p, 0, r)) for r in (1, 2, 3)]
     with_fedau = run(None, [*overrides, *FEDAU])
@@ -165,6 +167,11 @@ def test_probabilities_from_a_file_and_its_bad_lines(tmp_path):
                              f'participation.path="{good}"'])
     assert len(make_round(*SMALL, 'participation.mode="bernoulli"', 'participation.distribution="given"',
                           f'participation.path="{good}"').participation) == cfg.data.n_clients
+    elsewhere = tmp_path / "configs"
+    elsewhere.mkdir()
+    (elsewhere / "run.toml").write_text('[participation]\nmode = "bernoulli"\ndistribution = "given"\n'
+                                        'path = "../p.txt"\n[data]\nn_clients = 20\n')
+    assert load_config(elsewhere / "run.toml").participation.path == str(good)  # the saved config reads it anywhere
     bad = tmp_path / "bad.txt"
     bad.write_text("0.5\nhalf\n")
     with pytest.raises(ConfigError, match=r"bad.txt, line 2: 'half' is not a probability"):

@@ -145,6 +145,10 @@ class FederatedRound:
                      **engine_notes(self.cfg, self.model, self.engine_name)}
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
             described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
+        if self.participation is not None:  # the clients' own probabilities, drawn once (bernoulli participation)
+            p = self.participation
+            described["participation_probability"] = {"mean": float(p.mean()), "min": float(p.min()),
+                                                      "max": float(p.max())}
         return described
 
     def graph_record(self) -> None:
