@@ -9,9 +9,11 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from fedloom import participation
 from fedloom.algorithms import ALGORITHMS, FedAvg
 from fedloom.attacks import Adversary
 from fedloom.config import ConfigError, ExperimentConfig, load_config
@@ -65,6 +67,24 @@ def build_adversary(cfg: ExperimentConfig, data: FederatedData) -> Adversary | N
                           attack.redraw, attack.omniscient, attack.options)
     adversary.poison(data.y, data.train_idx, data.n_classes)
     return adversary
+
+
+def build_participation(cfg: ExperimentConfig, data: FederatedData) -> np.ndarray | None:
+    """Every client's participation probability (``participation.mode = "bernoulli"``), else None."""
+    p = cfg.participation
+    if p.mode != "bernoulli":
+        return None
+    if p.distribution == "classes" and data.task != "classification":
+        raise ConfigError(f"participation.distribution = 'classes' sets each client's probability from its labels; "
+                          f"dataset {cfg.data.dataset!r} is {data.task} data (use uniform, beta or given)")
+    try:
+        probabilities = participation.client_probabilities(p, data, cfg.seed)
+    except ValueError as err:  # a file that was not checked at load (a natural partition's count comes later)
+        raise ConfigError(str(err)) from None
+    if len(probabilities) != data.n_clients:
+        raise ConfigError(f"participation: {len(probabilities)} probabilities given for the data's "
+                          f"{data.n_clients} clients (one per client)")
+    return probabilities
 
 
 def build_model_for(cfg: ExperimentConfig, data: FederatedData, given: GivenParts = GivenParts()) -> nn.Module:

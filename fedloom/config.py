@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedloom import participation
 from fedloom.aggregation import AGGREGATORS
 from fedloom.algorithms import ALGORITHMS, SERVER_PRESETS, ServerPreset, server_optimizer
 from fedloom.algorithms.base import NoServerState
@@ -261,6 +262,47 @@ class SamplingConfig(Section):
     fraction: float | None = Field(None, gt=0, le=1, description="instead of clients_per_round")
 
 
+class ParticipationConfig(Section):
+    """Who takes part in a round. uniform: sampling.clients_per_round clients drawn without replacement;
+    bernoulli: each client on its own probability p_i, unknown to the server (Wang and Ji 2024), drawn once
+    from ``distribution``: classes (p_i from the client's classes: mean * n_classes * <its label shares, v>,
+    v ~ Dirichlet(alpha), at least p_min) | uniform (in [p_min, p_max]) | beta (mean, concentration alpha, at
+    least p_min) | given (``probabilities`` or a file ``path``, one a line)."""
+
+    mode: Literal["uniform", "bernoulli"] = "uniform"
+    distribution: Literal[participation.DISTRIBUTIONS] = "classes"  # type: ignore[valid-type]
+    mean: float = Field(0.1, gt=0, lt=1, description="classes, beta: the mean probability")
+    p_min: float = Field(0.02, ge=0, le=1, description="the least probability (uniform: the interval's start)")
+    p_max: float = Field(1.0, gt=0, le=1, description="uniform: the interval's end")
+    alpha: float = Field(0.1, gt=0, description="classes: the class weights' Dirichlet concentration; beta: a + b")
+    probabilities: list[float] = Field(default_factory=list, description="given: one per client")
+    path: str | None = Field(None, description="given: a file of probabilities, one a line (relative to the "
+                             "config file)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ParticipationConfig":
+        # compare with the defaults, not the keys given: a saved (resolved) config writes every key
+        changed = [k for k in type(self).model_fields if k != "mode" and getattr(self, k) != _default(self, k)]
+        if self.mode == "uniform" and changed:
+            raise ValueError(f"{', '.join(changed)} applies with participation.mode = 'bernoulli' (mode is "
+                             "'uniform': sampling.clients_per_round clients a round)")
+        given = self.distribution == "given"
+        if given and (not self.probabilities) == (self.path is None):
+            raise ValueError("distribution = 'given': give probabilities = [...] or path (one of them)")
+        if not given and (self.probabilities or self.path is not None):
+            raise ValueError(f"probabilities and path apply with distribution = 'given' (got {self.distribution!r})")
+        if any(not 0 < q <= 1 for q in self.probabilities):
+            raise ValueError(f"probabilities must lie in (0, 1]; got {self.probabilities}")
+        if self.distribution == "uniform" and self.p_min >= self.p_max:
+            raise ValueError(f"distribution = 'uniform' draws from [p_min, p_max]: p_min = {self.p_min:g} must be "
+                             f"less than p_max = {self.p_max:g}")
+        return self
+
+
+def _default(section: BaseModel, key: str) -> Any:
+    return type(section).model_fields[key].get_default(call_default_factory=True)
+
+
 class EvaluationConfig(Section):
     every: int = Field(1, ge=1, description="evaluate every k rounds (and always after the last)")
     federated: bool = True
@@ -498,6 +540,7 @@ class ExperimentConfig(Section):
     decentralized: DecentralizedConfig = Field(default_factory=DecentralizedConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    participation: ParticipationConfig = Field(default_factory=ParticipationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
@@ -725,6 +768,48 @@ class ExperimentConfig(Section):
             raise ValueError(f"asynchronous.concurrency = {a.concurrency} (plus buffer_size - 1 for fedbuff) is "
                              f"more than data.n_clients = {self.data.n_clients}")
 
+    @model_validator(mode="after")
+    def _participation_rules(self) -> "ExperimentConfig":
+        p = self.participation
+        if p.mode == "bernoulli":
+            self._bernoulli_fits()
+        fedau = [i for i, t in enumerate(self.server.transforms) if t.name == "fedau"]
+        if fedau and self.mode == "federated":
+            self._fedau_fits(fedau)
+        return self
+
+    def _bernoulli_fits(self) -> None:
+        if self.mode != "federated":
+            raise ValueError(f"participation.mode = 'bernoulli' is for federated runs, not mode = {self.mode!r} "
+                             "(decentralized: decentralized.participation and decentralized.churn)")
+        if self.system.profile != "none" or self.secure_aggregation.protocol != "none":
+            raise ValueError("participation.mode = 'bernoulli' sets who takes part by each client's own probability; "
+                             "a system model (its availability) and secure aggregation (its sharing groups of "
+                             "clients_per_round) set it otherwise: use one of them")
+        if self.privacy.mechanism != "none":
+            raise ValueError("participation.mode = 'bernoulli' with privacy: the DP accounting assumes "
+                             "sampling.clients_per_round clients drawn without replacement (a fixed, public round "
+                             "size); with each client joining on its own probability neither the round size nor the "
+                             "sampling amplification holds (use participation.mode = 'uniform')")
+        if self.sampling.clients_per_round is not None or self.sampling.fraction is not None:
+            raise ValueError("participation.mode = 'bernoulli': each client joins on its own probability; "
+                             "sampling.clients_per_round and sampling.fraction do not apply (leave them unset)")
+        given = self.participation.distribution == "given"
+        if given and self.data.n_clients is not None:
+            n = len(participation.given_probabilities(self.participation))
+            if n != self.data.n_clients:
+                raise ValueError(f"participation: {n} probabilities given for data.n_clients = "
+                                 f"{self.data.n_clients} clients (one per client)")
+
+    def _fedau_fits(self, positions: list[int]) -> None:
+        """FedAU ends the rows in one (its sum over all clients), so it comes last and a plain mean follows."""
+        if positions != [len(self.server.transforms) - 1]:
+            raise ValueError("server.transforms: 'fedau' sums the rows into the round's update, so it must be the "
+                             "last transform (and appear once)")
+        if self.server.aggregator.name != "mean" or self.privacy.mechanism != "none":
+            raise ValueError("server.transforms 'fedau' is the aggregate itself: it runs with "
+                             "server.aggregator.name = 'mean' and privacy.mechanism = 'none'")
+
     def privacy_accounting(self) -> Accounting | None:
         """What the accountant needs of this run, or None when privacy is off."""
         p = self.privacy
@@ -864,13 +949,19 @@ PATH_OPTIONS = ("path",)  # the data.options naming local files (every loader's:
 
 
 def _absolute_data_paths(raw: dict[str, Any], base: Path) -> None:
-    """Relative data paths in ``raw`` made absolute against ``base``, in place, so that the config
-    saved in the run directory reads the same data from any directory."""
+    """Relative data paths in ``raw`` (and participation.path) made absolute against ``base``, in place, so
+    that the config saved in the run directory reads the same files from any directory."""
     options = raw.get("data", {}).get("options") if isinstance(raw.get("data"), dict) else None
     for key in PATH_OPTIONS if isinstance(options, dict) else ():
-        if isinstance(options.get(key), (str, os.PathLike)) and str(options[key]):
-            path = Path(options[key]).expanduser()
-            options[key] = str(path if path.is_absolute() else Path(os.path.abspath(base / path)))
+        _make_absolute(options, key, base)
+    if isinstance(raw.get("participation"), dict):
+        _make_absolute(raw["participation"], "path", base)
+
+
+def _make_absolute(table: dict[str, Any], key: str, base: Path) -> None:
+    if isinstance(table.get(key), (str, os.PathLike)) and str(table[key]):
+        path = Path(table[key]).expanduser()
+        table[key] = str(path if path.is_absolute() else Path(os.path.abspath(base / path)))
 
 
 def load_config(source: str | Path | dict[str, Any] | ExperimentConfig | None = None,

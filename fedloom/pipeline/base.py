@@ -38,6 +38,7 @@ class Context:
     params: Tensor  # the global model the round started from [d]
     aux: dict[str, Tensor] = field(default_factory=dict)
     kept: Tensor | None = None  # [n sampled] which of the round's original rows are still in
+    n_clients: int | None = None  # the federation's size (FedAU's aggregate is over every client)
 
     def __post_init__(self) -> None:
         if self.kept is None:

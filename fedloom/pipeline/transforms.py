@@ -115,3 +115,46 @@ def server_step(name: str, make_optimizer: OptimizerFactory) -> Transform:
         return params.detach()[None], w, optimizer.state_dict(), {}
 
     return Transform(f"server_optimizer:{name}", apply)
+
+
+def fedau(cutoff: int = 50) -> Transform:
+    """FedAU (Wang and Ji 2024): rows weighted by each client's online estimate of its participation interval
+    (~1/p_i, intervals cut off at ``cutoff`` rounds), summed and divided by the number of clients N (option
+    cutoff)."""
+    if not isinstance(cutoff, int) or cutoff < 1:
+        raise ValueError(f"fedau: cutoff must be a whole number of rounds >= 1; got {cutoff!r}")
+
+    def apply(U: Tensor, w: Tensor, state: dict[int, Tensor], ctx: Context):
+        if ctx.n_clients is None:
+            raise ValueError("fedau: the round's context does not say how many clients the federation has")
+        state = dict(state)  # entries are replaced, never edited in place
+        weights = []
+        for client in ctx.client_ids:
+            weight, state[client] = participation_weight(state.get(client), ctx.round, cutoff)
+            weights.append(weight)
+        omega = torch.tensor(weights, dtype=U.dtype, device=U.device)
+        row = (omega[:, None] * U).sum(0) / ctx.n_clients
+        return row[None], torch.ones(1, dtype=w.dtype), state, {"fedau_mean_weight": float(omega.mean())}
+
+    return Transform("fedau", apply, init=lambda d: {})
+
+
+def participation_weight(seen: Tensor | None, round_idx: int, cutoff: int) -> tuple[float, Tensor]:
+    """FedAU's weight for a client taking part in round ``round_idx``, and its new record.
+
+    The record is (last round it took part, sum of its intervals, number of intervals), int64; rounds count
+    from 1, so a client never seen last took part "in round 0". The weight is the mean of the intervals
+    completed before this round, 1 while there is none (the estimate must not depend on this round's
+    participation). Between two participations a counter of missed rounds closes an interval of length
+    ``cutoff`` whenever it reaches ``cutoff``; the participation then closes one of (missed rounds left) + 1.
+    Kept lazily: the missed rounds' cut-off intervals are counted when the client is next seen."""
+    last, total, count = seen.tolist() if seen is not None else (0, 0, 0)
+    missed = round_idx - last - 1
+    total, count = total + (missed // cutoff) * cutoff, count + missed // cutoff
+    weight = total / count if count else 1.0
+    record = torch.tensor([round_idx, total + missed % cutoff + 1, count + 1], dtype=torch.int64)
+    return weight, record
+
+
+TRANSFORMS.add("fedau", "FedAU: rows weighted by each client's estimated participation interval, summed over "
+               "all N clients (option cutoff)")(fedau)

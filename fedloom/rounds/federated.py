@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from fedloom import evaluation
 from fedloom.builders import (GivenParts, build_adversary, build_algorithm, build_data, build_engine, build_model_for,
-                              build_task_for, check_model_runs, engine_notes, local_training, model_device,
+                              build_participation, build_task_for, check_model_runs, engine_notes, local_training,
+                              model_device,
                               sized_to)
 from fedloom.compression.downlink import Downlink
 from fedloom.config import ExperimentConfig
@@ -38,6 +39,7 @@ from fedloom.core.rng import Stream, numpy_generator
 from fedloom.core.store import ClientStore
 from fedloom.data import FederatedData
 from fedloom.engines.base import RoundResult, concatenate, rows_of
+from fedloom.participation import bernoulli_participants
 from fedloom.pipeline.base import Context
 from fedloom.pipeline.build import build_pipeline
 from fedloom.rounds.base import State
@@ -87,6 +89,7 @@ class FederatedRound:
         if self.system is not None:
             self.examples = examples_processed(self.data.client_sizes(), local_training(cfg))  # per client
             self.row_bytes = uplink_row_bytes(cfg.compression.build(self.spec.shapes), cfg.seed, self.spec.dim)
+        self.participation = build_participation(cfg, self.data)  # p_i per client, or None: uniform sampling
 
     def init_state(self) -> State:
         x0 = self.spec.flatten(self.model).detach().cpu().clone()
@@ -95,7 +98,10 @@ class FederatedRound:
                 "counters": {k: 0 for k in TOTALS}, "late": None}
 
     def _sample(self, state: State, round_idx: int) -> list[int]:
-        """This round's clients: uniform, or, with a system model, from those online at its virtual start."""
+        """This round's clients: uniform, each on its own probability (bernoulli participation), or, with a
+        system model, from those online at its virtual start."""
+        if self.participation is not None:  # each client on its own probability
+            return bernoulli_participants(self.participation, self.cfg.seed, round_idx)
         k = self.cfg.clients_per_round()
         if self.system is None:
             return sample_clients(self.data.n_clients, k, self.cfg.seed, round_idx,
@@ -133,15 +139,16 @@ class FederatedRound:
 
     def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
         clients = self._sample(state, round_idx)
-        if not clients:  # nobody online: the round waits on the virtual clock
-            return state, {"round": round_idx, "n_sampled": 0, "round_virtual_seconds": IDLE_WAIT_S}
+        if not clients:  # nobody online (system model) or nobody took part (bernoulli): the model stays
+            return self._no_participant(state, round_idx)
         sent = self.algorithm.broadcast(state["algorithm"])
         start, down_bytes, downlink = self._model_for_clients(state, clients, round_idx)
         model_bytes = int(down_bytes.sum())
         timed = self._timed(clients, down_bytes, sent)
         store = ClientStore(state["clients"])
         result, late = self._train(state, clients, timed, start, sent, round_idx, store)
-        ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), state["x"], dict(result.aux))
+        ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), state["x"], dict(result.aux),
+                      n_clients=self.data.n_clients)
         U, _, pipeline_states, metrics = self.pipeline.apply(result.U, result.weights, state["pipeline"], ctx)
         new = {**state, "pipeline": pipeline_states, "clients": store.states, "downlink": downlink, "late": late}
         model_rejected = len(U) > 0 and not bool(torch.isfinite(U[0]).all())
@@ -156,6 +163,14 @@ class FederatedRound:
             record["model_rejected"] = "the aggregated model held NaN/Inf; the previous one is kept"
         new["counters"] = _add_totals(state["counters"], record)
         return new, record
+
+    def _no_participant(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
+        """A round without clients: no update; on the virtual clock it waits IDLE_WAIT_S for clients to come online."""
+        record = {"round": round_idx, "train_loss": float("nan"), "n_sampled": 0, "n_rejected": 0,
+                  "n_byzantine": 0, "bytes_up": 0, "bytes_down": 0}
+        if self.system is not None:
+            record["round_virtual_seconds"] = IDLE_WAIT_S
+        return {**state, "counters": _add_totals(state["counters"], record)}, record
 
     def _model_for_clients(self, state: State, clients: list[int], round_idx: int) -> tuple[Tensor, Tensor, Any]:
         """The model the sampled clients train from, its downlink bytes per client, and the downlink's new
@@ -197,6 +212,10 @@ class FederatedRound:
                      **engine_notes(self.cfg, self.model, self.engine)}
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
             described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
+        if self.participation is not None:  # the clients' own probabilities, drawn once (bernoulli participation)
+            p = self.participation
+            described["participation_probability"] = {"mean": float(p.mean()), "min": float(p.min()),
+                                                      "max": float(p.max())}
         return described
 
     def graph_record(self) -> None:
