@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedloom.aggregation import AGGREGATORS
 from fedloom.algorithms import ALGORITHMS, SERVER_PRESETS, ServerPreset, server_optimizer
-from fedloom.algorithms.base import NoServerState
+from fedloom.algorithms.base import NoServerState, PlainClient
 from fedloom.algorithms.gossip import DECENTRALIZED, GOSSIP_RULES
 from fedloom.algorithms.server_opt import OptimizerFactory
 from fedloom.attacks import ATTACK_NAMES, attack_registry
@@ -24,6 +24,7 @@ from fedloom.compression import Compressor, make_compressor
 from fedloom.data import DATASETS, PARTITIONERS
 from fedloom.compression.base import Shapes
 from fedloom.models import MODELS
+from fedloom.personalization import METHODS as PERSONALIZATION_METHODS
 from fedloom.pipeline.transforms import TRANSFORMS
 from fedloom.privacy.accounting import Accounting
 from fedloom.registry import Registry
@@ -324,6 +325,21 @@ class PrivacyConfig(Section):
         return self
 
 
+class PersonalizationConfig(Section):
+    """Models that differ per client (fedloom.personalization; ``fedloom list personalization``)."""
+
+    method: Literal[("none", *PERSONALIZATION_METHODS)] = "none"  # type: ignore[valid-type]
+    personal: str | list[str] = Field("head", description="fedper, fedrep, fedbabu: the personal (fedbabu: "
+                                      "frozen) parameters, fnmatch patterns on their names, or \"head\": the "
+                                      "model's last layer")
+    finetune_epochs: int = Field(1, ge=1, description="finetune, fedbabu: epochs each client fine-tunes the "
+                                 "global model at evaluation, on its own training data")
+    head_epochs: int = Field(5, ge=1, description="fedrep: epochs of the head (body frozen) before the body's "
+                             "client.epochs")
+    ditto_lambda: float = Field(0.1, ge=0, description="ditto: pull lambda (v - w) of the personal model v "
+                                "towards the global w")
+
+
 class OutputConfig(Section):
     dir: str = "runs"
     save: bool = Field(True, description="write a run directory")
@@ -374,6 +390,7 @@ class ExperimentConfig(Section):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -482,6 +499,29 @@ class ExperimentConfig(Section):
         if (why := self.privacy_accounting().unsupported()) is not None:
             raise ValueError(why)
         self.privacy_noise_multiplier()
+        return self
+
+    @model_validator(mode="after")
+    def _personalization_rules(self) -> "ExperimentConfig":
+        method = self.personalization.method
+        if method == "none":
+            return self
+        if self.mode == "decentralized":
+            raise ValueError(f"personalization.method = {method!r} runs in federated mode (decentralized nodes "
+                             "keep their own models already)")
+        if ALGORITHMS[self.algorithm.name].factory.client_init is not PlainClient.client_init:
+            raise ValueError(f"personalization.method = {method!r} with algorithm.name = {self.algorithm.name!r}: "
+                             "its client state is not kept apart from the personal one; use fedavg, fedprox or a "
+                             "server-optimizer preset")
+        if self.compression.downlink != "none":
+            raise ValueError(f"personalization.method = {method!r} with compression.downlink: the downlink "
+                             "would compress personal coordinates the clients never receive")
+        if self.engine.name == "ray":
+            raise ValueError(f"personalization.method = {method!r} trains on the serial or vectorized engine "
+                             "(engine.name = 'ray' is not supported)")
+        if method in ("fedrep", "fedbabu") and self.client.weight_decay:
+            raise ValueError(f"personalization.method = {method!r} freezes parameters; client.weight_decay = "
+                             f"{self.client.weight_decay:g} would still move them: set it to 0")
         return self
 
     def privacy_accounting(self) -> Accounting | None:

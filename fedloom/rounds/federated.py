@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from fedloom import evaluation
 from fedloom.builders import (GivenParts, build_adversary, build_algorithm, build_data, build_engine, build_model_for,
-                              build_task_for, check_model_runs, engine_notes, model_device, sized_to)
+                              build_task_for, check_model_runs, engine_notes, local_training, model_device,
+                              sized_to)
 from fedloom.compression.downlink import Downlink
 from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
@@ -31,6 +32,8 @@ from fedloom.core.store import ClientStore
 from fedloom.data import FederatedData
 from fedloom.engines.base import RoundResult
 from fedloom.pipeline.base import Context
+from fedloom.personalization import Split, build_personalization
+from fedloom.personalization.evaluate import personal_evaluation
 from fedloom.pipeline.build import build_pipeline
 from fedloom.rounds.base import State
 
@@ -58,13 +61,16 @@ class FederatedRound:
         self.engine_name = self.engine.name
         # evaluation runs where the engine put the model (the CPU for Ray actors' and remote clients' runs)
         self.task, self.device = build_task_for(cfg, self.data), model_device(self.model)
-        self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes)
+        # personalization: personal coordinates stay with the clients, the pipeline works on the shared ones
+        self.personal = build_personalization(cfg, self.spec, local_training(cfg))
+        self.split = self.personal.s.split if self.personal else Split(self.spec)
+        self.pipeline = build_pipeline(cfg, self.adversary, self.split.shared_shapes)
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
 
     def init_state(self) -> State:
         x0 = self.spec.flatten(self.model).detach().cpu().clone()
-        return {"x": x0, "algorithm": self.algorithm.server_init(x0), "pipeline": self.pipeline.init(x0.numel()),
+        return {"x": x0, "algorithm": self.algorithm.server_init(x0), "pipeline": self.pipeline.init(self.split.shared_dim),
                 "clients": {}, "downlink": self.downlink.init(x0) if self.downlink else None,
                 "counters": {k: 0 for k in TOTALS}}
 
@@ -73,13 +79,14 @@ class FederatedRound:
         sent = self.algorithm.broadcast(state["algorithm"])
         start, model_bytes, downlink = self._model_for_clients(state, clients, round_idx)
         store = ClientStore(state["clients"])
-        result = self.engine.run_round(self.algorithm, start, sent, clients, round_idx, store)
-        ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), state["x"], dict(result.aux))
+        result = self._train(start, sent, clients, round_idx, store)
+        ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), self.split.shared(state["x"]),
+                      dict(result.aux))
         U, _, pipeline_states, metrics = self.pipeline.apply(result.U, result.weights, state["pipeline"], ctx)
         new = {**state, "pipeline": pipeline_states, "clients": store.states, "downlink": downlink}
         model_rejected = len(U) > 0 and not bool(torch.isfinite(U[0]).all())
         if len(U) and not model_rejected:  # else no usable update, or a non-finite model: it stays as it was
-            new["x"] = U[0]
+            new["x"] = self.split.merged(state["x"], U[0])
             new["algorithm"] = self.algorithm.server_step(state["algorithm"], ctx.aux, self.data.n_clients)
         record = self._record(round_idx, len(clients), result, ctx, metrics, sent, model_bytes)
         if model_rejected:
@@ -87,11 +94,18 @@ class FederatedRound:
         new["counters"] = _add_totals(state["counters"], record)
         return new, record
 
+    def _train(self, start: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
+               store: ClientStore) -> RoundResult:
+        """The sampled clients' rows: the engine's, or the personalization method's (shared coordinates only)."""
+        if self.personal:
+            return self.personal.train(self.engine, self.algorithm, start, sent, clients, round_idx, store)
+        return self.engine.run_round(self.algorithm, start, sent, clients, round_idx, store)
+
     def _model_for_clients(self, state: State, clients: list[int], round_idx: int) -> tuple[Tensor, int, Any]:
         """The model the sampled clients train from, its downlink bytes, and the downlink's new state:
         the fp32 global model, or the downlink compressor's copy of it (``compression/downlink.py``)."""
         if self.downlink is None:
-            return state["x"], len(clients) * BYTES_PER_FLOAT * self.spec.dim, None
+            return state["x"], len(clients) * BYTES_PER_FLOAT * self.split.shared_dim, None
         start, nbytes, downlink = self.downlink.send(state["downlink"], state["x"], clients, round_idx)
         return start, int(nbytes.sum()), downlink
 
@@ -100,7 +114,7 @@ class FederatedRound:
         """The round's metrics. Downlink: the model's bytes plus the fp32 broadcast tensors to every
         sampled client; uplink: the rows' payloads plus the algorithm's fp32 side tensors."""
         kept = ctx.kept
-        payload = metrics.pop("uplink_bytes", BYTES_PER_FLOAT * self.spec.dim * int(kept.sum()))
+        payload = metrics.pop("uplink_bytes", BYTES_PER_FLOAT * self.split.shared_dim * int(kept.sum()))
         record = {"round": round_idx, "train_loss": _weighted(result.train_loss[kept], result.weights[kept]),
                   "n_sampled": n_sampled, "n_rejected": 0, "n_byzantine": 0, **metrics,
                   "bytes_up": payload + BYTES_PER_FLOAT * sum(t.numel() for t in ctx.aux.values()),
@@ -114,7 +128,13 @@ class FederatedRound:
         metrics = evaluation.central(self.model, self.spec, x, self.data, self.task)
         if self.cfg.evaluation.federated:
             metrics.update(evaluation.federated(self.model, self.spec, x, self.data, self.task))
+        if self.personal and self.cfg.evaluation.federated:
+            metrics.update(self._personal_evaluation(state)[0])
         return metrics
+
+    def _personal_evaluation(self, state: State) -> tuple[dict[str, float], dict[str, list]]:
+        return personal_evaluation(self.personal, self.engine, self.model, self.spec, state["x"], self.data,
+                                   self.task, state["clients"])
 
     def final_params(self, state: State) -> Tensor:
         return state["x"]
@@ -126,6 +146,8 @@ class FederatedRound:
     def describe(self, state: State) -> dict[str, Any]:
         described = {**self.data.size(), "pipeline": self.pipeline.steps(),
                      **engine_notes(self.cfg, self.model, self.engine_name)}
+        if self.personal and self.cfg.evaluation.federated:  # per-client values for the report's histogram
+            described[f"per_client_{self.task.primary}"] = self._personal_evaluation(state)[1]
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
             described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
         return described
