@@ -110,6 +110,7 @@ def registries() -> dict[str, "Registry"]:  # noqa: F821
     from fedloom.compression import COMPRESSORS, FEEDBACK
     from fedloom.data import DATASETS, PARTITIONERS
     from fedloom.models import MODELS
+    from fedloom.personalization import METHODS
     from fedloom.pipeline.transforms import TRANSFORMS
     from fedloom.tasks import TASKS
     from fedloom.topology import TOPOLOGIES
@@ -121,7 +122,8 @@ def registries() -> dict[str, "Registry"]:  # noqa: F821
             "compressors (compression.name)": COMPRESSORS, "error feedback (compression.feedback)": FEEDBACK,
             "topologies (topology.name)": TOPOLOGIES,
             "decentralized algorithms (decentralized.algorithm)": DECENTRALIZED,
-            "gossip rules (decentralized.gossip)": GOSSIP_RULES, "engines (engine.name)": ENGINES}
+            "gossip rules (decentralized.gossip)": GOSSIP_RULES, "engines (engine.name)": ENGINES,
+            "personalization methods (personalization.method)": METHODS}
 
 
 def _matches(kind: str, title: str) -> bool:
