@@ -193,3 +193,16 @@ def test_evaluation_records_personal_next_to_global_and_the_summary_the_distribu
 def test_combinations_that_do_not_fit_are_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["personalization.method=fedper", *overrides])
+
+
+def test_the_report_shows_global_and_personalized_distributions_side_by_side(tmp_path):
+    from fedloom import run
+    from fedloom.tracking.report import render_report
+
+    result = run(None, [*TINY, "personalization.method=fedper", "rounds=1", f"output.dir={str(tmp_path)!r}",
+                        "output.progress=false"])
+    summary = result.summary["per_client_accuracy"]
+    assert len(summary["personal"]) == 6
+    page = render_report(result.run_dir).read_text()
+    assert (result.run_dir / "personalization.png").stat().st_size > 10_000
+    assert 'alt="personalization plot"' in page and "per_client_accuracy" not in page

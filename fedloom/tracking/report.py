@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .plots import (by_round, plot_accuracy, plot_consensus, plot_error, plot_graph, plot_loss, plot_nodes, plot_partition,
-                    plot_perplexity, plot_privacy)
+from .plots import (PER_CLIENT, by_round, plot_accuracy, plot_consensus, plot_error, plot_graph, plot_loss, plot_nodes, plot_partition,
+                    plot_personalization, plot_perplexity, plot_privacy)
 from .rundir import CONFIG, GRAPH, PARTITION, SUMMARY, read_metrics, to_json, write_text_atomic
 
 REPORT = "report.html"
@@ -47,6 +47,7 @@ def render_report(run_dir: str | Path) -> Path:
         plot_nodes(rows, run_dir / "nodes.png"),
         plot_consensus(rows, run_dir / "consensus.png"),
         plot_graph(graph, run_dir / "graph.png") if graph else None,
+        plot_personalization(summary, run_dir / "personalization.png"),
     ]
     config_path = run_dir / CONFIG
     config = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
@@ -104,7 +105,7 @@ def _page(name: str, run_dir: Path, summary: dict | None, last: dict | None, plo
         f"<h1>fedloom run: {e(name)}</h1>",
         f"<p>Run directory: <code>{e(str(run_dir.resolve()))}</code></p>",
         "<h2>Summary</h2>",
-        _table(summary) if summary else "<p>No summary.json: the run is still going or was killed before finishing.</p>",
+        _table({k: v for k, v in summary.items() if not k.startswith(PER_CLIENT)}) if summary else "<p>No summary.json: the run is still going or was killed before finishing.</p>",
         (f"<h2>Final metrics (round {e(str(last['round']))})</h2>" + _table(last)) if last else "<h2>Final metrics</h2><p>No rounds recorded yet.</p>",
         "<h2>Plots</h2>",
         "".join(image(p) for p in plots) or "<p>Nothing to plot yet.</p>",
