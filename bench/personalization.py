@@ -48,8 +48,8 @@ def table(cells: list[dict], seeds: list[int]) -> str:
     rows = {"fedavg (global)": {c["seed"]: c["global"] for c in cells if c["method"] == "finetune"}}
     rows.update({m: {c["seed"]: c["personal"] for c in cells if c["method"] == m} for m in METHODS})
     head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |\n|---|" + "---|" * (len(seeds) + 1)
-    lines = [f"| {m} | " + " | ".join(f"{by_seed[s]:.4f}" for s in seeds) + f" | {statistics.mean(by_seed.values()):.4f} |"
-             for m, by_seed in rows.items()]
+    lines = [f"| {m} | " + " | ".join(f"{by_seed[s]:.4f}" for s in seeds)
+             + f" | {statistics.mean(by_seed.values()):.4f} |" for m, by_seed in rows.items()]
     return "\n".join([head, *lines])
 
 

@@ -399,7 +399,8 @@ class ExperimentConfig(Section):
         # from what runs, so that an override of the dataset or algorithm renames the run
         if self.name is None:
             algorithm = self.decentralized.algorithm if self.mode == "decentralized" else self.algorithm.name
-            self.name = f"{self.data.dataset}-{algorithm}"
+            personal = self.personalization.method
+            self.name = f"{self.data.dataset}-{algorithm}" + (f"-{personal}" if personal != "none" else "")
         return self
 
     @model_validator(mode="after")

@@ -206,3 +206,32 @@ def test_the_report_shows_global_and_personalized_distributions_side_by_side(tmp
     page = render_report(result.run_dir).read_text()
     assert (result.run_dir / "personalization.png").stat().st_size > 10_000
     assert 'alt="personalization plot"' in page and "per_client_accuracy" not in page
+
+
+def test_the_deployment_server_refuses_personalization():
+    from fedloom.deploy.server import _check
+
+    cfg = load_config(None, ["personalization.method=fedper", "data.n_clients=4"])
+    with pytest.raises(ConfigError, match="personalization.method = 'fedper'"):
+        _check(cfg, {c: "t" for c in range(4)})
+
+
+SHARDS = ["data.dataset=digits", "data.n_clients=20", "partition.name=shards", "partition.options={classes_per_client=2}",
+          "model.name=mlp", "model.options={hidden=[32]}", "sampling.clients_per_round=10", "client.epochs=1",
+          "client.lr=0.1", "client.batch_size=16", "rounds=10", "evaluation.every=10", "output.save=false",
+          "output.progress=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_on_two_class_shards_personalized_models_beat_the_global_fedavg_model(seed):
+    from fedloom import run
+
+    def final(method):
+        return run(None, [*SHARDS, f"seed={seed}", f"personalization.method={method}"]).final
+
+    finetune = final("finetune")  # its training is FedAvg's: its global model is the FedAvg baseline
+    fedavg = finetune["federated_accuracy_client_mean"]
+    assert fedavg < 0.8
+    for method, metrics in [("finetune", finetune), *((m, final(m)) for m in ("fedper", "fedrep", "ditto"))]:
+        assert metrics["personal_accuracy_client_mean"] > fedavg + 0.1, method

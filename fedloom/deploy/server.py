@@ -180,6 +180,9 @@ def _check(cfg: ExperimentConfig, tokens: dict[int, str]) -> None:
     if cfg.privacy.mechanism == "local":
         raise ConfigError("privacy.mechanism = 'local': deployed clients do not add their own noise yet, so the "
                           "server would see their rows unnoised; use 'central' (the server clips and noises)")
+    if cfg.personalization.method != "none":
+        raise ConfigError(f"personalization.method = {cfg.personalization.method!r}: deployed clients keep no "
+                          "personal parameters yet; personalization runs in simulation (fedloom run)")
     if cfg.attack.name != "none":
         raise ConfigError("attack: simulated Byzantine clients belong to simulations; a deployment's clients "
                           "are real (remove the [attack] table)")

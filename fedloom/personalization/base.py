@@ -24,6 +24,8 @@ from fedloom.core.store import ClientState, ClientStore
 from fedloom.engines.base import LocalTraining, RoundResult
 from fedloom.personalization.split import Split
 
+FINETUNE_PASS = 0  # evaluation's fine-tuning draws its batch orders from stream PERSONAL keyed by this
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -86,7 +88,8 @@ def uplink(split: Split, x: Tensor, trained: RoundResult) -> RoundResult:
 def fine_tuned(s: Setting, engine, x: Tensor, clients: list[int], epochs: int) -> Tensor:
     """Each client's model after ``epochs`` epochs of plain local training (every parameter) from ``x``
     on its own training data: the local fine-tuning baseline, ``[n, d]``."""
-    return train_pass(engine, LocalModels(PlainClient()), x, {}, clients, 0, s.pass_local(0, epochs)).U
+    local = s.pass_local(FINETUNE_PASS, epochs)
+    return train_pass(engine, LocalModels(PlainClient()), x, {}, clients, 0, local).U
 
 
 def stored(store: ClientStore, clients: list[int], key: str, default: Tensor) -> Tensor:

@@ -89,7 +89,8 @@ class Split:
         return out
 
     def with_personal(self, x: Tensor, personal: Tensor) -> Tensor:
-        """``x`` (``[d]`` or ``[n, d]``) with its personal coordinates replaced by ``personal`` (``[n, d_personal]``)."""
+        """``x`` (``[d]`` or ``[n, d]``) with its personal coordinates replaced by ``personal``
+        (``[n, d_personal]``), ``[n, d]``."""
         mask = self.mask.to(x.device)
         out = x.expand(len(personal), -1).clone()
         out[:, mask] = personal.to(x.device, x.dtype)

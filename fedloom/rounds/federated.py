@@ -70,7 +70,8 @@ class FederatedRound:
 
     def init_state(self) -> State:
         x0 = self.spec.flatten(self.model).detach().cpu().clone()
-        return {"x": x0, "algorithm": self.algorithm.server_init(x0), "pipeline": self.pipeline.init(self.split.shared_dim),
+        return {"x": x0, "algorithm": self.algorithm.server_init(x0),
+                "pipeline": self.pipeline.init(self.split.shared_dim),
                 "clients": {}, "downlink": self.downlink.init(x0) if self.downlink else None,
                 "counters": {k: 0 for k in TOTALS}}
 
