@@ -202,7 +202,8 @@ def test_the_report_shows_global_and_personalized_distributions_side_by_side(tmp
     result = run(None, [*TINY, "personalization.method=fedper", "rounds=1", f"output.dir={str(tmp_path)!r}",
                         "output.progress=false"])
     summary = result.summary["per_client_accuracy"]
-    assert len(summary["personal"]) == 6
+    assert len(summary["personal"]) == 6 and result.summary["personalization"] == "fedper"
+    assert result.summary["personal_accuracy_client_mean"] == pytest.approx(sum(summary["personal"]) / 6)
     page = render_report(result.run_dir).read_text()
     assert (result.run_dir / "personalization.png").stat().st_size > 10_000
     assert 'alt="personalization plot"' in page and "per_client_accuracy" not in page

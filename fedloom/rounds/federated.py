@@ -147,6 +147,8 @@ class FederatedRound:
     def describe(self, state: State) -> dict[str, Any]:
         described = {**self.data.size(), "pipeline": self.pipeline.steps(),
                      **engine_notes(self.cfg, self.model, self.engine_name)}
+        if self.personal:
+            described["personalization"] = self.personal.name
         if self.personal and self.cfg.evaluation.federated:  # per-client values for the report's histogram
             described[f"per_client_{self.task.primary}"] = self._personal_evaluation(state)[1]
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given

@@ -21,6 +21,8 @@ ACCURACY_CURVES = {
     "central_accuracy": ("central (global test set)", "tab:blue", "-"),
     "federated_accuracy": ("federated (weighted mean over clients)", "tab:orange", "-"),
     "federated_accuracy_worst10": ("federated (worst 10% of clients)", "tab:red", "--"),
+    "personal_accuracy": ("personalized (each client's own model)", "tab:green", "-"),
+    "personal_accuracy_worst10": ("personalized (worst 10% of clients)", "tab:olive", "--"),
 }
 LOSS_CURVES = {
     "train_loss": ("train (clients' local batches)", "tab:green", "-"),
