@@ -88,9 +88,11 @@ def _add_dashboard_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary_table(summary: dict) -> Table:
+    from fedloom.tracking.rundir import PER_CLIENT
+
     table = Table(title=f"fedloom run: {summary['name']}", show_header=False)
     for key, value in summary.items():
-        if value is None:
+        if value is None or key.startswith(PER_CLIENT):  # per-client values: the report's histogram
             continue
         if key.startswith("bytes"):  # before floats: bytes_per_node_total is one
             value = f"{value / 1e6:.2f} MB"

@@ -223,8 +223,7 @@ SHARDS = ["data.dataset=digits", "data.n_clients=20", "partition.name=shards", "
           "output.progress=false"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_on_two_class_shards_personalized_models_beat_the_global_fedavg_model(seed):
     from fedloom import run
 

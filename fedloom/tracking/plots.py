@@ -17,6 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .rundir import PER_CLIENT
+
 ACCURACY_CURVES = {
     "central_accuracy": ("central (global test set)", "tab:blue", "-"),
     "federated_accuracy": ("federated (weighted mean over clients)", "tab:orange", "-"),
@@ -315,8 +317,6 @@ def plot_graph(graph: dict, path: Path) -> Path:
     ax.set_axis_off()
     return _save(fig, path)
 
-
-PER_CLIENT = "per_client_"  # the summary's per-client values of personalized runs (fedloom.personalization)
 
 
 def per_client_values(summary: dict | None) -> tuple[str, dict] | None:

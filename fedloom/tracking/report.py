@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .plots import (PER_CLIENT, by_round, plot_accuracy, plot_consensus, plot_error, plot_graph, plot_loss, plot_nodes,
+from .plots import (by_round, plot_accuracy, plot_consensus, plot_error, plot_graph, plot_loss, plot_nodes,
                     plot_partition, plot_personalization, plot_perplexity, plot_privacy)
-from .rundir import CONFIG, GRAPH, PARTITION, SUMMARY, read_metrics, to_json, write_text_atomic
+from .rundir import CONFIG, GRAPH, PARTITION, PER_CLIENT, SUMMARY, read_metrics, to_json, write_text_atomic
 
 REPORT = "report.html"
 
