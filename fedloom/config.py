@@ -334,6 +334,8 @@ class PersonalizationConfig(Section):
                                       "model's last layer")
     finetune_epochs: int = Field(1, ge=1, description="finetune, fedbabu: epochs each client fine-tunes the "
                                  "global model at evaluation, on its own training data")
+    finetune_steps: int | None = Field(None, ge=1, description="finetune, fedbabu: a fixed number of fine-tuning "
+                                       "steps (batches) instead of finetune_epochs")
     head_epochs: int = Field(5, ge=1, description="fedrep: epochs of the head (body frozen) before the body's "
                              "client.epochs")
     ditto_lambda: float = Field(0.1, ge=0, description="ditto: pull lambda (v - w) of the personal model v "

@@ -33,6 +33,8 @@ def test_personal_parameters_by_pattern_or_the_last_layer():
         personal_names(spec, ["3.*", "fc2.*"])
     with pytest.raises(ConfigError, match="every parameter personal"):
         personal_names(spec, ["*"])
+    with pytest.raises(ConfigError, match="personal is empty"):
+        personal_names(spec, [])
     split = Split(spec, HEAD)
     assert split.shared_dim == 64 * 8 + 8 and split.mask.sum() == 8 * 10 + 10
     assert split.shared_shapes == (torch.Size([8, 64]), torch.Size([8]))
@@ -81,11 +83,12 @@ def test_personal_state_checkpoints_and_resumes_bit_identically(tmp_path, method
         assert all(torch.equal(resumed["clients"][c][k], v) for k, v in s.items())
 
 
-@pytest.mark.parametrize("method", ["finetune", "fedper", "fedrep", "fedbabu", "ditto"])
-def test_the_serial_and_the_vectorized_engines_agree(method):
+@pytest.mark.parametrize("method, chunked", [("finetune", False), ("fedper", False), ("fedrep", False),
+                                             ("fedrep", True), ("fedbabu", False), ("ditto", False)])
+def test_the_serial_and_the_vectorized_engines_agree(method, chunked):
     results = []
-    for engine in ("serial", "vectorized"):
-        round_ = _round(method, f"engine.name={engine}")
+    for engine in ("serial", "vectorized"):  # chunked: one client a chunk, each with its own start
+        round_ = _round(method, f"engine.name={engine}", *(["engine.memory_budget_gb=0.00001"] if chunked else []))
         state, record = play(round_, 2)
         results.append((state, round_.evaluate(state)))
     (s, m), (v, n) = results
@@ -163,6 +166,16 @@ def test_fedbabu_keeps_the_head_at_its_init_and_fine_tunes_everything_at_evaluat
     assert not torch.equal(models[0][head], x0[head])
 
 
+def test_finetune_steps_replace_epochs_at_evaluation():
+    lr = 0.1
+    round_ = _one_client("finetune", "personalization.finetune_steps=2", "personalization.finetune_epochs=3")
+    state, _ = round_.play(round_.init_state(), 1)
+    models = round_.personal.client_models(round_.engine, state["x"], [0, 1], None)
+    for c in (0, 1):  # two full-batch steps, not three epochs
+        once = state["x"] - lr * _full_batch_grad(round_, state["x"], c)
+        torch.testing.assert_close(models[c], once - lr * _full_batch_grad(round_, once, c), rtol=0, atol=1e-6)
+
+
 def _sampled(round_, round_idx):
     from fedloom.rounds.federated import sample_clients
 
@@ -196,6 +209,20 @@ def test_combinations_that_do_not_fit_are_refused_at_load(overrides, message):
 
 
 def test_the_report_shows_global_and_personalized_distributions_side_by_side(tmp_path):
+    import json
+
+    from fedloom.tracking.report import render_report
+
+    values = {"clients": [0, 1, 2, 3], "global": [0.0, 0.25, 0.5, 0.1], "personal": [0.9, 1.0, 0.75, 0.95]}
+    (tmp_path / "summary.json").write_text(json.dumps({"name": "p", "per_client_accuracy": values}))
+    (tmp_path / "metrics.jsonl").write_text("")
+    page = render_report(tmp_path).read_text()
+    assert (tmp_path / "personalization.png").stat().st_size > 10_000
+    assert 'alt="personalization plot"' in page and "per_client_accuracy" not in page
+
+
+@pytest.mark.slow
+def test_a_personalized_run_writes_the_distribution_and_its_report(tmp_path):
     from fedloom import run
     from fedloom.tracking.report import render_report
 

@@ -35,11 +35,11 @@ class Setting:
     local: LocalTraining
     seed: int
 
-    def pass_local(self, pass_id: int, epochs: int | None = None) -> LocalTraining:
+    def pass_local(self, pass_id: int, epochs: int | None = None, steps: int | None = None) -> LocalTraining:
         """Local training of an extra pass: its own batch orders (stream PERSONAL keyed by the pass),
-        and ``epochs`` epochs when given (instead of the run's epochs or steps)."""
+        and ``epochs`` epochs (or ``steps`` steps) when given, instead of the run's epochs or steps."""
         local = replace(self.local, seed=seed_for(self.seed, Stream.PERSONAL, pass_id))
-        return local if epochs is None else replace(local, epochs=epochs, steps=None)
+        return local if epochs is None else replace(local, epochs=epochs, steps=steps)
 
 
 class LocalModels:
@@ -85,10 +85,10 @@ def uplink(split: Split, x: Tensor, trained: RoundResult) -> RoundResult:
     return replace(trained, U=split.shared(x.to(trained.U.device) - trained.U), aux={})
 
 
-def fine_tuned(s: Setting, engine, x: Tensor, clients: list[int], epochs: int) -> Tensor:
-    """Each client's model after ``epochs`` epochs of plain local training (every parameter) from ``x``
-    on its own training data: the local fine-tuning baseline, ``[n, d]``."""
-    local = s.pass_local(FINETUNE_PASS, epochs)
+def fine_tuned(s: Setting, engine, x: Tensor, clients: list[int], epochs: int, steps: int | None) -> Tensor:
+    """Each client's model after ``epochs`` epochs (or ``steps`` steps) of plain local training (every
+    parameter) from ``x`` on its own training data: the local fine-tuning baseline, ``[n, d]``."""
+    local = s.pass_local(FINETUNE_PASS, epochs, steps)
     return train_pass(engine, LocalModels(PlainClient()), x, {}, clients, 0, local).U
 
 

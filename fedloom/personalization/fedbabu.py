@@ -19,8 +19,8 @@ class FedBABU:
     name = "fedbabu"
     splits = True
 
-    def __init__(self, setting: Setting, finetune_epochs: int = 1):
-        self.s, self.finetune_epochs = setting, finetune_epochs
+    def __init__(self, setting: Setting, finetune_epochs: int = 1, finetune_steps: int | None = None):
+        self.s, self.finetune_epochs, self.finetune_steps = setting, finetune_epochs, finetune_steps
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
@@ -29,4 +29,4 @@ class FedBABU:
         return uplink(self.s.split, x, trained)
 
     def client_models(self, engine, x: Tensor, clients: list[int], store: ClientStore) -> Tensor:
-        return fine_tuned(self.s, engine, x, clients, self.finetune_epochs)
+        return fine_tuned(self.s, engine, x, clients, self.finetune_epochs, self.finetune_steps)

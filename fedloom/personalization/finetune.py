@@ -3,7 +3,7 @@
 Local Updates Lead to Representation Learning").
 
 Training is the run's algorithm unchanged (every parameter shared). At evaluation each client
-trains a copy of the global model for ``personalization.finetune_epochs`` epochs on its own
+trains a copy of the global model for ``personalization.finetune_epochs`` epochs (or ``finetune_steps`` steps) on its own
 training data and is evaluated with it on its own test split.
 """
 
@@ -20,12 +20,12 @@ class FineTune:
     name = "finetune"
     splits = False  # every parameter is shared
 
-    def __init__(self, setting: Setting, finetune_epochs: int = 1):
-        self.s, self.finetune_epochs = setting, finetune_epochs
+    def __init__(self, setting: Setting, finetune_epochs: int = 1, finetune_steps: int | None = None):
+        self.s, self.finetune_epochs, self.finetune_steps = setting, finetune_epochs, finetune_steps
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
         return engine.run_round(algorithm, x, sent, clients, round_idx, ClientStore())
 
     def client_models(self, engine, x: Tensor, clients: list[int], store: ClientStore) -> Tensor:
-        return fine_tuned(self.s, engine, x, clients, self.finetune_epochs)
+        return fine_tuned(self.s, engine, x, clients, self.finetune_epochs, self.finetune_steps)

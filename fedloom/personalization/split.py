@@ -30,6 +30,9 @@ def personal_names(spec: ParamSpec, personal: str | list[str]) -> tuple[str, ...
     if personal == LAST_LAYER:
         return _last_layer(spec)
     patterns = [personal] if isinstance(personal, str) else list(personal)
+    if not patterns:
+        raise ConfigError(f"personalization.personal is empty: name the personal parameters (the model's "
+                          f"parameters: {', '.join(spec.names)}) or give \"head\"")
     unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in spec.names)]
     if unmatched:
         raise ConfigError(f"personalization.personal: pattern(s) {', '.join(map(repr, unmatched))} match no "
