@@ -88,9 +88,11 @@ def _add_dashboard_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary_table(summary: dict) -> Table:
+    from fedloom.tracking.rundir import PER_CLIENT
+
     table = Table(title=f"fedloom run: {summary['name']}", show_header=False)
     for key, value in summary.items():
-        if value is None:
+        if value is None or key.startswith(PER_CLIENT):  # per-client values: the report's histogram
             continue
         if key.startswith("bytes"):  # before floats: bytes_per_node_total is one
             value = f"{value / 1e6:.2f} MB"
@@ -110,6 +112,7 @@ def registries() -> dict[str, "Registry"]:  # noqa: F821
     from fedloom.compression import COMPRESSORS, FEEDBACK
     from fedloom.data import DATASETS, PARTITIONERS
     from fedloom.models import MODELS
+    from fedloom.personalization import METHODS
     from fedloom.pipeline.transforms import TRANSFORMS
     from fedloom.tasks import TASKS
     from fedloom.topology import TOPOLOGIES
@@ -121,7 +124,8 @@ def registries() -> dict[str, "Registry"]:  # noqa: F821
             "compressors (compression.name)": COMPRESSORS, "error feedback (compression.feedback)": FEEDBACK,
             "topologies (topology.name)": TOPOLOGIES,
             "decentralized algorithms (decentralized.algorithm)": DECENTRALIZED,
-            "gossip rules (decentralized.gossip)": GOSSIP_RULES, "engines (engine.name)": ENGINES}
+            "gossip rules (decentralized.gossip)": GOSSIP_RULES, "engines (engine.name)": ENGINES,
+            "personalization methods (personalization.method)": METHODS}
 
 
 def _matches(kind: str, title: str) -> bool:

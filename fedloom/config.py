@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedloom import participation
 from fedloom.aggregation import AGGREGATORS
 from fedloom.algorithms import ALGORITHMS, SERVER_PRESETS, ServerPreset, server_optimizer
-from fedloom.algorithms.base import NoServerState
+from fedloom.algorithms.base import NoServerState, PlainClient
 from fedloom.algorithms.gossip import DECENTRALIZED, GOSSIP_RULES
 from fedloom.algorithms.server_opt import OptimizerFactory
 from fedloom.attacks import ATTACK_NAMES, attack_registry
@@ -27,6 +27,7 @@ from fedloom.compression import Compressor, make_compressor
 from fedloom.data import DATASETS, PARTITIONERS
 from fedloom.compression.base import Shapes
 from fedloom.models import MODELS
+from fedloom.personalization import METHODS as PERSONALIZATION_METHODS
 from fedloom.pipeline.transforms import TRANSFORMS
 from fedloom.privacy.accounting import Accounting, sum_noise_multiplier
 from fedloom.registry import Registry
@@ -493,6 +494,21 @@ class AsynchronousConfig(Section):
         "polynomial", description="s(tau): 1 | (1 + tau)^-a | 1 up to b, then 1 / (a (tau - b) + 1)")
     staleness_a: float = Field(0.5, ge=0, description="polynomial (0.5: FedBuff's 1/sqrt(1 + tau)), hinge")
     staleness_b: float = Field(4.0, ge=0, description="hinge: staleness without discount")
+class PersonalizationConfig(Section):
+    """Models that differ per client (fedloom.personalization; ``fedloom list personalization``)."""
+
+    method: Literal[("none", *PERSONALIZATION_METHODS)] = "none"  # type: ignore[valid-type]
+    personal: str | list[str] = Field("head", description="fedper, fedrep, fedbabu: the personal (fedbabu: "
+                                      "frozen) parameters, fnmatch patterns on their names, or \"head\": the "
+                                      "model's last layer")
+    finetune_epochs: int = Field(1, ge=1, description="finetune, fedbabu: epochs each client fine-tunes the "
+                                 "global model at evaluation, on its own training data")
+    finetune_steps: int | None = Field(None, ge=1, description="finetune, fedbabu: a fixed number of fine-tuning "
+                                       "steps (batches) instead of finetune_epochs")
+    head_epochs: int = Field(5, ge=1, description="fedrep: epochs of the head (body frozen) before the body's "
+                             "client.epochs")
+    ditto_lambda: float = Field(0.1, ge=0, description="ditto: pull lambda (v - w) of the personal model v "
+                                "towards the global w")
 
 
 class OutputConfig(Section):
@@ -549,6 +565,7 @@ class ExperimentConfig(Section):
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
     asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -557,7 +574,8 @@ class ExperimentConfig(Section):
         # from what runs, so that an override of the dataset or algorithm renames the run
         if self.name is None:
             algorithm = self.decentralized.algorithm if self.mode == "decentralized" else self.algorithm.name
-            self.name = f"{self.data.dataset}-{algorithm}"
+            personal = self.personalization.method
+            self.name = f"{self.data.dataset}-{algorithm}" + (f"-{personal}" if personal != "none" else "")
         return self
 
     @model_validator(mode="after")
@@ -809,6 +827,32 @@ class ExperimentConfig(Section):
         if self.server.aggregator.name != "mean" or self.privacy.mechanism != "none":
             raise ValueError("server.transforms 'fedau' is the aggregate itself: it runs with "
                              "server.aggregator.name = 'mean' and privacy.mechanism = 'none'")
+
+    @model_validator(mode="after")
+    def _personalization_rules(self) -> "ExperimentConfig":
+        method = self.personalization.method
+        if method == "none":
+            return self
+        if self.mode != "federated":
+            raise ValueError(f"personalization.method = {method!r} runs in federated mode, not mode = "
+                             f"{self.mode!r} (decentralized nodes keep their own models already)")
+        if self.secure_aggregation.protocol != "none":
+            raise ValueError(f"personalization.method = {method!r} with secure_aggregation.protocol = "
+                             f"{self.secure_aggregation.protocol!r}: the two are not combined yet; use one")
+        if ALGORITHMS[self.algorithm.name].factory.client_init is not PlainClient.client_init:
+            raise ValueError(f"personalization.method = {method!r} with algorithm.name = {self.algorithm.name!r}: "
+                             "its client state is not kept apart from the personal one; use fedavg, fedprox or a "
+                             "server-optimizer preset")
+        if self.compression.downlink != "none":
+            raise ValueError(f"personalization.method = {method!r} with compression.downlink: the downlink "
+                             "would compress personal coordinates the clients never receive")
+        if self.engine.name == "ray":
+            raise ValueError(f"personalization.method = {method!r} trains on the serial or vectorized engine "
+                             "(engine.name = 'ray' is not supported)")
+        if method in ("fedrep", "fedbabu") and self.client.weight_decay:
+            raise ValueError(f"personalization.method = {method!r} freezes parameters; client.weight_decay = "
+                             f"{self.client.weight_decay:g} would still move them: set it to 0")
+        return self
 
     def privacy_accounting(self) -> Accounting | None:
         """What the accountant needs of this run, or None when privacy is off."""

@@ -48,16 +48,38 @@ def central(model: nn.Module, spec: ParamSpec, flat: Tensor, data: FederatedData
 def federated(model: nn.Module, spec: ParamSpec, flat: Tensor, data: FederatedData, task: Task) -> dict[str, float]:
     """Every metric over all clients' local test examples, and the task's primary metric averaged over
     the 10% of clients (with a test set) for whom it is worst."""
+    terms, owners = client_terms(model, spec, flat, data, task)
+    if owners is None:
+        return {}
+    return {**pooled(terms, task, "federated"), **worst10(by_client(terms, owners, data.n_clients, task), task,
+                                                          "federated")}
+
+
+def client_terms(model: nn.Module, spec: ParamSpec, flat: Tensor, data: FederatedData,
+                 task: Task) -> tuple[dict[str, Terms], Tensor | None]:
+    """Every metric's terms on all clients' local test examples, and each example's client (None when no
+    client has test examples). ``flat`` is one model ``[d]``, or each client's own ``[n_clients, d]``."""
     owners = torch.cat([torch.full((len(idx),), c) for c, idx in enumerate(data.test_idx)])
     if len(owners) == 0:
-        return {}
-    idx = torch.cat(list(data.test_idx))
-    terms = per_example(model, spec, flat, data.x[idx], data.y[idx], task)
-    total, count = (torch.bincount(owners, weights=t, minlength=data.n_clients) for t in terms[task.primary])
-    per_client = total[count > 0] / count[count > 0]
+        return {}, None
+    if flat.dim() == 1:
+        idx = torch.cat(list(data.test_idx))
+        return per_example(model, spec, flat, data.x[idx], data.y[idx], task), owners
+    parts = [per_example(model, spec, flat[c], data.x[idx], data.y[idx], task)
+             for c, idx in enumerate(data.test_idx) if len(idx)]
+    return {k: (torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts])) for k in parts[0]}, owners
+
+
+def by_client(terms: dict[str, Terms], owners: Tensor, n_clients: int, task: Task) -> Tensor:
+    """The primary metric of each client that has test examples, in client order."""
+    total, count = (torch.bincount(owners, weights=t, minlength=n_clients) for t in terms[task.primary])
+    return total[count > 0] / count[count > 0]
+
+
+def worst10(per_client: Tensor, task: Task, prefix: str) -> dict[str, float]:
+    """The primary metric averaged over the 10% of clients for whom it is worst."""
     ranked = per_client.sort(descending=not task.higher_is_better).values  # worst first
-    worst = ranked[: math.ceil(0.1 * len(per_client))]
-    return {**pooled(terms, task, "federated"), f"federated_{task.primary}_worst10": worst.mean().item()}
+    return {f"{prefix}_{task.primary}_worst10": ranked[: math.ceil(0.1 * len(per_client))].mean().item()}
 
 
 @torch.no_grad()

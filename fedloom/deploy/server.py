@@ -187,6 +187,9 @@ def _check(cfg: ExperimentConfig, tokens: dict[int, str]) -> None:
         raise ConfigError(f"secure_aggregation.protocol = {cfg.secure_aggregation.protocol!r}: deployed clients "
                           "do not run the protocol over gRPC yet, so the server would see their rows unmasked; "
                           "secure aggregation runs in simulation (fedloom run)")
+    if cfg.personalization.method != "none":
+        raise ConfigError(f"personalization.method = {cfg.personalization.method!r}: deployed clients keep no "
+                          "personal parameters yet; personalization runs in simulation (fedloom run)")
     if cfg.attack.name != "none":
         raise ConfigError("attack: simulated Byzantine clients belong to simulations; a deployment's clients "
                           "are real (remove the [attack] table)")

@@ -41,6 +41,8 @@ from fedloom.data import FederatedData
 from fedloom.engines.base import RoundResult, concatenate, rows_of
 from fedloom.participation import bernoulli_participants
 from fedloom.pipeline.base import Context
+from fedloom.personalization import Split, build_personalization
+from fedloom.personalization.evaluate import personal_evaluation
 from fedloom.pipeline.build import build_pipeline
 from fedloom.rounds.base import State
 from fedloom.systems import build_system
@@ -81,19 +83,24 @@ class FederatedRound:
         self.engine_name = self.engine.name
         # evaluation runs where the engine put the model (the CPU for Ray actors' and remote clients' runs)
         self.task, self.device = build_task_for(cfg, self.data), model_device(self.model)
-        self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes,
+        # personalization: personal coordinates stay with the clients, the pipeline works on the shared ones
+        self.personal = build_personalization(cfg, self.spec, local_training(cfg))
+        self.split = self.personal.s.split if self.personal else Split(self.spec)
+        self.pipeline = build_pipeline(cfg, self.adversary, self.split.shared_shapes,
                                        max_weight=float(self.data.client_sizes().max()))
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
         self.system = build_system(cfg, self.data.n_clients, self.model, self.data.x[0].to(self.device))
         if self.system is not None:
             self.examples = examples_processed(self.data.client_sizes(), local_training(cfg))  # per client
-            self.row_bytes = uplink_row_bytes(cfg.compression.build(self.spec.shapes), cfg.seed, self.spec.dim)
+            self.row_bytes = uplink_row_bytes(cfg.compression.build(self.split.shared_shapes), cfg.seed,
+                                              self.split.shared_dim)
         self.participation = build_participation(cfg, self.data)  # p_i per client, or None: uniform sampling
 
     def init_state(self) -> State:
         x0 = self.spec.flatten(self.model).detach().cpu().clone()
-        return {"x": x0, "algorithm": self.algorithm.server_init(x0), "pipeline": self.pipeline.init(x0.numel()),
+        return {"x": x0, "algorithm": self.algorithm.server_init(x0),
+                "pipeline": self.pipeline.init(self.split.shared_dim),
                 "clients": {}, "downlink": self.downlink.init(x0) if self.downlink else None,
                 "counters": {k: 0 for k in TOTALS}, "late": None}
 
@@ -123,14 +130,13 @@ class FederatedRound:
         """Train the kept clients (and the late ones when they count next round): (the rows this round
         aggregates, last round's late ones first; the late rows to keep for the next round, or None)."""
         if self.system is None:
-            return self.engine.run_round(self.algorithm, start, sent, clients, round_idx, store), None
+            return self._run_clients(start, sent, clients, round_idx, store), None
         stale = self.cfg.system.late == "stale"
         trained = np.sort(np.concatenate([timed.on_time, timed.late])) if stale else timed.on_time
         if len(trained) == 0:  # nobody made the deadline: nothing to train
-            result = RoundResult([], torch.zeros(0, self.spec.dim), torch.zeros(0), {}, torch.zeros(0))
+            result = RoundResult([], torch.zeros(0, self.split.shared_dim), torch.zeros(0), {}, torch.zeros(0))
         else:
-            result = self.engine.run_round(self.algorithm, start, sent, [clients[i] for i in trained], round_idx,
-                                           store)
+            result = self._run_clients(start, sent, [clients[i] for i in trained], round_idx, store)
         late_rows = torch.as_tensor(np.isin(trained, timed.late)).nonzero().flatten()
         on_time = rows_of(result, torch.as_tensor(np.isin(trained, timed.on_time)).nonzero().flatten())
         if state.get("late") is not None:
@@ -147,13 +153,13 @@ class FederatedRound:
         timed = self._timed(clients, down_bytes, sent)
         store = ClientStore(state["clients"])
         result, late = self._train(state, clients, timed, start, sent, round_idx, store)
-        ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), state["x"], dict(result.aux),
-                      n_clients=self.data.n_clients)
+        ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), self.split.shared(state["x"]),
+                      dict(result.aux), n_clients=self.data.n_clients)
         U, _, pipeline_states, metrics = self.pipeline.apply(result.U, result.weights, state["pipeline"], ctx)
         new = {**state, "pipeline": pipeline_states, "clients": store.states, "downlink": downlink, "late": late}
         model_rejected = len(U) > 0 and not bool(torch.isfinite(U[0]).all())
         if len(U) and not model_rejected:  # else no usable update, or a non-finite model: it stays as it was
-            new["x"] = U[0]
+            new["x"] = self.split.merged(state["x"], U[0])
             new["algorithm"] = self.algorithm.server_step(state["algorithm"], ctx.aux, self.data.n_clients)
         record = self._record(round_idx, len(clients), result, ctx, metrics, sent, model_bytes)
         if self.system is not None:
@@ -172,11 +178,20 @@ class FederatedRound:
             record["round_virtual_seconds"] = IDLE_WAIT_S
         return {**state, "counters": _add_totals(state["counters"], record)}, record
 
+    def _run_clients(self, start: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
+                     store: ClientStore) -> RoundResult:
+        """The clients' rows: the engine's, or the personalization method's (shared coordinates only)."""
+        if self.personal:
+            return self.personal.train(self.engine, self.algorithm, start, sent, clients, round_idx, store)
+        return self.engine.run_round(self.algorithm, start, sent, clients, round_idx, store)
+
     def _model_for_clients(self, state: State, clients: list[int], round_idx: int) -> tuple[Tensor, Tensor, Any]:
-        """The model the sampled clients train from, its downlink bytes per client, and the downlink's new
-        state: the fp32 global model, or the downlink compressor's copy of it (``compression/downlink.py``)."""
+        """The model the sampled clients train from, its downlink bytes per client (the shared coordinates),
+        and the downlink's new state: the fp32 global model, or the downlink compressor's copy of it
+        (``compression/downlink.py``)."""
         if self.downlink is None:
-            return state["x"], torch.full((len(clients),), BYTES_PER_FLOAT * self.spec.dim, dtype=torch.long), None
+            nbytes = BYTES_PER_FLOAT * self.split.shared_dim
+            return state["x"], torch.full((len(clients),), nbytes, dtype=torch.long), None
         return self.downlink.send(state["downlink"], state["x"], clients, round_idx)
 
     def _record(self, round_idx: int, n_sampled: int, result: RoundResult, ctx: Context, metrics: dict,
@@ -184,7 +199,7 @@ class FederatedRound:
         """The round's metrics. Downlink: the model's bytes plus the fp32 broadcast tensors to every
         sampled client; uplink: the rows' payloads plus the algorithm's fp32 side tensors."""
         kept = ctx.kept
-        payload = metrics.pop("uplink_bytes", BYTES_PER_FLOAT * self.spec.dim * int(kept.sum()))
+        payload = metrics.pop("uplink_bytes", BYTES_PER_FLOAT * self.split.shared_dim * int(kept.sum()))
         record = {"round": round_idx, "train_loss": _weighted(result.train_loss[kept], result.weights[kept]),
                   "n_sampled": n_sampled, "n_rejected": 0, "n_byzantine": 0, **metrics,
                   "bytes_up": payload + BYTES_PER_FLOAT * sum(t.numel() for t in ctx.aux.values()),
@@ -198,7 +213,13 @@ class FederatedRound:
         metrics = evaluation.central(self.model, self.spec, x, self.data, self.task)
         if self.cfg.evaluation.federated:
             metrics.update(evaluation.federated(self.model, self.spec, x, self.data, self.task))
+        if self.personal and self.cfg.evaluation.federated:
+            metrics.update(self._personal_evaluation(state)[0])
         return metrics
+
+    def _personal_evaluation(self, state: State) -> tuple[dict[str, float], dict[str, list]]:
+        return personal_evaluation(self.personal, self.engine, self.model, self.spec, state["x"], self.data,
+                                   self.task, state["clients"])
 
     def final_params(self, state: State) -> Tensor:
         return state["x"]
@@ -210,6 +231,10 @@ class FederatedRound:
     def describe(self, state: State) -> dict[str, Any]:
         described = {**self.data.size(), "pipeline": self.pipeline.steps(),
                      **engine_notes(self.cfg, self.model, self.engine)}
+        if self.personal:
+            described["personalization"] = self.personal.name
+        if self.personal and self.cfg.evaluation.federated:  # per-client values for the report's histogram
+            described[f"per_client_{self.task.primary}"] = self._personal_evaluation(state)[1]
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
             described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
         if self.participation is not None:  # the clients' own probabilities, drawn once (bernoulli participation)

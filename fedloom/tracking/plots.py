@@ -17,10 +17,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .rundir import PER_CLIENT
+
 ACCURACY_CURVES = {
     "central_accuracy": ("central (global test set)", "tab:blue", "-"),
     "federated_accuracy": ("federated (weighted mean over clients)", "tab:orange", "-"),
     "federated_accuracy_worst10": ("federated (worst 10% of clients)", "tab:red", "--"),
+    "personal_accuracy": ("personalized (each client's own model)", "tab:green", "-"),
+    "personal_accuracy_worst10": ("personalized (worst 10% of clients)", "tab:olive", "--"),
 }
 LOSS_CURVES = {
     "train_loss": ("train (clients' local batches)", "tab:green", "-"),
@@ -329,3 +333,43 @@ def plot_graph(graph: dict, path: Path) -> Path:
                  f"{G.number_of_edges()} edges{suffix}")
     ax.set_axis_off()
     return _save(fig, path)
+
+
+
+def per_client_values(summary: dict | None) -> tuple[str, dict] | None:
+    """The metric and the per-client values (global and personalized models) a personalized run's summary holds."""
+    for key, value in (summary or {}).items():
+        if key.startswith(PER_CLIENT) and isinstance(value, dict):
+            return key[len(PER_CLIENT):], value
+    return None
+
+
+def plot_personalization(summary: dict | None, path: Path) -> Path | None:
+    """The distribution over clients of each client's metric on its own test split, for the global and
+    the personalized models side by side (histograms on shared bins, each panel marking its mean and
+    the worst 10% of clients' mean)."""
+    found = per_client_values(summary)
+    if found is None or not found[1].get("personal"):
+        return None
+    metric, values = found
+    accuracy = "accuracy" in metric
+    scale = 100.0 if accuracy else 1.0
+    series = {"global model": np.asarray(values["global"]) * scale,
+              "personalized models": np.asarray(values["personal"]) * scale}
+    lo, hi = (0.0, 100.0) if accuracy else (min(map(np.min, series.values())), max(map(np.max, series.values())))
+    bins = np.linspace(lo, hi, 21)
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    for ax, (label, v), color in zip(fig.subplots(1, 2, sharey=True), series.items(), ("tab:orange", "tab:green")):
+        ax.hist(v, bins=bins, color=color, edgecolor="white")
+        worst = _worst10(v, higher_is_better=accuracy)
+        ax.axvline(v.mean(), color="black", label=f"mean {v.mean():.4g}")
+        ax.axvline(worst.mean(), color="tab:red", linestyle="--", label=f"worst 10% {worst.mean():.4g}")
+        _decorate(ax, f"{label}: {metric} per client ({len(v)} clients)", f"{metric}{' (%)' if accuracy else ''}",
+                  "clients")
+    return _save(fig, path)
+
+
+def _worst10(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """The 10% of clients (at least one) for whom the metric is worst."""
+    ranked = np.sort(values) if higher_is_better else np.sort(values)[::-1]
+    return ranked[: max(1, int(np.ceil(0.1 * len(values))))]

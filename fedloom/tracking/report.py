@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .plots import (by_round, plot_accuracy, plot_consensus, plot_error, plot_graph, plot_loss, plot_nodes, plot_partition,
-                    plot_perplexity, plot_privacy, plot_staleness)
-from .rundir import CONFIG, GRAPH, PARTITION, SUMMARY, read_metrics, to_json, write_text_atomic
+from .plots import (by_round, plot_accuracy, plot_consensus, plot_error, plot_graph, plot_loss, plot_nodes,
+                    plot_partition, plot_personalization, plot_perplexity, plot_privacy, plot_staleness)
+from .rundir import CONFIG, GRAPH, PARTITION, PER_CLIENT, SUMMARY, read_metrics, to_json, write_text_atomic
 
 REPORT = "report.html"
 
@@ -48,6 +48,7 @@ def render_report(run_dir: str | Path) -> Path:
         plot_nodes(rows, run_dir / "nodes.png"),
         plot_consensus(rows, run_dir / "consensus.png"),
         plot_graph(graph, run_dir / "graph.png") if graph else None,
+        plot_personalization(summary, run_dir / "personalization.png"),
     ]
     config_path = run_dir / CONFIG
     config = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
@@ -86,6 +87,11 @@ def _table(mapping: dict) -> str:
     return f"<table>{rows}</table>"
 
 
+def _summary_table(summary: dict) -> str:
+    """The summary without the per-client values (the personalization plot draws them)."""
+    return _table({k: v for k, v in summary.items() if not k.startswith(PER_CLIENT)})
+
+
 def grid_table(columns: list[str], rows: list[list[Any]]) -> str:
     """A table with a header row; None cells stay empty."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -105,7 +111,7 @@ def _page(name: str, run_dir: Path, summary: dict | None, last: dict | None, plo
         f"<h1>fedloom run: {e(name)}</h1>",
         f"<p>Run directory: <code>{e(str(run_dir.resolve()))}</code></p>",
         "<h2>Summary</h2>",
-        _table(summary) if summary else "<p>No summary.json: the run is still going or was killed before finishing.</p>",
+        _summary_table(summary) if summary else "<p>No summary.json: the run is still going or was killed before finishing.</p>",
         (f"<h2>Final metrics (round {e(str(last['round']))})</h2>" + _table(last)) if last else "<h2>Final metrics</h2><p>No rounds recorded yet.</p>",
         "<h2>Plots</h2>",
         "".join(image(p) for p in plots) or "<p>Nothing to plot yet.</p>",

@@ -1,0 +1,76 @@
+"""Personalization on label skew: each method's personalized models against the global FedAvg model.
+
+    python bench/personalization.py [--rounds 20] [--seeds 0 1 2] [--out personalization]
+
+digits, 20 clients of 2 classes each (shards), 10 sampled a round, an MLP (hidden 32), one local
+epoch, FedAvg's server. Every method trains with the same config and seed; the number compared is
+the mean over clients of each client's accuracy on its own test split: the personalized models'
+(``personal_accuracy_client_mean``) and, for "fedavg (global)", the global model of the finetune run,
+whose training is FedAvg's unchanged (``federated_accuracy_client_mean``). One ``fedloom.run`` per
+cell, no run directory. Writes bench/results/<out>.json (every cell, seed and config) and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, fedloom_commit, machine  # noqa: E402
+
+from fedloom import run  # noqa: E402
+
+METHODS = ("finetune", "fedper", "fedrep", "fedbabu", "ditto")
+KEY, GLOBAL_KEY = "personal_accuracy_client_mean", "federated_accuracy_client_mean"
+
+
+def config(method: str, seed: int, rounds: int) -> list[str]:
+    return ["data.dataset=digits", "data.n_clients=20", "partition.name=shards",
+            "partition.options={classes_per_client=2}", "model.name=mlp", "model.options={hidden=[32]}",
+            "sampling.clients_per_round=10", "client.epochs=1", "client.lr=0.1", "client.batch_size=16",
+            f"rounds={rounds}", f"seed={seed}", f"evaluation.every={rounds}", "output.save=false",
+            "output.progress=false", f"personalization.method={method}"]
+
+
+def cell(method: str, seed: int, rounds: int) -> dict:
+    start = time.perf_counter()
+    final = run(None, config(method, seed, rounds)).final
+    return {"method": method, "seed": seed, "personal": final[KEY], "global": final[GLOBAL_KEY],
+            "personal_worst10": final["personal_accuracy_worst10"], "seconds": time.perf_counter() - start}
+
+
+def table(cells: list[dict], seeds: list[int]) -> str:
+    rows = {"fedavg (global)": {c["seed"]: c["global"] for c in cells if c["method"] == "finetune"}}
+    rows.update({m: {c["seed"]: c["personal"] for c in cells if c["method"] == m} for m in METHODS})
+    head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |\n|---|" + "---|" * (len(seeds) + 1)
+    lines = [f"| {m} | " + " | ".join(f"{by_seed[s]:.4f}" for s in seeds)
+             + f" | {statistics.mean(by_seed.values()):.4f} |" for m, by_seed in rows.items()]
+    return "\n".join([head, *lines])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="personalization")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    cells = [cell(m, s, args.rounds) for s in args.seeds for m in METHODS]
+    md = table(cells, args.seeds)
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"commit": fedloom_commit(), "machine": machine(), "load_average_at_start": load,
+            "config": {m: config(m, 0, args.rounds) for m in METHODS}, "cells": cells}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(meta, indent=2))
+    (RESULTS / f"{args.out}.md").write_text(
+        f"Mean per-client accuracy on the clients' own test splits, {args.rounds} rounds "
+        f"(python bench/personalization.py --rounds {args.rounds} --seeds {' '.join(map(str, args.seeds))})\n\n{md}\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
