@@ -11,7 +11,7 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,9 +29,11 @@ from fedloom.compression.base import Shapes
 from fedloom.models import MODELS
 from fedloom.personalization import METHODS as PERSONALIZATION_METHODS
 from fedloom.pipeline.transforms import TRANSFORMS
-from fedloom.privacy.accounting import Accounting, sum_noise_multiplier
 from fedloom.registry import Registry
 from fedloom.tasks import TASKS
+
+if TYPE_CHECKING:
+    from fedloom.privacy.accounting import Accounting
 
 
 class ConfigError(ValueError):
@@ -298,6 +300,16 @@ class ParticipationConfig(Section):
             raise ValueError(f"distribution = 'uniform' draws from [p_min, p_max]: p_min = {self.p_min:g} must be "
                              f"less than p_max = {self.p_max:g}")
         return self
+
+
+def _accounting() -> Any:
+    """fedloom.privacy.accounting, imported only by private runs: dp-accounting is the privacy extra."""
+    try:
+        from fedloom.privacy import accounting
+    except ImportError:
+        raise ValueError("privacy.mechanism needs the dp-accounting package for its accountant: "
+                         "pip install 'fedloom[privacy]'") from None
+    return accounting
 
 
 def _default(section: BaseModel, key: str) -> Any:
@@ -860,7 +872,8 @@ class ExperimentConfig(Section):
         if p.mechanism == "none":
             return None
         mechanism = "central" if p.mechanism == "distributed" else p.mechanism  # the sum carries central noise
-        return Accounting(mechanism, p.accountant, self.data.n_clients, self.clients_per_round(), p.delta)
+        return _accounting().Accounting(mechanism, p.accountant, self.data.n_clients, self.clients_per_round(),
+                                        p.delta)
 
     def privacy_noise_multiplier(self) -> float:
         """privacy.noise_multiplier, or the one calibrated to privacy.target_epsilon for the planned rounds."""
@@ -882,7 +895,7 @@ class ExperimentConfig(Section):
         """Adaptive clipping's noise multiplier on the clipped sum, derived from the (calibrated) one."""
         z, count_std = self.privacy_noise_multiplier(), self.privacy_count_noise()
         try:
-            return sum_noise_multiplier(z, count_std)
+            return _accounting().sum_noise_multiplier(z, count_std)
         except ValueError as err:
             raise ValueError(f"privacy.count_noise: {err}; raise privacy.count_noise (default clients_per_round / "
                              "20) above noise_multiplier / 2, or lower the noise multiplier") from None

@@ -63,6 +63,19 @@ result = fedloom.run({{"rounds": 1, "data": {{"n_clients": 4}}, "client": {{"epo
 assert result.summary["status"] == "completed" and "tracking_errors" not in result.summary, result.summary
 assert any(result.run_dir.iterdir())
 """
+RUN_SETTINGS = """
+import fedloom
+result = fedloom.run({{"rounds": 1, "data": {{"n_clients": 4}}, "client": {{"epochs": 1}},
+                      "output": {{"save": False, "progress": False}}, {settings}}})
+assert result.summary["status"] == "completed", result.summary
+assert {check}, result.summary
+"""
+PRIVACY = RUN_SETTINGS.format(settings='"privacy": {"mechanism": "central", "noise_multiplier": 1.0}',
+                              check='result.summary["epsilon"] > 0')
+SECAGG = RUN_SETTINGS.format(settings='"secure_aggregation": {"protocol": "secagg"}',
+                             check='"aggregate:secagg (server)" in " ".join(result.summary["pipeline"])')
+MERGING = RUN_SETTINGS.format(settings='"mode": "decentralized", "decentralized": {"final_merge": "ot"}',
+                              check='0 <= result.summary["final_merge_accuracy"] <= 1')
 # extra -> (smoke code with the extra's packages, CLI arguments that need them)
 CASES = {
     "deploy": (DEPLOY, ["client", "--server", "127.0.0.1:1", "--data", "d.npz", "--client-id", "1", "--token", "t"]),
@@ -73,6 +86,9 @@ CASES = {
     "tensorboard": (EXPORT.format(key="tensorboard"), [*RUN, "tracking.tensorboard=true"]),
     "mlflow": (EXPORT.format(key="mlflow"), [*RUN, "tracking.mlflow=true"]),
     "wandb": (EXPORT.format(key="wandb"), [*RUN, "tracking.wandb=true"]),
+    "privacy": (PRIVACY, [*RUN, "privacy.mechanism=central", "privacy.noise_multiplier=1.0"]),
+    "secagg": (SECAGG, [*RUN, "secure_aggregation.protocol=secagg"]),
+    "merging": (MERGING, [*RUN, "mode=decentralized", "decentralized.final_merge=ot"]),
 }
 
 
