@@ -47,10 +47,12 @@ FEDLOOM_PYTHON = sys.executable  # the interpreter with fedloom installed runs t
 TORCH_PIN = "torch==2.13.0"  # the CPU build on this disk; a bare torch pulls a multi-GB CUDA build
 
 PEER_PACKAGES = {
-    "flower": ["flwr[simulation]==1.22.0"],
+    "flower": ["flwr[simulation]==1.42.0"],  # the current release
+    "flower-1.22": ["flwr[simulation]==1.22.0"],  # the release the earlier tables measured
     "pfl": ["pfl==0.6.0"],
 }
-PEER_IMPORT = {"flower": "import flwr, ray; print(flwr.__version__)", "pfl": "import pfl; print(pfl.__version__)"}
+FLOWER_IMPORT = "import flwr, ray; print(flwr.__version__)"
+PEER_IMPORT = {"flower": FLOWER_IMPORT, "flower-1.22": FLOWER_IMPORT, "pfl": "import pfl; print(pfl.__version__)"}
 # On a GPU the peers get their own venv (bench/.venvs/<peer>-cuda) with torch from PyPI itself: there the
 # Linux x86-64 wheel of torch==2.13.0 is the CUDA build (about 2.5 GB with its nvidia-* wheels), whatever
 # index (a CPU-only one) pip is configured with elsewhere
@@ -341,7 +343,7 @@ def _kill_group(pid: int) -> None:
 
 # ----------------------------------------------------------------------------- the contestants
 
-CONTESTANTS = ["fedloom-vectorized", "fedloom-serial", "plain", "flower", "pfl"]
+CONTESTANTS = ["fedloom-vectorized", "fedloom-serial", "plain", "flower", "flower-1.22", "pfl"]
 
 
 def command(name: str, spec: Path, rounds: int | None, python: str | None = None, extra: list[str] = ()) -> list[str]:
@@ -354,7 +356,7 @@ def command(name: str, spec: Path, rounds: int | None, python: str | None = None
         return [FEDLOOM_PYTHON, str(PEERS / "plain_driver.py"), str(spec), "--shuffle-seed", seed, *r, *extra]
     if name == "one-big-batch":
         return [FEDLOOM_PYTHON, str(PEERS / "plain_driver.py"), str(spec), "--mode", "bigbatch", *r, *extra]
-    if name == "flower":
+    if name in ("flower", "flower-1.22"):  # one driver: the message API is the same in both releases
         return [python, str(PEERS / "flower_driver.py"), str(spec), *r, *extra]
     if name == "pfl":
         return [python, str(PEERS / "pfl_driver.py"), str(spec), *r, *extra]

@@ -16,6 +16,7 @@ W1 = Workload(name="w1", title="digits, MLP 64-32-10, IID, 1,000 clients, 100 a 
 if __name__ == "__main__":
     args = cli(__doc__, W1.rounds)
     record = run_workload(W1, args.only, args.rounds, args.timeout)
-    print(save(record, ratio_lines(record, [("fedloom-vectorized", "flower", 100), ("fedloom-vectorized", "plain", 10),
+    print(save(record, ratio_lines(record, [("fedloom-vectorized", "flower", 100), ("fedloom-vectorized", "flower-1.22", 100),
+                                            ("fedloom-vectorized", "plain", 10),
                                             ("fedloom-vectorized", "pfl", None),
                                             ("fedloom-vectorized", "fedloom-serial", None)])))

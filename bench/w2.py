@@ -11,9 +11,10 @@ W2 = Workload(name="w2", title="digits, MLP 64-32-10, IID, 100 clients, 10 a rou
               lr=0.05, batch_size=16, epochs=1, partition={"name": "iid"})
 
 if __name__ == "__main__":
-    args = cli(__doc__, W2.rounds, ["fedloom-vectorized", "fedloom-serial", "plain", "flower", "pfl",
+    args = cli(__doc__, W2.rounds, ["fedloom-vectorized", "fedloom-serial", "plain", "flower", "flower-1.22", "pfl",
                                     "plain-seed1", "plain-seed2"])
     record = run_workload(W2, args.only, args.rounds, args.timeout)
-    print(save(record, ratio_lines(record, [("fedloom-vectorized", "flower", None), ("fedloom-vectorized", "plain", None),
+    print(save(record, ratio_lines(record, [("fedloom-vectorized", "flower", None), ("fedloom-vectorized", "flower-1.22", None),
+                                            ("fedloom-vectorized", "plain", None),
                                             ("fedloom-vectorized", "pfl", None),
                                             ("fedloom-vectorized", "fedloom-serial", None)])))

@@ -19,7 +19,8 @@ from common import Workload, cli, ratio_lines, run_workload, save
 W3 = Workload(name="w3", title="MNIST-5k, LeNet-5, Dirichlet(0.5), 100 clients, 20 a round, 5 epochs, batch 32, "
               "lr 0.1", dataset="mnist5k", model="cnn", n_clients=100, clients_per_round=20, rounds=15, lr=0.1,
               batch_size=32, epochs=5, partition={"name": "dirichlet", "options": {"alpha": 0.5}})
-CONTESTANTS = ["fedloom-vectorized", "one-big-batch", "fedloom-serial", "plain", "flower", "pfl", "plain-seed1",
+CONTESTANTS = ["fedloom-vectorized", "one-big-batch", "fedloom-serial", "plain", "flower", "flower-1.22", "pfl",
+               "plain-seed1",
                "plain-seed2"]
 
 if __name__ == "__main__":
@@ -32,5 +33,5 @@ if __name__ == "__main__":
         extra.append(f"- steady round: fedloom-vectorized takes {x:.2f}x the one-big-batch limit (target <= 2x)"
                      f" — target {'reached' if x <= 2 else 'NOT reached'}")
     extra += ratio_lines(record, [("fedloom-vectorized", "plain", 1), ("fedloom-vectorized", "flower", None),
-                                  ("fedloom-vectorized", "pfl", None), ("fedloom-vectorized", "fedloom-serial", None)])
+                                  ("fedloom-vectorized", "flower-1.22", None), ("fedloom-vectorized", "pfl", None), ("fedloom-vectorized", "fedloom-serial", None)])
     print(save(record, extra))

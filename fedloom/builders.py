@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -107,13 +107,14 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.zeros(0)).device
 
 
-def engine_notes(cfg: ExperimentConfig, model: nn.Module, engine_name: str) -> dict[str, str]:
-    """What the summary says about where the run trained: the device, and why "auto" chose what it did."""
+def engine_notes(cfg: ExperimentConfig, model: nn.Module, engine: Any) -> dict[str, Any]:
+    """What the summary says about where the run trained: the device, why "auto" chose what it did,
+    and where an engine that spreads over machines placed its workers (``engine.placement()``)."""
     device, note = device_for(cfg)
     notes = {"device": str(device)} | ({"device_note": note} if note else {})
-    if cfg.engine.name == "auto" and engine_name == "serial":
+    if cfg.engine.name == "auto" and engine.name == "serial":
         notes["engine_note"] = f"engine = auto runs serial: {why_not_vectorize(model, device)}"
-    return notes
+    return notes | (engine.placement() if hasattr(engine, "placement") else {})
 
 
 def build_algorithm(cfg: ExperimentConfig) -> FedAvg:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -26,7 +27,7 @@ from fedloom.data import DATASETS, PARTITIONERS
 from fedloom.compression.base import Shapes
 from fedloom.models import MODELS
 from fedloom.pipeline.transforms import TRANSFORMS
-from fedloom.privacy.accounting import Accounting
+from fedloom.privacy.accounting import Accounting, sum_noise_multiplier
 from fedloom.registry import Registry
 from fedloom.tasks import TASKS
 
@@ -43,7 +44,8 @@ class DataConfig(Section):
     dataset: str = "digits"
     n_clients: int | None = Field(None, ge=1, description="default 100; partition natural: the data's own clients")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held out as the global test set")
-    client_test_fraction: float = Field(0.2, ge=0, lt=1, description="of each client's data, for local tests")
+    client_test_fraction: float = Field(0.2, ge=0, lt=1, description="of each client's data, for local tests "
+                                        "(natural clients that a test split names: their own test examples)")
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the loader (path, alpha, ...)")
 
     @model_validator(mode="after")
@@ -305,10 +307,19 @@ class CheckpointConfig(Section):
 class PrivacyConfig(Section):
     """User-level differential privacy, DP-FedAvg (McMahan et al. 2018): rows clipped to ``clip``, averaged
     over the clients sampled per round with uniform weights, Gaussian noise of std noise_multiplier * clip
-    on the sum (central: the server adds it; local: each client adds it to its own row)."""
+    on the sum (central: the server adds it; local: each client adds it to its own row; ftrl: DP-FTRL's tree
+    of noise on the prefix sums, Kairouz et al. 2021). ``adaptive_clip``: the clip follows a quantile of the
+    update norms (Andrew et al. 2021), starting at ``clip``."""
 
-    mechanism: Literal["none", "central", "local"] = "none"
-    clip: float = Field(1.0, gt=0, description="L2 norm every client's row is clipped to")
+    mechanism: Literal["none", "central", "local", "ftrl", "distributed"] = Field(
+        "none", description="distributed: each client adds its share of the central noise under secure aggregation")
+    clip: float = Field(1.0, gt=0, description="L2 norm every client's row is clipped to (adaptive: the first)")
+    adaptive_clip: bool = Field(False, description="the clip follows target_quantile of the update norms (central)")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: the fraction of rows the clip should keep "
+                                   "unclipped")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive: the clip's geometric step size")
+    count_noise: float | None = Field(None, gt=0, description="adaptive: std of the noise on the count of unclipped "
+                                      "rows (default clients_per_round / 20)")
     noise_multiplier: float | None = Field(None, gt=0, description="noise std over clip; or give target_epsilon")
     target_epsilon: float | None = Field(None, gt=0, description="calibrate noise_multiplier to reach this "
                                          "epsilon after all rounds")
@@ -321,12 +332,65 @@ class PrivacyConfig(Section):
             # compare with the defaults, not the keys given: a saved (resolved) config writes every key
             changed = [k for k in type(self).model_fields if getattr(self, k) != type(self).model_fields[k].default]
             if changed:
-                raise ValueError(f"{', '.join(changed)} applies with privacy.mechanism = 'central' or 'local' "
+                raise ValueError(f"{', '.join(changed)} applies with privacy.mechanism = 'central', 'local', 'ftrl' "
+                                 "or 'distributed' "
                                  "(mechanism is 'none')")
         elif (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(f"privacy.mechanism = {self.mechanism!r}: give noise_multiplier or target_epsilon "
                              "(one of them)")
         return self
+
+
+class SecureAggregationConfig(Section):
+    """Secure aggregation (``fedloom/privacy/secagg*.py``): the server gets masked, quantized rows only and
+    sums them; secagg (Bonawitz et al. 2017) or secagg+ (Bell et al. 2020, O(log n) neighbours)."""
+
+    protocol: Literal["none", "secagg", "secagg+"] = "none"
+    threshold: int | float = Field(0.6, gt=0, description="Shamir threshold: an integer count, or a fraction "
+                                   "(0 < t <= 1.0) of a client's sharing group (all the round's clients; secagg+: "
+                                   "its neighbours and itself)")
+    bits: int = Field(32, ge=8, le=62, description="the ring Z_{2^bits} the masked rows live in")
+    value_bits: int = Field(16, ge=2, le=60, description="a client's coordinate is an integer of this many bits")
+    clip: float = Field(1.0, gt=0, description="each weighted coordinate is clamped to [-clip, clip] before "
+                        "quantization")
+    rounding: Literal["stochastic", "deterministic"] = Field("stochastic", description="quantization rounding")
+    neighbours: int | None = Field(None, ge=2, description="secagg+: neighbours per client (even); default "
+                                   "2 * ceil(log2 clients_per_round)")
+    dropout_advertise: float = Field(0.0, ge=0, lt=1, description="simulated: fraction of the round's clients "
+                                     "silent from the advertise-keys phase on")
+    dropout_share_keys: float = Field(0.0, ge=0, lt=1, description="... from the share-keys phase on")
+    dropout_masked_input: float = Field(0.0, ge=0, lt=1, description="... from the masked-input phase on")
+    dropout_unmask: float = Field(0.0, ge=0, lt=1, description="... at the unmask phase (after sending y_u)")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SecureAggregationConfig":
+        if isinstance(self.threshold, float) and self.threshold > 1:
+            raise ValueError(f"secure_aggregation.threshold = {self.threshold}: a fraction is at most 1.0 "
+                             "(a count is an integer)")
+        if self.neighbours is not None and (self.protocol != "secagg+" or self.neighbours % 2):
+            raise ValueError(f"secure_aggregation.neighbours = {self.neighbours}: an even number, with "
+                             "protocol = 'secagg+'")
+        if self.value_bits >= self.bits:
+            raise ValueError(f"secure_aggregation.value_bits = {self.value_bits} must be below bits = {self.bits}")
+        return self
+
+    def group_size(self, clients: int) -> int:
+        """The clients that hold shares of one client's secrets, itself included."""
+        k = self.neighbours_for(clients)
+        return clients if k is None else k + 1
+
+    def neighbours_for(self, clients: int) -> int | None:
+        """secagg+'s neighbours in a round of ``clients``; None: everyone (secagg, or secagg+ that covers all)."""
+        if self.protocol != "secagg+":
+            return None
+        k = self.neighbours if self.neighbours is not None else 2 * math.ceil(math.log2(max(clients, 2)))
+        return None if k >= clients - 1 else k
+
+    def threshold_for(self, clients: int) -> int:
+        group = self.group_size(clients)
+        if isinstance(self.threshold, int):
+            return min(self.threshold, group)  # a round with fewer clients than sampled shares among fewer
+        return max(1, math.ceil(self.threshold * group))
 
 
 class OutputConfig(Section):
@@ -379,6 +443,7 @@ class ExperimentConfig(Section):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -482,19 +547,91 @@ class ExperimentConfig(Section):
         if ALGORITHMS[self.algorithm.name].factory.server_step is not NoServerState.server_step:
             raise ValueError(f"algorithm.name = {self.algorithm.name!r} with privacy: its side matrices reach the "
                              "server unclipped and without noise")
+        self._private_combinations()
         if self.data.n_clients is None:
             return self
         if (why := self.privacy_accounting().unsupported()) is not None:
             raise ValueError(why)
-        self.privacy_noise_multiplier()
+        if self.privacy.adaptive_clip:
+            self.privacy_sum_noise_multiplier()
+        else:
+            self.privacy_noise_multiplier()
         return self
+
+    def _private_combinations(self) -> None:
+        """Adaptive clipping and DP-FTRL's rules (the keys they read, the mechanisms they fit)."""
+        p = self.privacy
+        if p.adaptive_clip and p.mechanism != "central":
+            raise ValueError(f"privacy.adaptive_clip with privacy.mechanism = {p.mechanism!r}: the clip is learnt "
+                             "from a count the trusted server noises once (central); local DP would need every "
+                             "client to noise its own bit (sqrt(clients_per_round) times the noise) and DP-FTRL's "
+                             "tree assumes one clip for all its leaves; use mechanism = 'central'")
+        if p.mechanism == "ftrl" and self.server_choice()[0] != "sgd":
+            raise ValueError(f"server.optimizer = {self.server_choice()[0]!r} with privacy.mechanism = 'ftrl': "
+                             "DP-FTRL's model is the start minus server.lr times the (momentum) noisy prefix sum, "
+                             "server SGD; set server.optimizer = 'sgd' (server.momentum is its momentum)")
+
+    @model_validator(mode="after")
+    def _secure_aggregation_rules(self) -> "ExperimentConfig":
+        s, p = self.secure_aggregation, self.privacy
+        if s.protocol == "none":
+            if p.mechanism == "distributed":
+                raise ValueError("privacy.mechanism = 'distributed' adds the central noise in shares under secure "
+                                 "aggregation: set secure_aggregation.protocol = 'secagg' or 'secagg+'")
+            return self
+        missing = [name for name in ("cryptography", "Crypto") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"secure_aggregation.protocol = {s.protocol!r} needs the cryptography and pycryptodome "
+                             f"packages (missing: {', '.join(missing)}): pip install 'fedloom[secagg]'")
+        if (why := self._needs_individual_rows()) is not None:
+            raise ValueError(f"secure_aggregation.protocol = {s.protocol!r}: the server sees only the masked sum, "
+                             f"so {why}")
+        if self.data.n_clients is not None:
+            self._secure_aggregation_fits(self.clients_per_round())
+        return self
+
+    def _needs_individual_rows(self) -> str | None:
+        """What in this config would need a client's own row on the server, if anything."""
+        s = self
+        if s.mode == "decentralized":
+            return "it runs in federated mode (decentralized runs have no server)"
+        if s.server.aggregator.name != "mean":
+            return f"server.aggregator = {s.server.aggregator.name!r} (it needs individual rows) cannot run; use 'mean'"
+        if s.server.transforms:
+            return "server.transforms (they act on individual rows) cannot run"
+        if s.attack.name != "none":
+            return f"attack.name = {s.attack.name!r} (a simulated attack on individual rows) cannot run"
+        if s.compression.build() is not None:
+            return f"compression.name = {s.compression.name!r} (uplink compression of rows) cannot run"
+        if s.deploy.max_update_norm is not None:
+            return "deploy.max_update_norm (the server checks each row's norm) cannot run"
+        if s.privacy.mechanism in ("central", "local", "ftrl"):
+            return (f"privacy.mechanism = {s.privacy.mechanism!r} cannot run (the server clips or noises rows, or "
+                    "the clients noise theirs for a server that sees them); use privacy.mechanism = 'distributed'")
+        if ALGORITHMS[s.algorithm.name].factory.server_step is not NoServerState.server_step:
+            return f"algorithm.name = {s.algorithm.name!r} (its side matrices reach the server unmasked) cannot run"
+        return None
+
+    def _secure_aggregation_fits(self, clients: int) -> None:
+        from fedloom.privacy.secagg_quantize import needed_bits
+
+        s = self.secure_aggregation
+        need = needed_bits(clients, s.value_bits)
+        if need > s.bits:
+            raise ValueError(f"secure_aggregation.bits = {s.bits} is too few: the sum of {clients} clients' "
+                             f"{s.value_bits}-bit values needs {need} bits not to wrap; raise bits or lower "
+                             "value_bits (or sampling.clients_per_round)")
+        if isinstance(s.threshold, int) and s.threshold > s.group_size(clients):
+            raise ValueError(f"secure_aggregation.threshold = {s.threshold} is more than a sharing group "
+                             f"({s.group_size(clients)} clients)")
 
     def privacy_accounting(self) -> Accounting | None:
         """What the accountant needs of this run, or None when privacy is off."""
         p = self.privacy
         if p.mechanism == "none":
             return None
-        return Accounting(p.mechanism, p.accountant, self.data.n_clients, self.clients_per_round(), p.delta)
+        mechanism = "central" if p.mechanism == "distributed" else p.mechanism  # the sum carries central noise
+        return Accounting(mechanism, p.accountant, self.data.n_clients, self.clients_per_round(), p.delta)
 
     def privacy_noise_multiplier(self) -> float:
         """privacy.noise_multiplier, or the one calibrated to privacy.target_epsilon for the planned rounds."""
@@ -507,14 +644,32 @@ class ExperimentConfig(Section):
             raise ValueError(f"privacy.target_epsilon = {p.target_epsilon:g} cannot be reached: {err}; raise "
                              "privacy.target_epsilon or privacy.delta, or lower rounds") from None
 
-    def server_optimizer(self) -> tuple[str, OptimizerFactory]:
-        """The server optimizer's name and factory: [server] where given, else the algorithm's preset."""
+    def privacy_count_noise(self) -> float:
+        """Adaptive clipping's sigma_b: privacy.count_noise, else clients_per_round / 20 (Andrew et al.)."""
+        count_noise = self.privacy.count_noise
+        return count_noise if count_noise is not None else self.clients_per_round() / 20
+
+    def privacy_sum_noise_multiplier(self) -> float:
+        """Adaptive clipping's noise multiplier on the clipped sum, derived from the (calibrated) one."""
+        z, count_std = self.privacy_noise_multiplier(), self.privacy_count_noise()
+        try:
+            return sum_noise_multiplier(z, count_std)
+        except ValueError as err:
+            raise ValueError(f"privacy.count_noise: {err}; raise privacy.count_noise (default clients_per_round / "
+                             "20) above noise_multiplier / 2, or lower the noise multiplier") from None
+
+    def server_choice(self) -> tuple[str, float, float]:
+        """The server optimizer's name, lr and momentum: [server] where given, else the algorithm's preset."""
         preset, server = SERVER_PRESETS.get(self.algorithm.name, ServerPreset()), self.server
-        name = server.optimizer or preset.optimizer
-        return name, server_optimizer(
-            name, lr=server.lr if server.lr is not None else preset.lr,
-            momentum=server.momentum if server.momentum is not None else preset.momentum,
-            beta1=server.beta1, beta2=server.beta2, tau=server.tau)
+        return (server.optimizer or preset.optimizer, server.lr if server.lr is not None else preset.lr,
+                server.momentum if server.momentum is not None else preset.momentum)
+
+    def server_optimizer(self) -> tuple[str, OptimizerFactory]:
+        """The server optimizer's name and factory (:meth:`server_choice`)."""
+        name, lr, momentum = self.server_choice()
+        server = self.server
+        return name, server_optimizer(name, lr=lr, momentum=momentum, beta1=server.beta1, beta2=server.beta2,
+                                      tau=server.tau)
 
     def clients_per_round(self) -> int:
         """As configured; by default 10 clients a round (all of them when there are fewer)."""

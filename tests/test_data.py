@@ -1,5 +1,6 @@
 """Dataset loaders, their errors, and federate(): the data every run starts from."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -289,6 +290,17 @@ def test_federate_natural_keeps_every_client():
     for i, idx in enumerate(fed.train_idx):
         members = ids(fed.x[idx]) | ids(fed.x[fed.test_idx[i]])
         assert len({int(data.groups[m]) for m in members}) == 1
+
+
+def test_natural_clients_named_by_the_test_split_test_on_their_own_examples():
+    train = tagged(n=6, groups=np.array([4, 4, 7, 7, 7, 9]))
+    test = from_arrays(np.arange(100, 105, dtype=np.float32)[:, None], np.array([0, 1, 2, 3, 0]), "tagged")
+    test = dataclasses.replace(test, groups=np.array([1, 0, 3, 1, 1]))  # ids as the loaders share them: 3 is test-only
+    fed = federate(dataclasses.replace(train, groups=np.array([0, 0, 1, 1, 1, 2])), test, "natural", None, seed=0)
+    assert [ids(fed.x[i]) for i in fed.train_idx] == [{0, 1}, {2, 3, 4}, {5}]  # nothing held out of training
+    assert [ids(fed.x[i]) for i in fed.test_idx] == [{101}, {100, 103, 104}, set()]
+    assert ids(fed.x_test) == {100, 101, 102, 103, 104}  # the central test set is the whole test split
+    assert fed.size()["train_examples"] == 6
 
 
 def test_holdout_takes_the_rounded_share_of_every_stratum_at_random():

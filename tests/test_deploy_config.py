@@ -63,7 +63,6 @@ def test_the_server_refuses_a_min_clients_flag_above_the_federation(tmp_path, ca
 @pytest.mark.parametrize("setting, complaint", [
     ("compression.downlink=fp16", "no compression.downlink"),
     ("attack.name=signflip", "remove the \\[attack\\] table"),
-    ("privacy.mechanism=local", "the server would see their rows unnoised"),
 ])
 def test_the_server_refuses_simulation_only_settings(tmp_path, capsys, setting, complaint):
     tokens = tmp_path / "tokens.txt"

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedloom.data import DataError, from_hf_dataset, from_torch_dataset, load_dataset
+import fedloom
+from fedloom.data import DataError, federate, from_hf_dataset, from_torch_dataset, load_dataset
 from fedloom.data.cifar import CIFAR10, CIFAR100
 
 # ---------------------------------------------------------------- CIFAR
@@ -230,6 +231,7 @@ def test_hf_save_to_disk_dict_with_images_clients_and_test(hf, tmp_path):
     assert train.groups.tolist() == [1, 0, 1] and train.name == "pets"
     assert torch.equal(test.x, torch.from_numpy(pixels[3:].transpose(0, 3, 1, 2) / np.float32(255)))
     assert test.y.tolist() == [1, 1] and test.n_classes == 3
+    assert test.groups.tolist() == [2, 2]  # u9 trains nowhere: numbered after the training clients u1, u2
 
 
 def test_hf_single_dataset_grayscale_and_named_splits(hf, tmp_path):
@@ -258,6 +260,7 @@ def test_hf_parquet_directory_splits_by_file_name(hf, tmp_path):
     train, test = load_dataset("hf", path=tmp_path / "data", client_column="site")
     assert train.x.tolist() == [[0.5, 1, 2], [1.5, 3, 4], [2.5, 5, 6]] and train.y.tolist() == [1, 0, 2]
     assert train.groups.tolist() == [1, 1, 0] and test.x.tolist() == [[3.5, 7, 8]] and test.y.tolist() == [1]
+    assert test.groups.tolist() == [2]  # site 9 is not a training site
     assert not any(tmp_path.glob("data/*.lock")) and sorted(p.name for p in (tmp_path / "data").iterdir()) == [
         "test.parquet", "train.parquet"]
 
@@ -280,6 +283,68 @@ def test_hf_array_images_regression_and_language_model(hf):
     assert images.y.tolist() == [1.5, -2.0] and images.task == "regression"
     text = from_hf_dataset(ds, feature_columns=["tokens"], label_column="next", task="language_model")
     assert text.x.tolist() == [[1, 2, 3], [4, 5, 0]] and text.y.dtype == torch.int64 and text.n_classes == 6
+
+
+def chat(hf):
+    return hf.DatasetDict(
+        train=hf.Dataset.from_dict({"text": ["abcab", "cabcab", "ba", "bbbbbbb"], "who": ["x", "y", "x", "z"]}),
+        test=hf.Dataset.from_dict({"text": ["abca", "cc", "aqbc"], "who": ["y", "x", "w"]}))
+
+
+def test_hf_text_column_gives_each_clients_next_character_windows(hf, tmp_path):
+    chat(hf).save_to_disk(tmp_path / "chat")
+    train, test = load_dataset("hf", path=tmp_path / "chat", text_column="text", client_column="who", seq_len=3)
+    assert train.task == test.task == "language_model" and train.vocabulary == ("\n", "a", "b", "c", "<unk>")
+    # client x's text is "abcab\nba" = ids 1 2 3 1 2 0 2 1: windows of 4 ids every 3; y's "cabcab": one
+    assert train.x.tolist() == [[1, 2, 3], [1, 2, 0], [3, 1, 2], [2, 2, 2], [2, 2, 2]]
+    assert train.y.tolist() == [[2, 3, 1], [2, 0, 2], [1, 2, 3], [2, 2, 2], [2, 2, 2]]
+    assert train.groups.tolist() == [0, 0, 1, 2, 2] and train.n_classes == 5
+    assert test.x.tolist() == [[1, 2, 3], [1, 4, 2]] and test.y.tolist() == [[2, 3, 1], [4, 2, 3]]  # q: <unk>
+    assert test.groups.tolist() == [1, 3]  # y as in training; w trains nowhere: numbered after the training clients
+    fed = federate(train, test, "natural", None, seed=0)
+    assert [len(i) for i in fed.train_idx] == [2, 1, 2] and [len(i) for i in fed.test_idx] == [0, 1, 0]
+
+
+def test_hf_text_with_a_tokenizer_json(hf, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<unk>": 0, "the": 1, "cat": 2, "sat": 3, "on": 4, "mat": 5}
+    model = tokenizers.models.WordLevel(vocab, unk_token="<unk>")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf.Dataset.from_dict({"text": ["the cat sat on the mat", "the dog sat"]}).to_parquet(tmp_path / "t.parquet")
+    train, test = load_dataset("hf", path=tmp_path / "t.parquet", text_column="text",
+                               tokenizer=str(tmp_path / "tokenizer.json"), seq_len=2, stride=1)
+    assert test is None and train.vocabulary == ("<unk>", "the", "cat", "sat", "on", "mat")
+    ids = [1, 2, 3, 4, 1, 5, 1, 0, 3]  # one stream; "dog" is unknown
+    assert train.x.tolist() == [ids[s:s + 2] for s in range(len(ids) - 2)]
+    assert train.y.tolist() == [ids[s + 1:s + 3] for s in range(len(ids) - 2)]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"text_column": "body"}, r"no text column 'body'; columns are \['text', 'who'\]"),
+    ({"text_column": "who", "client_column": "text", "seq_len": 50}, r"holds no window of 51 tokens"),
+    ({"text_column": "text", "tokenizer": "bpe"}, r"tokenizer 'bpe' is neither a known tokenizer nor a file"),
+    ({"text_column": "text", "task": "regression"}, r"task 'regression' does not apply"),
+    ({"text_column": "text", "client_column": "whom"}, r"no client column 'whom'"),
+])
+def test_hf_text_errors_name_the_problem(hf, tmp_path, options, message):
+    chat(hf).save_to_disk(tmp_path / "chat")
+    with pytest.raises(DataError, match=message):
+        load_dataset("hf", path=tmp_path / "chat", **options)
+
+
+def test_a_language_model_trains_on_hf_text_by_client(hf, tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["".join(rng.choice(list("ab "), 30)) for _ in range(40)]
+    hf.Dataset.from_dict({"text": rows, "who": [i % 4 for i in range(40)]}).to_parquet(tmp_path / "c.parquet")
+    result = fedloom.run({"data": {"dataset": "hf", "options": {"path": str(tmp_path / "c.parquet"),
+                          "text_column": "text", "client_column": "who", "seq_len": 16}},
+                          "partition": {"name": "natural"}, "model": {"name": "transformer"}, "rounds": 1,
+                          "client": {"steps": 2}, "output": {"save": False, "progress": False}})
+    assert result.summary["n_clients"] == 4 and result.summary["train_tokens"] == 4 * 12 * 16
+    # each client: 10 rows of 30 + 9 newlines = 309 characters, 19 windows; 4 held out, 3 for its local tests
+    assert np.isfinite(result.summary["central_perplexity"])
 
 
 def test_hf_touches_no_network(hf, tmp_path, monkeypatch):

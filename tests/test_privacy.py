@@ -1,11 +1,13 @@
 """Differential privacy (DP-FedAvg): clipping, noise, the accountant against independent
-routes, target_epsilon on digits, resume, and the config rules."""
+routes (the analytic Gaussian, dp_accounting's PLD, autodp's RDP), target_epsilon on digits,
+resume, and the config rules."""
 
 import json
 import math
 
 import pytest
 import torch
+from autodp import mechanism_zoo, transformer_zoo
 from dp_accounting import GaussianDpEvent, NeighboringRelation, SampledWithoutReplacementDpEvent, SelfComposedDpEvent
 from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import RdpAccountant
@@ -102,6 +104,19 @@ def test_sampled_epsilon_is_the_rdp_of_sampling_without_replacement_between_two_
         standard_deviation=z, sensitivity=1, sampling_prob=m / n, value_discretization_interval=1e-3,
         neighboring_relation=NeighboringRelation.REPLACE_ONE).self_compose(rounds)
     assert pair.get_epsilon_for_delta(delta) < reported < _analytic_gaussian_epsilon(z, rounds, delta)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # autodp's order search divides by zero on its way
+@pytest.mark.parametrize("n, m, z, rounds, delta", [(100, 10, 1.0, 50, 1e-5), (800, 200, 8.0, 15, 1e-5),
+                                                    (1000, 10, 2.0, 200, 1e-6), (500, 50, 1.5, 40, 1e-7)])
+def test_sampled_epsilon_equals_a_second_librarys_rdp_of_sampling_without_replacement(n, m, z, rounds, delta):
+    """autodp (Wang, Balle and Kasiviswanathan's own accountant, other code and another epsilon conversion):
+    the replace-one Gaussian of multiplier z / 2, subsampled without replacement (their Theorem 27 bound)."""
+    base = mechanism_zoo.GaussianMechanism(sigma=z / 2)
+    base.neighboring = "replace_one"
+    sampled = transformer_zoo.AmplificationBySampling(PoissonSampling=False)(base, m / n, improved_bound_flag=True)
+    theirs = transformer_zoo.Composition()([sampled], [rounds]).get_approxDP(delta)
+    assert _reported(n, m, z, rounds, delta) == pytest.approx(theirs, rel=1e-6)  # measured: within 4e-9
 
 
 def test_local_epsilon_is_the_unsampled_gaussian_per_client():

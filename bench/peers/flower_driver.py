@@ -1,4 +1,4 @@
-"""Flower (flwr[simulation]==1.22.0) on the benchmark workload.
+"""Flower (flwr[simulation] 1.42.0, the current release, and 1.22.0) on the benchmark workload.
 
     python flower_driver.py SPEC.json [--rounds N] [--cpus-per-client 1] [--device cuda --gpus-per-client 0.1]
 

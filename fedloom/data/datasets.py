@@ -76,6 +76,17 @@ def _as_groups(groups: np.ndarray, source: str) -> np.ndarray:
     return np.unique(groups, return_inverse=True)[1].astype(np.int64)
 
 
+def shared_ids(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two splits' client ids of any kind on one map: the training clients 0..G-1 in sorted id order,
+    then the clients found only in the test split, so a client has the same id in both."""
+    known = np.unique(train)
+    only_test = np.setdiff1d(np.unique(test), known)
+    ids = np.concatenate([known, only_test])
+    order = np.argsort(ids, kind="stable")
+    train_ids, test_ids = (order[np.searchsorted(ids[order], raw)].astype(np.int64) for raw in (train, test))
+    return train_ids, test_ids
+
+
 def from_arrays(
     x: np.ndarray,
     y: np.ndarray,

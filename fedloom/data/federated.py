@@ -127,7 +127,9 @@ def federate(
     Without an official test split, ``test_fraction`` of ``train`` is held out,
     stratified by label; for the "natural" partitioner it is stratified by natural
     client instead, so that no natural client loses all its data. Each client keeps
-    at least one training example. Every random step has its own seed stream.
+    at least one training example. Natural clients that the official test split names
+    test on their own examples of it (``client_test_fraction`` does not apply). Every
+    random step has its own seed stream.
     """
     _check_fraction("test_fraction", test_fraction)
     _check_fraction("client_test_fraction", client_test_fraction)
@@ -153,11 +155,29 @@ def federate(
         pool, x_test, y_test = np.arange(len(train)), official_test.x, official_test.y
     groups = None if train.groups is None else train.groups[pool]
     parts = partition(partitioner, labels[pool], n_clients, _rng(seed, _PARTITION), groups, **partition_options)
-    train_idx, test_idx = _split_clients(parts, client_test_fraction, _rng(seed, _LOCAL_SPLIT))
     n_classes = max(train.n_classes, 0 if official_test is None else official_test.n_classes)
     pool_t = torch.from_numpy(pool)
-    return FederatedData(train.x[pool_t], train.y[pool_t], train_idx, test_idx, x_test, y_test, n_classes,
-                         train.task, train.vocabulary)
+    x, y = train.x[pool_t], train.y[pool_t]
+    if natural and official_test is not None and official_test.groups is not None:
+        x, y, train_idx, test_idx = _own_tests(x, y, parts, groups, official_test)
+    else:
+        train_idx, test_idx = _split_clients(parts, client_test_fraction, _rng(seed, _LOCAL_SPLIT))
+    return FederatedData(x, y, train_idx, test_idx, x_test, y_test, n_classes, train.task, train.vocabulary)
+
+
+def _own_tests(x: torch.Tensor, y: torch.Tensor, parts: list[np.ndarray], groups: np.ndarray,
+               test: Dataset) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Natural clients that the test split names (LEAF's per-user split): each client trains on all its
+    examples and tests on its own test examples, appended after the training ones; a test split's
+    client absent from training has no client, its examples stay in the central test set only."""
+    ids = np.unique(groups)  # the natural partition's clients, in this order
+    owner = np.searchsorted(ids, test.groups)
+    known = (owner < len(ids)) & (ids[np.minimum(owner, len(ids) - 1)] == test.groups)
+    positions = np.flatnonzero(known)
+    by_client = positions[np.argsort(owner[positions], kind="stable")]
+    bounds = np.cumsum(np.bincount(owner[positions], minlength=len(ids)))[:-1]
+    test_idx = [torch.from_numpy(p + len(x)) for p in np.split(by_client, bounds)]
+    return (torch.cat([x, test.x]), torch.cat([y, test.y]), [torch.from_numpy(p) for p in parts], test_idx)
 
 
 def _labels_for(train: Dataset, partitioner: str) -> np.ndarray:

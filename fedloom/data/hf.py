@@ -3,6 +3,7 @@ CSV or JSON files. ``datasets`` is optional (``pip install fedloom[hf]``) and im
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -11,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .datasets import DataError, Dataset, from_arrays
+from .datasets import DataError, Dataset, from_arrays, shared_ids
 from .images import array_images, pil_images
+from .text import text_windows, tokenizer_for
 
 if TYPE_CHECKING:
     import datasets as hf
@@ -70,26 +72,87 @@ def _pick_split(splits: dict[str, hf.Dataset], name: str, path: Path, option: st
 
 def load_hf(*, path: str | Path, train_split: str = "train", test_split: str | None = "test",
             label_column: str = "label", image_column: str | None = None, feature_columns: list[str] | None = None,
-            client_column: str | None = None, task: str = "classification") -> tuple[Dataset, Dataset | None]:
+            client_column: str | None = None, task: str | None = None, text_column: str | None = None,
+            tokenizer: str = "char", seq_len: int = 64, stride: int | None = None) -> tuple[Dataset, Dataset | None]:
     """A Hugging Face dataset from local files (see :func:`from_hf_dataset` for the columns).
 
     ``test_split`` is returned as the official test split; the default 'test' is used when present,
-    another name must exist, and None uses none.
+    another name must exist, and None uses none. ``text_column`` makes language-model data instead:
+    see :func:`text_dataset` (``task`` then defaults to language_model, else to classification).
     """
     path = _check_path(path)
-
-    def convert(ds: hf.Dataset, split: str, clients: str | None) -> Dataset:
-        return from_hf_dataset(ds, label_column=label_column, image_column=image_column,
-                               feature_columns=feature_columns, client_column=clients, task=task, name=path.stem,
-                               source=f"{path} (split {split!r})")
-
     with tempfile.TemporaryDirectory(prefix="fedloom-hf-") as cache:  # a private cache: nothing left behind
         splits = _read_splits(path, cache)
-        train = convert(_pick_split(splits, train_split, path, "train_split"), train_split, client_column)
-        if test_split is None or (test_split == "test" and "test" not in splits):
-            return train, None
-        test = _pick_split(splits, test_split, path, "test_split")  # its client ids, if any, are not inputs
-        return train, convert(test, test_split, client_column if client_column in test.features else None)
+        train = _pick_split(splits, train_split, path, "train_split")
+        no_test = test_split is None or (test_split == "test" and "test" not in splits)
+        test = None if no_test else _pick_split(splits, test_split, path, "test_split")
+        if text_column is not None:
+            if task not in (None, "language_model"):
+                raise DataError(f"{path}: text_column makes language-model data; task {task!r} does not apply")
+            return text_dataset(train, test, text_column, client_column, tokenizer, seq_len, stride, path)
+        columns = {"label_column": label_column, "image_column": image_column, "feature_columns": feature_columns,
+                   "task": task or "classification", "name": path.stem}
+        return _converted(train, test, client_column, path, columns, (train_split, test_split))
+
+
+def _converted(train: hf.Dataset, test: hf.Dataset | None, client_column: str | None, path: Path,
+               columns: dict[str, Any], split_names: tuple[str, str | None]) -> tuple[Dataset, Dataset | None]:
+    """Both splits through :func:`from_hf_dataset`, the client ids of both on one map."""
+    train_data = from_hf_dataset(train, client_column=client_column, source=f"{path} (split {split_names[0]!r})",
+                                 **columns)
+    if test is None:
+        return train_data, None
+    clients = client_column if client_column in test.features else None
+    test_data = from_hf_dataset(test, client_column=clients, source=f"{path} (split {split_names[1]!r})", **columns)
+    if clients is None:
+        return train_data, test_data
+    train_ids, test_ids = shared_ids(_numpy_column(train, clients), _numpy_column(test, clients))
+    return dataclasses.replace(train_data, groups=train_ids), dataclasses.replace(test_data, groups=test_ids)
+
+
+def text_dataset(train: hf.Dataset, test: hf.Dataset | None, text_column: str, client_column: str | None,
+                 tokenizer: str, seq_len: int, stride: int | None, path: Path) -> tuple[Dataset, Dataset | None]:
+    """Next-token windows of ``seq_len`` from a string column: each client's rows (``client_column``)
+    tokenized in order as one text (rows joined by newlines), windows every ``stride`` tokens (default
+    ``seq_len``: every token a target once). ``tokenizer`` is "char", "leaf" or a tokenizer.json
+    (:mod:`fedloom.data.text`), built on the training split's text."""
+    for name, value in (("seq_len", seq_len), ("stride", stride or seq_len)):
+        if value < 1:
+            raise DataError(f"{path}: {name} must be at least 1, got {value}")
+    texts = [_strings(ds, text_column, path) for ds in (train, test) if ds is not None]
+    tok = tokenizer_for(tokenizer, texts[0], f"{path}, column {text_column!r}")
+    owners = _text_owners(train, test, client_column, path)
+    built = []
+    for split, split_texts, split_owners in zip(("train", "test"), texts, owners):
+        x, y, groups = text_windows(split_texts, split_owners, tok, seq_len, stride or seq_len)
+        if split == "train" and len(x) == 0:
+            raise DataError(f"{path}: column {text_column!r} holds no window of {seq_len + 1} tokens")
+        data = from_arrays(x, y, path.stem, source=f"{path} ({split} split)", n_classes=len(tok.vocabulary),
+                           task="language_model", vocabulary=tok.vocabulary) if len(x) else None
+        built.append(data if data is None or groups is None else dataclasses.replace(data, groups=groups))
+    return built[0], built[1] if len(built) > 1 else None
+
+
+def _strings(ds: hf.Dataset, column: str, path: Path) -> list[str]:
+    if column not in ds.features:
+        raise DataError(f"{path}: no text column {column!r}; columns are {list(ds.features)}")
+    values = ds[column]
+    if not all(isinstance(v, str) for v in values):
+        raise DataError(f"{path}: text column {column!r} ({ds.features[column]}) must hold strings")
+    return values
+
+
+def _text_owners(train: hf.Dataset, test: hf.Dataset | None,
+                 column: str | None, path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Each row's client, on one map for both splits (None where the split has no client column)."""
+    if column is None:
+        return None, None
+    if column not in train.features:
+        raise DataError(f"{path}: no client column {column!r}; columns are {list(train.features)}")
+    if test is None or column not in test.features:
+        ids = _numpy_column(train, column)
+        return shared_ids(ids, ids[:0])[0], None
+    return shared_ids(_numpy_column(train, column), _numpy_column(test, column))
 
 
 def from_hf_dataset(ds: hf.Dataset, *, label_column: str = "label", image_column: str | None = None,

@@ -44,7 +44,8 @@ DATASETS = Registry("dataset", {
                                       "clients = speaking roles as in LEAF (options plays, seq_len, max_clients, ...)"),
     "hf": (load_hf, "a Hugging Face dataset from local files (save_to_disk folder, parquet/CSV/JSON), needs "
                     "fedloom[hf] (options path, train_split, test_split, image_column, feature_columns, label_column, "
-                    "client_column, task)"),
+                    "client_column, task; text: text_column, tokenizer = char | leaf | tokenizer.json, seq_len, "
+                    "stride)"),
     GIVEN: (handed_over, "data handed to fedloom.run(data=...) from Python"),
 })
 

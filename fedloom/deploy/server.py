@@ -50,7 +50,11 @@ class RemoteEngine:
         self.deploy = cfg.deploy  # when a round closes
         self.local = local_to_proto(local_training(cfg))
         raw = cfg.to_dict()
-        self.config_json = json.dumps({k: raw[k] for k in ("seed", "model", "task", "algorithm")})
+        task = {k: raw[k] for k in ("seed", "model", "task", "algorithm")}
+        if cfg.privacy.mechanism == "local":  # the client clips and noises its own row: its settings, resolved
+            task["privacy"] = {"mechanism": "local", "clip": cfg.privacy.clip,
+                               "noise_multiplier": cfg.privacy_noise_multiplier()}
+        self.config_json = json.dumps(task)
         self.n_classes = n_classes
         self.max_examples = float(max_examples)
         self.participation: Participation | None = None
@@ -112,7 +116,9 @@ def remote_round(cfg: ExperimentConfig, coordinator: Coordinator) -> FederatedRo
         cap = cfg.deploy.max_examples_per_client or int(data.client_sizes().max())
         return RemoteEngine(coordinator, cfg, data.n_classes, cap)
 
-    return FederatedRound(cfg, make_engine=engine)
+    round_ = FederatedRound(cfg, make_engine=engine)
+    round_.pipeline = round_.pipeline.on("server")  # the clients ran their side (local DP) before sending
+    return round_
 
 
 # a peer that stops answering pings (hung, cut off) has its streams closed within about 10 s, so its
@@ -177,9 +183,10 @@ def _check(cfg: ExperimentConfig, tokens: dict[int, str]) -> None:
     if cfg.compression.build() is not None or cfg.compression.downlink != "none":
         raise ConfigError("compression: deployed clients send and receive fp32; set compression.name = 'none', "
                           "no compression.feedback and no compression.downlink")
-    if cfg.privacy.mechanism == "local":
-        raise ConfigError("privacy.mechanism = 'local': deployed clients do not add their own noise yet, so the "
-                          "server would see their rows unnoised; use 'central' (the server clips and noises)")
+    if cfg.secure_aggregation.protocol != "none":
+        raise ConfigError(f"secure_aggregation.protocol = {cfg.secure_aggregation.protocol!r}: deployed clients "
+                          "do not run the protocol over gRPC yet, so the server would see their rows unmasked; "
+                          "secure aggregation runs in simulation (fedloom run)")
     if cfg.attack.name != "none":
         raise ConfigError("attack: simulated Byzantine clients belong to simulations; a deployment's clients "
                           "are real (remove the [attack] table)")

@@ -114,6 +114,12 @@ class ClientWorker:
         result = self.engine.run_round(inputs.algorithm, x0, inputs.sent, client_ids, inputs.round_idx, store)
         return result, {cid: store.get(cid, dict) for cid in client_ids}
 
+    def node(self) -> str:
+        """The id of the Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 class RayEngine:
     name = "ray"
@@ -131,6 +137,11 @@ class RayEngine:
         self._data = self._ray.put(data)  # held for the engine's life: a restarted worker is built from it again
         self._actors = [actor.remote(model, self._data, local, task, memory_budget, gpus_per_worker > 0)
                         for _ in range(workers)]
+
+    def placement(self) -> dict[str, int]:
+        """How many workers the run has and on how many Ray nodes (machines) they landed."""
+        nodes = self._ray.get([actor.node.remote() for actor in self._actors])
+        return {"ray_workers": len(self._actors), "ray_nodes": len(set(nodes))}
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:

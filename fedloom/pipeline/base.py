@@ -81,6 +81,10 @@ class Pipeline:
                 break
         return U, w, states, metrics
 
+    def on(self, side: str) -> "Pipeline":
+        """The transforms that run on ``side`` (a deployment splits the chain between client and server)."""
+        return Pipeline(tuple(t for t in self.transforms if t.side == side))
+
     def steps(self) -> list[str]:
         """The transforms in order, each with its side: what the summary reports."""
         return [f"{t.name} ({t.side})" for t in self.transforms]

@@ -8,6 +8,16 @@ clips the rows and its noisy fixed-denominator mean replaces ``aggregate``:
 
     local:   ... validate -> dp_clip -> dp_local_noise -> [compress] -> [server.transforms...] -> dp_mean -> ...
     central: ... validate -> [compress] -> [server.transforms...] -> dp_clip -> dp_mean (noise) -> ...
+    adaptive (central): ... -> dp_adaptive_mean (clip, noise, the clip's quantile step) -> ...
+    ftrl:    ... validate -> [compress] -> [server.transforms...] -> dp_clip -> dp_ftrl (the model; no optimizer)
+
+With [secure_aggregation], ``aggregate:secagg`` (or ``secagg+``) replaces ``aggregate``: the
+server sums masked, quantized rows (``fedloom/privacy/secagg*.py``); with privacy.mechanism =
+"distributed", each client clips its row and adds its share of the central noise first:
+
+    secagg:      ... validate -> aggregate:secagg -> ...
+    distributed: ... validate -> dp_clip (client) -> dp_local_noise (client, z clip / sqrt(m))
+                 -> aggregate:secagg -> ...
 
 ``server.transforms`` are extra transforms, by registry name or a user's
 ``package.module:factory`` import path, each with its ``options``; they run on
@@ -16,6 +26,9 @@ the decoded rows, before aggregation (where norm clipping and privacy noise go).
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Callable
+
 from fedloom.aggregation.base import make_aggregator
 from fedloom.attacks import Adversary
 from fedloom.config import ExperimentConfig, Shapes
@@ -23,10 +36,13 @@ from fedloom.pipeline import transforms
 from fedloom.pipeline.base import Pipeline, Transform
 from fedloom.pipeline.transforms import TRANSFORMS
 from fedloom.privacy import transforms as dp
+from fedloom.privacy.ftrl import ftrl
 
 
-def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: Shapes | None = None) -> Pipeline:
-    """``shapes``: the model's parameter shapes, for compressors that work layer by layer."""
+def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: Shapes | None = None,
+                   max_weight: float = 1.0) -> Pipeline:
+    """``shapes``: the model's parameter shapes, for compressors that work layer by layer; ``max_weight``:
+    the largest client's weight (examples), public, for secure aggregation's quantized weights."""
     steps: list[Transform] = []
     if adversary is not None:
         steps.append(transforms.attack(adversary))
@@ -40,7 +56,11 @@ def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: S
     if compressor is not None:
         steps.append(transforms.compress(compressor, cfg.seed))
     steps.extend(_user_transform(t.name, t.options) for t in cfg.server.transforms)
-    if mechanism == "none":
+    if mechanism == "ftrl":  # its model is FTRL's, no server optimizer after it
+        return Pipeline(tuple(steps + _ftrl(cfg)))
+    if cfg.secure_aggregation.protocol != "none":
+        steps.extend(_secure_aggregate(cfg, max_weight))
+    elif mechanism == "none":
         aggregator = cfg.server.aggregator
         steps.append(transforms.aggregate(make_aggregator(aggregator.name, **aggregator.options)))
     else:
@@ -59,12 +79,48 @@ def _local_privacy(cfg: ExperimentConfig) -> list[Transform]:
 def _private_aggregate(cfg: ExperimentConfig) -> list[Transform]:
     """The fixed-denominator mean, with the server's clip and noise when central: noise std on the sum
     noise_multiplier * clip, so on the mean noise_multiplier * clip / clients_per_round."""
-    p, denominator = cfg.privacy, cfg.clients_per_round()
-    z, accounting = cfg.privacy_noise_multiplier(), cfg.privacy_accounting()
-    epsilon_after = lambda rounds: accounting.epsilon(z, rounds)  # noqa: E731
+    p, denominator, epsilon_after = cfg.privacy, cfg.clients_per_round(), _epsilon_after(cfg)
     if p.mechanism == "local":
         return [dp.dp_mean(denominator, 0.0, epsilon_after)]
+    if p.adaptive_clip:  # the clip lives in the transform's state
+        return [dp.adaptive_dp_mean(denominator, p.clip, cfg.privacy_sum_noise_multiplier(), cfg.privacy_count_noise(),
+                                    p.target_quantile, p.clip_lr, epsilon_after)]
+    z = cfg.privacy_noise_multiplier()
     return [dp.dp_clip(p.clip, "server"), dp.dp_mean(denominator, z * p.clip / denominator, epsilon_after)]
+
+
+def _ftrl(cfg: ExperimentConfig) -> list[Transform]:
+    """DP-FTRL: the server clips, the tree noises the prefix sums (std noise_multiplier * clip on the sum per
+    node), the model is FTRL's with server.lr and server.momentum."""
+    p, denominator = cfg.privacy, cfg.clients_per_round()
+    _, lr, momentum = cfg.server_choice()
+    std = cfg.privacy_noise_multiplier() * p.clip / denominator
+    return [dp.dp_clip(p.clip, "server"),
+            ftrl(denominator, std, lr, momentum, cfg.privacy_accounting().tree_rounds, _epsilon_after(cfg))]
+
+
+def _epsilon_after(cfg: ExperimentConfig) -> Callable[[int], float]:
+    """Epsilon after a number of rounds, at the run's (calibrated) noise multiplier."""
+    z, accounting = cfg.privacy_noise_multiplier(), cfg.privacy_accounting()
+    return lambda rounds: accounting.epsilon(z, rounds)
+
+
+def _secure_aggregate(cfg: ExperimentConfig, max_weight: float) -> list[Transform]:
+    """Secure aggregation's mean; with distributed DP each client first clips and adds N(0, z^2 clip^2 / m),
+    so the m rows' sum carries the central noise std z clip (dp_mean's, before its division by m)."""
+    from fedloom.privacy import secagg_round  # needs the secagg extra (cryptography, pycryptodome)
+
+    s, p, m = cfg.secure_aggregation, cfg.privacy, cfg.clients_per_round()
+    quantizer = secagg_round.Quantizer(s.bits, s.value_bits, s.clip, s.rounding == "stochastic")
+    dropouts = {phase: getattr(s, f"dropout_{phase}") for phase in secagg_round.PHASES}
+    spec = secagg_round.SecureMean(s.threshold_for, s.neighbours_for, quantizer, dropouts, max_weight,
+                                   name=s.protocol)
+    if p.mechanism != "distributed":
+        return [secagg_round.secure_mean(spec)]
+    z, accounting = cfg.privacy_noise_multiplier(), cfg.privacy_accounting()
+    epsilon = lambda r: {"epsilon": accounting.epsilon(z, r)}  # noqa: E731
+    return [dp.dp_clip(p.clip, "client"), dp.local_noise(z * p.clip / m ** 0.5),
+            secagg_round.secure_mean(replace(spec, denominator=m), epsilon)]
 
 
 def _user_transform(name: str, options: dict) -> Transform:

@@ -75,10 +75,16 @@ def clip(max_norm: float) -> Transform:
         raise ValueError(f"clip: max_norm must be > 0; got {max_norm}")
 
     def apply(U: Tensor, w: Tensor, state: None, ctx: Context):
-        scale = (max_norm / torch.linalg.vector_norm(U, dim=1).clamp_min(torch.finfo(U.dtype).tiny)).clamp(max=1)
-        return U * scale[:, None], w, state, {"n_clipped": int((scale < 1).sum())}
+        clipped, scale = clip_rows(U, max_norm)
+        return clipped, w, state, {"n_clipped": int((scale < 1).sum())}
 
     return Transform("clip", apply)
+
+
+def clip_rows(U: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
+    """The rows scaled to L2 norm at most ``max_norm``, and each row's scale (1 where it was shorter)."""
+    scale = (max_norm / torch.linalg.vector_norm(U, dim=1).clamp_min(torch.finfo(U.dtype).tiny)).clamp(max=1)
+    return U * scale[:, None], scale
 
 
 TRANSFORMS = Registry("transform")  # what server.transforms may name (besides a user's import path)

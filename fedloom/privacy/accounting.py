@@ -13,10 +13,22 @@ everyone, the server included, is the same Gaussian (noise multiplier ``z / 2``)
 composed once a round, with no amplification by sampling (the server knows who
 was sampled): an upper bound, since a client takes part in at most ``rounds`` rounds.
 
+``ftrl`` (DP-FTRL, Kairouz et al. 2021): the sampler hands every client at most one
+round of each epoch of ``n // m`` rounds and the noise tree restarts each epoch, so
+a client changes at most one leaf of each tree: a single-epoch tree aggregation
+(Gaussian of noise multiplier ``z / 2`` on each of the tree's ``ceil(log2(E + 1))``
+levels), composed over the epochs, with no amplification by sampling. dp_accounting
+states that event for its ``REPLACE_SPECIAL`` relation (its sensitivity folded in the
+noise multiplier), which ``z / 2`` makes the replace-one bound.
+
+Adaptive clipping (Andrew et al. 2021) releases a noised count with the clipped sum
+and spends exactly the budget of the plain Gaussian of multiplier ``z``
+(:func:`sum_noise_multiplier`), so its event is the plain one.
+
 Epsilon is a pure function of the rounds played, so a resumed run needs no
 accountant state. Supported: ``rdp`` for every case; ``pld`` only without
 sampling (central with every client each round, or local): the library's PLD
-accountant has no sampling without replacement.
+accountant has no sampling without replacement; ``ftrl`` is ``rdp`` only.
 """
 
 from __future__ import annotations
@@ -26,11 +38,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import dp_accounting
-from dp_accounting import DpEvent, GaussianDpEvent, NeighboringRelation, SelfComposedDpEvent
+from dp_accounting import (ComposedDpEvent, DpEvent, GaussianDpEvent, NeighboringRelation, SelfComposedDpEvent,
+                           SingleEpochTreeAggregationDpEvent)
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-Mechanism = Literal["central", "local"]
+Mechanism = Literal["central", "local", "ftrl"]
 Accountant = Literal["rdp", "pld"]
 NOISE_MULTIPLIER_RANGE = (1e-2, 1e3)  # where calibration looks; beyond it a run learns nothing or leaks everything
 CALIBRATION_TOL = 1e-4
@@ -53,6 +66,9 @@ class Accounting:
 
     def unsupported(self) -> str | None:
         """Why this accountant cannot account this run, or None."""
+        if self.accountant == "pld" and self.mechanism == "ftrl":
+            return ("privacy.accountant = 'pld': dp_accounting accounts DP-FTRL's tree aggregation in its RDP "
+                    "accountant only; use accountant = 'rdp'")
         if self.accountant == "pld" and self.sampled:
             return ("privacy.accountant = 'pld': dp_accounting's PLD accountant has no fixed-size sampling without "
                     "replacement (fedloom's sampler); use accountant = 'rdp', or sample every client "
@@ -62,12 +78,28 @@ class Accounting:
     def event(self, noise_multiplier: float, rounds: int) -> DpEvent:
         """The mechanism of ``rounds`` rounds; ``noise_multiplier / 2`` because replacing a client moves the
         clipped sum by up to twice the clip."""
+        if self.mechanism == "ftrl":
+            return self._tree_event(noise_multiplier, rounds)
         gaussian = GaussianDpEvent(noise_multiplier / 2)
         one_round = (dp_accounting.SampledWithoutReplacementDpEvent(self.n_clients, self.sample_size, gaussian)
                      if self.sampled else gaussian)
         return SelfComposedDpEvent(one_round, rounds)
 
+    @property
+    def tree_rounds(self) -> int:
+        """DP-FTRL's epoch: the rounds each client takes part in at most once, one noise tree each."""
+        return self.n_clients // self.sample_size
+
+    def _tree_event(self, noise_multiplier: float, rounds: int) -> DpEvent:
+        """Full epochs, each a tree of ``tree_rounds`` leaves, then the epoch under way."""
+        epochs, rest = divmod(rounds, self.tree_rounds)
+        tree = lambda steps: SingleEpochTreeAggregationDpEvent(noise_multiplier / 2, steps)  # noqa: E731
+        trees = [SelfComposedDpEvent(tree(self.tree_rounds), epochs)] if epochs else []
+        return ComposedDpEvent(trees + ([tree(rest)] if rest else []))
+
     def new_accountant(self) -> dp_accounting.PrivacyAccountant:
+        if self.mechanism == "ftrl":  # the library's tree aggregation event: sensitivity in the noise multiplier
+            return RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_SPECIAL)
         if self.accountant == "pld":
             # an unsampled Gaussian: add/remove with the sensitivity in the noise multiplier is the same pair of
             # distributions (the library's PLD REPLACE_ONE would double the sensitivity a second time)
@@ -105,3 +137,14 @@ def _calibrate(accounting: Accounting, target_epsilon: float, rounds: int) -> fl
         dp_accounting.ExplicitBracketInterval(low, high), tol=CALIBRATION_TOL))
     # the root is found within the tolerance, on either side: step to the side that meets the target
     return z if accounting.epsilon(z, rounds) <= target_epsilon else z + CALIBRATION_TOL
+
+
+def sum_noise_multiplier(noise_multiplier: float, count_std: float) -> float:
+    """Adaptive clipping's noise multiplier on the clipped sum, ``(z^-2 - (2 sigma_b)^-2)^-1/2``: replacing a
+    client moves the sum by 2C (noise z_sum C) and the count of rows within the clip by 1 (noise sigma_b), the
+    pair is one Gaussian of multiplier (4 / z_sum^2 + 1 / sigma_b^2)^-1/2 on the stacked release, and that
+    equals the plain round's z / 2 exactly at this z_sum. ValueError when sigma_b <= z / 2 (no z_sum does)."""
+    if 2 * count_std <= noise_multiplier:
+        raise ValueError(f"count noise {count_std:g} must exceed half the noise multiplier ({noise_multiplier:g} / 2): "
+                         "the count alone would spend the whole budget")
+    return (noise_multiplier ** -2 - (2 * count_std) ** -2) ** -0.5

@@ -229,7 +229,7 @@ class DecentralizedRound:
 
     def describe(self, state: State) -> dict[str, Any]:
         return {**self.data.size(), "topology": self.cfg.topology.name, "spectral_gap": self.topology.static_gap(),
-                **engine_notes(self.cfg, self.model, self.engine_name), **self.final_merge(state)}
+                **engine_notes(self.cfg, self.model, self.engine), **self.final_merge(state)}
 
     def final_merge(self, state: State) -> dict[str, Any]:
         """``decentralized.final_merge``: the honest node models merged after aligning them, evaluated as

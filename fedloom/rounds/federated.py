@@ -38,10 +38,21 @@ BYTES_PER_FLOAT = 4
 TOTALS = ("bytes_up", "bytes_down", "wire_bytes_up", "wire_bytes_down")  # per-round counts that also get a _total
 
 
-def sample_clients(n_clients: int, k: int, seed: int, round_idx: int) -> list[int]:
-    """Uniform sampling without replacement, from the round's own stream."""
+def sample_clients(n_clients: int, k: int, seed: int, round_idx: int, once_per_epoch: bool = False) -> list[int]:
+    """Uniform sampling without replacement, from the round's own stream; ``once_per_epoch`` (DP-FTRL):
+    round r's slice of its epoch's permutation instead, so each client comes at most once per n // k rounds."""
+    if once_per_epoch:
+        return epoch_clients(n_clients, k, seed, round_idx)
     rng = numpy_generator(seed, Stream.SAMPLING, round_idx)
     return sorted(rng.choice(n_clients, size=k, replace=False).tolist())
+
+
+def epoch_clients(n_clients: int, k: int, seed: int, round_idx: int) -> list[int]:
+    """Epoch e (rounds e E + 1 .. (e + 1) E, E = n // k) shuffles the clients on its own stream (key
+    (e + 1, k, n): never a round's); round r takes the next k of them (the n mod k left over sit it out)."""
+    epoch, position = divmod(round_idx - 1, n_clients // k)
+    order = numpy_generator(seed, Stream.SAMPLING, epoch + 1, k, n_clients).permutation(n_clients)
+    return sorted(order[position * k:(position + 1) * k].tolist())
 
 
 class FederatedRound:
@@ -58,7 +69,8 @@ class FederatedRound:
         self.engine_name = self.engine.name
         # evaluation runs where the engine put the model (the CPU for Ray actors' and remote clients' runs)
         self.task, self.device = build_task_for(cfg, self.data), model_device(self.model)
-        self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes)
+        self.pipeline = build_pipeline(cfg, self.adversary, self.spec.shapes,
+                                       max_weight=float(self.data.client_sizes().max()))
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
 
@@ -69,7 +81,8 @@ class FederatedRound:
                 "counters": {k: 0 for k in TOTALS}}
 
     def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
-        clients = sample_clients(self.data.n_clients, self.cfg.clients_per_round(), self.cfg.seed, round_idx)
+        clients = sample_clients(self.data.n_clients, self.cfg.clients_per_round(), self.cfg.seed, round_idx,
+                                 once_per_epoch=self.cfg.privacy.mechanism == "ftrl")
         sent = self.algorithm.broadcast(state["algorithm"])
         start, model_bytes, downlink = self._model_for_clients(state, clients, round_idx)
         store = ClientStore(state["clients"])
@@ -125,7 +138,7 @@ class FederatedRound:
 
     def describe(self, state: State) -> dict[str, Any]:
         described = {**self.data.size(), "pipeline": self.pipeline.steps(),
-                     **engine_notes(self.cfg, self.model, self.engine_name)}
+                     **engine_notes(self.cfg, self.model, self.engine)}
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
             described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
         return described

@@ -30,7 +30,7 @@ PARTITION = "partition.json"
 GRAPH = "graph.json"
 SUMMARY_PREFIXES = ("central_", "federated_", "node_", "xbar_")  # the task's metrics, whatever they are
 SUMMARY_KEYS = ("consensus_distance", "bytes_per_node_total", "train_loss", "bytes_up_total", "bytes_down_total",
-                "epsilon", "wall_seconds")  # what the summary takes from the last metrics besides those
+                "epsilon", "dp_clip", "wall_seconds")  # what the summary takes from the last metrics besides those
 DISK_ERRORS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # the disk, not the file
 
 
