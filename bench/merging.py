@@ -1,6 +1,6 @@
 """Model merging (fedloom.merging): three tables, each from fedloom's own runs and functions.
 
-    python bench/merging.py [--seeds 0,1] [--only rebasin,one_shot,decentralized] [--epochs 10]
+    python bench/merging.py [--seeds 0,1] [--only rebasin,one_shot,decentralized] [--epochs 10] [--widths 16,64,256]
 
 1. rebasin: two MLPs trained from different initializations on the same data (MNIST-5k, one client,
    every example, ``--epochs`` passes of SGD), for several hidden widths: the loss barrier on the straight
@@ -33,10 +33,10 @@ WIDTHS = (16, 64, 256)
 QUIET = ["output.progress=false", "evaluation.every=1000"]
 
 
-def rebasin(seeds: list[int], epochs: int) -> list[dict]:
+def rebasin(seeds: list[int], epochs: int, widths: tuple[int, ...] = WIDTHS) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for width in WIDTHS:
+        for width in widths:
             dirs = []
             for seed in seeds[:2] if len(seeds) >= 2 else (0, 1):
                 cfg = [*QUIET, "data.dataset=mnist5k", "data.n_clients=1", "partition.name=iid", "rounds=1",
@@ -102,9 +102,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--only", default="rebasin,one_shot,decentralized")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="rebasin: hidden widths")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    parts = {"rebasin": lambda: rebasin(seeds, args.epochs), "one_shot": lambda: one_shot_table(seeds, args.epochs),
+    widths = tuple(int(w) for w in args.widths.split(","))
+    parts = {"rebasin": lambda: rebasin(seeds, args.epochs, widths), "one_shot": lambda: one_shot_table(seeds, args.epochs),
              "decentralized": lambda: decentralized(seeds)}
     RESULTS.mkdir(exist_ok=True)
     written = RESULTS / "merging.json"  # the parts run now replace their own entries, the others stay

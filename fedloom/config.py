@@ -229,6 +229,8 @@ class DecentralizedConfig(Section):
             raise ValueError(f"gossip = 'clipped' runs with algorithm = 'dsgd' (got {self.algorithm!r})")
         if self.clip_tau is not None and "clip_delta" in changed:
             raise ValueError("clip_delta sets the adaptive radius; with a fixed clip_tau it has no effect")
+        if self.final_merge == "ot" and importlib.util.find_spec("ot") is None:
+            raise ValueError("final_merge = 'ot' needs POT (optimal transport): pip install fedloom[merging]")
         return self
 
 

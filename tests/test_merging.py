@@ -259,3 +259,16 @@ def test_matched_averaging_transform_undoes_the_clients_permutations_before_the_
     assert metrics["matched_shift"] > 0
     with pytest.raises(ValueError, match="activation matching needs data"):
         matched_averaging(model, "activation")
+
+
+def test_without_pot_the_ot_method_is_refused_naming_the_extra(monkeypatch, tiny_runs, tmp_path):
+    import importlib.util
+
+    from fedloom.config import ConfigError, load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ot" else real(name, *a))
+    with pytest.raises(MergeError, match="fedloom\\[merging\\]"):
+        merge_runs([tiny_runs["a"], tiny_runs["b"]], "ot", out=tmp_path / "m")
+    with pytest.raises(ConfigError, match="final_merge = 'ot' needs POT"):
+        load_config(None, ["mode=decentralized", "decentralized.final_merge=ot"])

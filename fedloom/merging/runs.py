@@ -9,6 +9,7 @@ model to the other, plain and aligned, with the barriers; the merged and the ave
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,8 @@ def activation_batch(data: FederatedData, seed: int) -> Tensor:
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise MergeError(f"merge method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "ot" and importlib.util.find_spec("ot") is None:
+        raise MergeError("merge method 'ot' needs POT (optimal transport): pip install fedloom[merging]")
 
 
 def aligner_for(method: Method, model: nn.Module, data: FederatedData, seed: int, ot_reg: float = 0.0) -> Aligner:
