@@ -7,11 +7,9 @@ import torch
 
 from fedloom import checkpoint
 from fedloom.config import ConfigError, load_config
-from fedloom.core.params import ParamSpec
 from fedloom.engines.base import functional_loss
 from fedloom.personalization import Split
 from fedloom.personalization.split import personal_names
-from fedloom.rounds import build_round
 from helpers import make_round, play
 
 TINY = ["data.dataset=digits", "data.n_clients=6", "partition.name=shards", "partition.options={classes_per_client=2}",
