@@ -184,8 +184,10 @@ def test_the_page_plots_a_live_runs_rounds_as_they_come(tmp_path):
         assert "running" in browser.find_element(by.CSS_SELECTOR, "#runs button[data-run^='live']").text
         _deployment(tmp_path / "deployed")  # the clients of each round, as a deployment records them
         _wait(lambda: browser.find_elements(by.CSS_SELECTOR, "#runs button[data-run='deployed']"))[0].click()
-        _wait(lambda: charts.get_attribute("data-rounds") == "3")
-        assert browser.find_elements(by.CSS_SELECTOR, "#participation .main-svg")
+        # the live run may itself be at round 3 while the click's fetch is under way: wait for the deployed
+        # run's own chart, which only a run with clients_submitted records draws
+        assert _wait(lambda: charts.get_attribute("data-rounds") == "3"
+                     and browser.find_elements(by.CSS_SELECTOR, "#participation .main-svg"))
         assert browser.find_elements(by.CSS_SELECTOR, "#labels .main-svg")  # the label histogram's heatmap
     finally:
         browser.quit()

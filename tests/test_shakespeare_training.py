@@ -20,7 +20,8 @@ def test_fedavg_with_the_leaf_lstm_lowers_next_character_loss_within_20_rounds()
         "output.save=false", "output.progress=false", "data.options.max_clients=30", "data.n_clients=30",
         "sampling.clients_per_round=5", "client.steps=5", "evaluation.every=20"])
     run = Stepper(build_round(cfg))
-    assert run.round_.data.size() == {"n_clients": 30, "train_examples": 7080, "train_tokens": 566_400}
+    # each role trains on all its training windows and tests on its own test split (its text's tail)
+    assert run.round_.data.size() == {"n_clients": 30, "train_examples": 8852, "train_tokens": 708_160}
     before = run.round_.evaluate(run.state)
     for r in range(1, 21):
         after = run.round(r)
