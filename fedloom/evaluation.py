@@ -70,6 +70,15 @@ def client_terms(model: nn.Module, spec: ParamSpec, flat: Tensor, data: Federate
     return {k: (torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts])) for k in parts[0]}, owners
 
 
+def per_client(model: nn.Module, spec: ParamSpec, flat: Tensor, data: FederatedData, task: Task) -> dict[str, list]:
+    """The global model's primary metric on each client's own test examples (clients without: left out)."""
+    terms, owners = client_terms(model, spec, flat, data, task)
+    if owners is None:
+        return {}
+    return {"clients": [c for c in range(data.n_clients) if len(data.test_idx[c])],
+            "global": by_client(terms, owners, data.n_clients, task).tolist()}
+
+
 def by_client(terms: dict[str, Terms], owners: Tensor, n_clients: int, task: Task) -> Tensor:
     """The primary metric of each client that has test examples, in client order."""
     total, count = (torch.bincount(owners, weights=t, minlength=n_clients) for t in terms[task.primary])

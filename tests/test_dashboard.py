@@ -60,6 +60,7 @@ def test_metrics_partition_and_page_are_served_as_written(runs):
     assert client.get(f"/api/runs/{done}/metrics").json() == [json.loads(line) for line in lines]
     assert client.get(f"/api/runs/{done}/partition").json() == json.loads((root / done / "partition.json").read_text())
     assert client.get(f"/api/runs/{done}/graph").status_code == 404  # a federated run has none
+    assert client.get(f"/api/runs/{done}/summary").json() == json.loads((root / done / "summary.json").read_text())
     page = client.get("/")
     assert page.status_code == 200 and "/static/plotly.min.js" in page.text
     script = client.get("/static/plotly.min.js")
@@ -69,7 +70,7 @@ def test_metrics_partition_and_page_are_served_as_written(runs):
 @pytest.mark.parametrize("name", ["..", "../runs", "%2e%2e", "..%2Fetc", "not-a-run", "nope", "a%2Fb"])
 def test_names_outside_the_listing_are_404(runs, name):
     client = TestClient(create_app(runs[0]))
-    for view in ("metrics", "stream", "partition", "graph"):
+    for view in ("metrics", "stream", "partition", "graph", "summary"):
         assert client.get(f"/api/runs/{name}/{view}").status_code == 404, (name, view)
 
 
@@ -158,7 +159,11 @@ def _deployment(run_dir: Path) -> None:
                for r in (1, 2, 3)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     (run_dir / "partition.json").write_text(json.dumps({"train_sizes": [3, 4, 5], "label_histogram": [[1, 2]] * 3}))
-    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed",
+                                                      "per_client_accuracy": {"clients": [0, 1, 2],
+                                                                              "global": [0.5, 0.75, 1.0]}}))
+    (run_dir / "graph.json").write_text(json.dumps({"name": "ring", "n_nodes": 3, "edges": [[0, 1], [1, 2], [2, 0]],
+                                                    "byzantine": [2]}))
 
 
 @pytest.mark.slow
@@ -189,6 +194,8 @@ def test_the_page_plots_a_live_runs_rounds_as_they_come(tmp_path):
         assert _wait(lambda: charts.get_attribute("data-rounds") == "3"
                      and browser.find_elements(by.CSS_SELECTOR, "#participation .main-svg"))
         assert browser.find_elements(by.CSS_SELECTOR, "#labels .main-svg")  # the label histogram's heatmap
+        assert _wait(lambda: browser.find_elements(by.CSS_SELECTOR, "#graph .main-svg"))  # the gossip graph
+        assert _wait(lambda: browser.find_elements(by.CSS_SELECTOR, "#clients .main-svg"))  # per-client histogram
     finally:
         browser.quit()
         thread.server.should_exit = True

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fedloom
 from fedloom.tracking import RunDir, read_metrics, render_report, rundir
 from fedloom.tracking.rundir import METRICS, SUMMARY
 
@@ -206,3 +207,14 @@ def test_missing_run_dir_names_the_path(tmp_path):
     missing = tmp_path / "no-such-run"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         render_report(missing)
+
+
+def test_the_summary_lists_each_clients_final_metric_for_the_histograms():
+    import math
+
+    result = fedloom.run({"rounds": 2, "data": {"n_clients": 12}, "client": {"epochs": 1},
+                          "output": {"save": False, "progress": False}})
+    per_client = result.summary["per_client_accuracy"]
+    assert per_client["clients"] == list(range(12)) and len(per_client["global"]) == 12
+    worst = sorted(per_client["global"])[: math.ceil(0.1 * 12)]  # the same model's worst 10% of clients
+    assert sum(worst) / len(worst) == pytest.approx(result.summary["federated_accuracy_worst10"], abs=1e-6)

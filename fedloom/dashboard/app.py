@@ -111,7 +111,8 @@ def create_app(root: str | Path, poll_s: float = 0.5) -> Starlette:
 
     routes = [Route("/", page), Route("/api/runs", runs), Route("/api/runs/{name}/metrics", metrics),
               Route("/api/runs/{name}/stream", stream), Route("/api/runs/{name}/partition", json_file(PARTITION)),
-              Route("/api/runs/{name}/graph", json_file(GRAPH)), Mount("/static", StaticFiles(directory=STATIC))]
+              Route("/api/runs/{name}/graph", json_file(GRAPH)), Route("/api/runs/{name}/summary", json_file(SUMMARY)),
+              Mount("/static", StaticFiles(directory=STATIC))]
     return Starlette(routes=routes)
 
 

@@ -49,6 +49,7 @@ from fedloom.systems import build_system
 from fedloom.systems.rounds import IDLE_WAIT_S, Cut, cut, examples_processed, sample_available, uplink_row_bytes
 
 BYTES_PER_FLOAT = 4
+PER_CLIENT_MAX = 10_000  # the summary lists each client's final metric up to this many clients
 TOTALS = ("bytes_up", "bytes_down", "wire_bytes_up", "wire_bytes_down")  # per-round counts that also get a _total
 
 
@@ -233,8 +234,10 @@ class FederatedRound:
                      **engine_notes(self.cfg, self.model, self.engine)}
         if self.personal:
             described["personalization"] = self.personal.name
-        if self.personal and self.cfg.evaluation.federated:  # per-client values for the report's histogram
-            described[f"per_client_{self.task.primary}"] = self._personal_evaluation(state)[1]
+        if self.cfg.evaluation.federated and self.data.n_clients <= PER_CLIENT_MAX:  # the histograms' values
+            described[f"per_client_{self.task.primary}"] = (
+                self._personal_evaluation(state)[1] if self.personal else
+                evaluation.per_client(self.model, self.spec, state["x"].to(self.device), self.data, self.task))
         if self.cfg.privacy.mechanism != "none":  # the noise multiplier run with, calibrated or given
             described["noise_multiplier"] = self.cfg.privacy_noise_multiplier()
         if self.participation is not None:  # the clients' own probabilities, drawn once (bernoulli participation)

@@ -29,7 +29,7 @@ MODEL = "model.safetensors"
 PARTITION = "partition.json"
 GRAPH = "graph.json"
 SUMMARY_PREFIXES = ("central_", "federated_", "personal_", "node_", "xbar_")  # the task's metrics, whatever they are
-PER_CLIENT = "per_client_"  # the summary's per-client values of personalized runs (the report's histogram)
+PER_CLIENT = "per_client_"  # the summary's per-client final metric: the report's and the dashboard's histograms
 SUMMARY_KEYS = ("consensus_distance", "bytes_per_node_total", "train_loss", "bytes_up_total", "bytes_down_total",
                 "epsilon", "dp_clip", "wall_seconds", "virtual_seconds")  # what the summary takes from the last metrics
 DISK_ERRORS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # the disk, not the file

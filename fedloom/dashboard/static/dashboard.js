@@ -33,11 +33,13 @@ function selectRun(name) {
   state.rows = new Map();
   document.getElementById("title").textContent = name;
   document.querySelectorAll("#runs button").forEach((b) => b.classList.toggle("selected", b.dataset.run === name));
-  ["metric", "loss", "bytes", "participation", "sizes", "labels"].forEach((id) => Plotly.purge(id));
+  ["metric", "loss", "bytes", "participation", "sizes", "labels", "graph", "clients"].forEach((id) => Plotly.purge(id));
   api(`/api/runs/${encodeURIComponent(name)}/partition`).then((p) => p && drawPartition(p));
+  api(`/api/runs/${encodeURIComponent(name)}/graph`).then((g) => g && drawGraph(g));
+  loadSummary(name);
   const source = new EventSource(`/api/runs/${encodeURIComponent(name)}/stream`);
   source.onmessage = (event) => addRecord(JSON.parse(event.data));
-  source.addEventListener("end", () => { source.close(); loadRuns(); });
+  source.addEventListener("end", () => { source.close(); loadRuns(); loadSummary(name); });
   state.source = source;
 }
 
@@ -96,3 +98,35 @@ function drawPartition(stats) {
 
 loadRuns();
 setInterval(loadRuns, 3000);
+
+function loadSummary(name) {  // the per-client histogram is drawn from the summary, written when the run ends
+  api(`/api/runs/${encodeURIComponent(name)}/summary`).then((s) => s && state.run === name && drawClients(s));
+}
+
+function drawGraph(graph) {  // nodes on a circle, edges as one line trace broken by nulls; Byzantine nodes red
+  const angle = (i) => (2 * Math.PI * i) / graph.n_nodes;
+  const px = (i) => Math.cos(angle(i)), py = (i) => Math.sin(angle(i));
+  const ex = [], ey = [];
+  graph.edges.forEach(([a, b]) => { ex.push(px(a), px(b), null); ey.push(py(a), py(b), null); });
+  const nodes = [...Array(graph.n_nodes).keys()];
+  const byzantine = new Set(graph.byzantine || []);
+  Plotly.react("graph", [
+    { x: ex, y: ey, mode: "lines", type: "scatter", line: { width: 1, color: "#999" }, hoverinfo: "skip", name: "edges" },
+    { x: nodes.map(px), y: nodes.map(py), mode: "markers", type: "scatter", text: nodes.map(String), name: "nodes",
+      marker: { size: 8, color: nodes.map((i) => (byzantine.has(i) ? "crimson" : "steelblue")) } },
+  ], { ...LAYOUT, title: { text: `gossip graph: ${graph.name}, ${graph.n_nodes} nodes` }, showlegend: false,
+    xaxis: { visible: false }, yaxis: { visible: false, scaleanchor: "x" } }, CONFIG);
+}
+
+function drawClients(summary) {  // each client's final metric on its own test split: global (and personalized) models
+  const key = Object.keys(summary).find((k) => k.startsWith("per_client_"));
+  if (!key) return;
+  const values = summary[key];
+  const traces = [["global", "global model"], ["personal", "personalized models"]]
+    .filter(([k]) => values[k] && values[k].length)
+    .map(([k, name]) => ({ x: values[k], type: "histogram", name, opacity: 0.6 }));
+  if (!traces.length) return;
+  const metric = key.slice("per_client_".length);
+  Plotly.react("clients", traces, { ...LAYOUT, barmode: "overlay", title: { text: `per-client ${metric}` },
+    xaxis: { title: { text: metric } }, yaxis: { title: { text: "clients" } } }, CONFIG);
+}
