@@ -297,7 +297,7 @@ def run_contestant(name: str, cmd: list[str], timeout: float, log_path: Path) ->
            "PYTHONPATH": fedloom_path(str(PEERS)) if cmd[0] == FEDLOOM_PYTHON else str(PEERS)}
     print(f"[bench] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
+    began, started_unix = time.perf_counter(), time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=str(PEERS),
                                 start_new_session=True)
@@ -321,7 +321,8 @@ def run_contestant(name: str, cmd: list[str], timeout: float, log_path: Path) ->
         status = "no result line"
     if status != "ok":
         result["error"] = _tail(_drop_pip_noise(log_path.read_text()), 25)
-    result.update({"name": name, "status": status, "wall_seconds": wall, "peak_rss_tree_mb": peak,
+    result.update({"name": name, "status": status, "wall_seconds": wall, "started_unix": started_unix,
+                   "peak_rss_tree_mb": peak,
                    "command": " ".join(cmd), "log": str(log_path.relative_to(BENCH))})
     times = result.get("round_seconds") or []
     if times:

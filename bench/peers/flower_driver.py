@@ -1,6 +1,6 @@
 """Flower (flwr[simulation] 1.42.0, the current release, and 1.22.0) on the benchmark workload.
 
-    python flower_driver.py SPEC.json [--rounds N] [--cpus-per-client 1] [--device cuda --gpus-per-client 0.1]
+    python flower_driver.py SPEC.json [--rounds N] [--cpus-per-client 1] [--device cuda --gpus-per-client 0.1] [--curve]
 
 run_simulation with a ServerApp (flwr.serverapp.strategy.FedAvg, no federated
 evaluation) and the ClientApp of flower_client.py on the Ray backend, one
@@ -28,17 +28,18 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from flower_client import app as client_app  # noqa: E402
-from shared import accuracy, emit, load_workload, one_thread  # noqa: E402
+from shared import Curve, accuracy, emit, load_workload, one_thread  # noqa: E402
 
 OUT: dict = {}
 
 
 class TimedFedAvg(FedAvg):
-    """FedAvg that gives the i-th sampled node of round r the client id sampled[r][i]."""
+    """FedAvg that gives the i-th sampled node of round r the client id sampled[r][i] (and, with a
+    curve, tests each round's aggregate on the global test set)."""
 
-    def __init__(self, sampled, **kwargs):
+    def __init__(self, sampled, curve: Curve, model, **kwargs):
         super().__init__(**kwargs)
-        self.sampled = sampled
+        self.sampled, self.curve, self.model = sampled, curve, model
         self.started: dict[int, float] = {}
         self.ended: dict[int, float] = {}
 
@@ -55,10 +56,13 @@ class TimedFedAvg(FedAvg):
     def aggregate_train(self, server_round, replies):
         out = super().aggregate_train(server_round, replies)
         self.ended[server_round] = time.perf_counter()
+        if self.curve.enabled and out[0] is not None:
+            self.model.load_state_dict(out[0].to_torch_state_dict())
+            self.curve.point(self.model)
         return out
 
 
-def make_server(w, spec_path: str, rounds: int, device: str) -> ServerApp:
+def make_server(w, spec_path: str, rounds: int, device: str, curve: Curve) -> ServerApp:
     spec = w.spec
     server = ServerApp()
 
@@ -66,8 +70,8 @@ def make_server(w, spec_path: str, rounds: int, device: str) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         one_thread()
         k, n = spec["clients_per_round"], w.n_clients
-        strategy = TimedFedAvg(w.sampled, fraction_train=k / n, min_train_nodes=k, min_available_nodes=n,
-                               fraction_evaluate=0.0)
+        strategy = TimedFedAvg(w.sampled, curve, w.model(), fraction_train=k / n, min_train_nodes=k,
+                               min_available_nodes=n, fraction_evaluate=0.0)
         model = w.model()
         train_config = ConfigRecord({"lr": spec["lr"], "epochs": spec["epochs"], "batch-size": spec["batch_size"],
                                      "seed": 0, "spec": spec_path, "device": device})
@@ -76,6 +80,7 @@ def make_server(w, spec_path: str, rounds: int, device: str) -> ServerApp:
         model.load_state_dict(result.arrays.to_torch_state_dict())
         OUT["accuracy"] = accuracy(model, w.x_test, w.y_test)
         OUT["round_seconds"] = [strategy.ended[r] - strategy.started[r] for r in sorted(strategy.ended)]
+        OUT.update(curve.result())
 
     return server
 
@@ -89,6 +94,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda: where the ClientApps train")
     parser.add_argument("--gpus-per-client", type=float, default=None,
                         help="Ray's GPU share per ClientApp actor (default 0.1 with --device cuda, else 0)")
+    parser.add_argument("--curve", action="store_true", help="test accuracy after every round (bench/tta.py)")
     args = parser.parse_args()
     gpus = args.gpus_per_client if args.gpus_per_client is not None else (0.1 if args.device != "cpu" else 0.0)
     if args.device != "cpu" and gpus <= 0:
@@ -104,14 +110,14 @@ def main() -> None:
                                     "_temp_dir": os.path.join(os.path.dirname(spec_path), "ray")}}
     if args.device != "cpu":  # Ray's GPUs said outright, as torch sees them, not left to its own detection
         backend_config["init_args"]["num_gpus"] = torch.cuda.device_count()
-    run_simulation(server_app=make_server(w, spec_path, rounds, args.device), client_app=client_app,
+    run_simulation(server_app=make_server(w, spec_path, rounds, args.device, Curve(w, args.curve)), client_app=client_app,
                    num_supernodes=w.n_clients, backend_config=backend_config)
     if "round_seconds" not in OUT:
         raise SystemExit("Flower finished without running the rounds (see the log above)")
     emit({"round_seconds": OUT["round_seconds"], "accuracy": OUT["accuracy"], "rounds_done": len(OUT["round_seconds"]),
           "actors": int(min(os.cpu_count() // args.cpus_per_client, int(1 / gpus + 1e-9) if gpus else float("inf"))),
           "flwr_client_resources": args.cpus_per_client, "flwr_client_gpus": gpus, "device": args.device,
-          "torch_threads_driver": torch.get_num_threads()})
+          "torch_threads_driver": torch.get_num_threads(), **({"curve": OUT["curve"]} if "curve" in OUT else {})})
 
 
 if __name__ == "__main__":

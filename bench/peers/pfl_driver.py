@@ -1,6 +1,6 @@
 """pfl-research (pfl, PyTorch backend) on the benchmark workload.
 
-    python pfl_driver.py SPEC.json [--rounds N]
+    python pfl_driver.py SPEC.json [--rounds N] [--curve]
 
 FederatedAveraging with a SimulatedBackend over a FederatedDataset whose user
 sampler yields the round's client ids (shared by every contestant), examples
@@ -31,7 +31,7 @@ from pfl.data.federated_dataset import FederatedDataset  # noqa: E402
 from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams  # noqa: E402
 from pfl.metrics import Metrics, Weighted  # noqa: E402
 
-from shared import accuracy, emit, load_workload, one_thread, shuffle_seed  # noqa: E402
+from shared import Curve, accuracy, emit, load_workload, one_thread, shuffle_seed  # noqa: E402
 
 
 class PflNet(torch.nn.Module):
@@ -56,8 +56,11 @@ class PflNet(torch.nn.Module):
 
 
 class RoundTimer(TrainingProcessCallback):
-    def __init__(self):
+    """Round boundaries, and the test accuracy after each round when a curve is asked for."""
+
+    def __init__(self, net: torch.nn.Module, curve: Curve):
         self.marks: list[float] = []
+        self.net, self.curve = net, curve
 
     def on_train_begin(self, *, model):
         self.marks.append(time.perf_counter())
@@ -65,6 +68,7 @@ class RoundTimer(TrainingProcessCallback):
 
     def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
         self.marks.append(time.perf_counter())
+        self.curve.point(self.net)
         return False, Metrics()
 
 
@@ -72,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("spec")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--curve", action="store_true", help="test accuracy after every round (bench/tta.py)")
     args = parser.parse_args()
     one_thread()
     w = load_workload(args.spec)
@@ -99,11 +104,12 @@ def main() -> None:
     train_params = NNTrainHyperParams(local_num_epochs=spec["epochs"], local_learning_rate=spec["lr"],
                                       local_batch_size=spec["batch_size"])
     eval_params = NNEvalHyperParams(local_batch_size=1024)
-    timer = RoundTimer()
+    timer = RoundTimer(net.net, Curve(w, args.curve))
     FederatedAveraging().run(algorithm_params=algorithm_params, backend=backend, model=model,
                              model_train_params=train_params, model_eval_params=eval_params, callbacks=[timer])
     times = list(np.diff(timer.marks))
-    emit({"round_seconds": times, "accuracy": accuracy(net.net, w.x_test, w.y_test), "rounds_done": len(times)})
+    emit({"round_seconds": times, "accuracy": accuracy(net.net, w.x_test, w.y_test), "rounds_done": len(times),
+          **timer.curve.result()})
 
 
 if __name__ == "__main__":

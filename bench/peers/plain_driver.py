@@ -1,6 +1,6 @@
 """The reference a researcher would write with no framework, and the one-big-batch limit.
 
-    python plain_driver.py SPEC.json [--mode plain|bigbatch] [--shuffle-seed 0] [--device cuda]
+    python plain_driver.py SPEC.json [--mode plain|bigbatch] [--shuffle-seed 0] [--device cuda] [--curve]
 
 plain: for each sampled client, copy the global model, run torch.optim.SGD over
 its tensor batches (no DataLoader; a fresh shuffle per epoch), then average the
@@ -26,10 +26,10 @@ T_START = time.perf_counter()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from shared import Clock, accuracy, emit, load_workload, one_thread, shuffle_seed  # noqa: E402
+from shared import Clock, Curve, accuracy, emit, load_workload, one_thread, shuffle_seed  # noqa: E402
 
 
-def plain(w, seed: int, rounds: int) -> tuple[torch.nn.Module, list[float]]:
+def plain(w, seed: int, rounds: int, curve: Curve) -> tuple[torch.nn.Module, list[float]]:
     spec = w.spec
     global_model = w.model()
     clock = Clock(w.x.device)
@@ -53,10 +53,11 @@ def plain(w, seed: int, rounds: int) -> tuple[torch.nn.Module, list[float]]:
                 summed[k] += n * v
         global_model.load_state_dict({k: v / total for k, v in summed.items()})
         clock.end_round()
+        curve.point(global_model)
     return global_model, clock.rounds
 
 
-def bigbatch(w, seed: int, rounds: int) -> tuple[torch.nn.Module, list[float], list[int]]:
+def bigbatch(w, seed: int, rounds: int, curve: Curve) -> tuple[torch.nn.Module, list[float], list[int]]:
     spec = w.spec
     model = w.model()
     opt = torch.optim.SGD(model.parameters(), lr=spec["lr"])
@@ -76,6 +77,7 @@ def bigbatch(w, seed: int, rounds: int) -> tuple[torch.nn.Module, list[float], l
             F.cross_entropy(model(w.x[batch]), w.y[batch]).backward()
             opt.step()
         clock.end_round()
+        curve.point(model)
     return model, clock.rounds, steps_per_round
 
 
@@ -86,19 +88,20 @@ def main() -> None:
     parser.add_argument("--shuffle-seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=None, help="fewer rounds than the workload's")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where the model and data live")
+    parser.add_argument("--curve", action="store_true", help="test accuracy after every round (bench/tta.py)")
     args = parser.parse_args()
     one_thread()
     w = load_workload(args.spec).to(args.device)
     rounds = args.rounds or w.spec["rounds"]
     setup = time.perf_counter() - T_START
-    extra = {}
+    extra, curve = {}, Curve(w, args.curve)
     if args.mode == "plain":
-        model, times = plain(w, args.shuffle_seed, rounds)
+        model, times = plain(w, args.shuffle_seed, rounds, curve)
     else:
-        model, times, steps = bigbatch(w, args.shuffle_seed, rounds)
+        model, times, steps = bigbatch(w, args.shuffle_seed, rounds, curve)
         extra = {"steps_per_round": steps, "batch": w.spec["clients_per_round"] * w.spec["batch_size"]}
     emit({"round_seconds": times, "setup_seconds": setup, "accuracy": accuracy(model, w.x_test, w.y_test),
-          "rounds_done": len(times), "device": args.device, **extra})
+          "rounds_done": len(times), "device": args.device, **extra, **curve.result()})
 
 
 if __name__ == "__main__":

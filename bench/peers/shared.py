@@ -11,7 +11,8 @@
 - ``Workload.to(device)`` and ``sync``: a contestant on a GPU holds the whole
   data set there (as fedloom does when it fits ``engine.data_on_device_gb``)
   and waits for the device before it stops a round's clock;
-- ``accuracy``: accuracy on the global test set;
+- ``accuracy``: accuracy on the global test set; ``Curve``: that accuracy after
+  every round with the time it was reached (``--curve``, for bench/tta.py);
 - ``emit``: the one JSON line a driver prints for bench/common.py to read.
 """
 
@@ -178,3 +179,24 @@ class Clock:
     def end_round(self) -> None:
         sync(self.device)
         self.rounds.append(time.perf_counter() - self._last)
+
+
+class Curve:
+    """Test accuracy after every round (``--curve``: bench/tta.py's time to accuracy). Each point is
+    [unix time after the round and its evaluation, accuracy, seconds the evaluation took]: the harness
+    takes the evaluations out of the clock, since a contestant pays them only for this measurement."""
+
+    def __init__(self, w: Workload, enabled: bool):
+        self.w, self.enabled = w, enabled
+        self.points: list[list[float]] = []
+
+    def point(self, model: nn.Module) -> None:
+        if not self.enabled:
+            return
+        sync(self.w.x.device)
+        began = time.perf_counter()
+        acc = accuracy(model, self.w.x_test, self.w.y_test)
+        self.points.append([time.time(), acc, time.perf_counter() - began])
+
+    def result(self) -> dict:
+        return {"curve": self.points} if self.enabled else {}
