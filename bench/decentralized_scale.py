@@ -1,8 +1,9 @@
-"""Full decentralized training rounds on 1,000 nodes: seconds per round, where
+"""Full decentralized training rounds on 1,000 nodes (or --nodes N): seconds per round, where
 they go, and peak memory.
 
     python bench/decentralized_scale.py [--rounds 8] [--graphs ring,exponential] [--algorithms dsgd,gradient_tracking]
                                         [--threads 1] [--profile] [--out bench/results/decentralized_scale]
+                                        [--nodes 10000 --no-evaluation]
 
 Issue #5's scale target: 1,000 nodes, multinomial logistic regression on
 Synthetic(1, 1) (1,000 natural clients, one per node), ring and exponential
@@ -11,7 +12,9 @@ what ``fedloom run`` does in a decentralized round: 5 local SGD steps of batch 1
 (lr 0.05) on every node in the vectorized engine, the gossip step, consensus
 distance and byte counts. Evaluating all 1,000 node models on the 71,598 test
 examples costs far more than that round, so ``evaluation.every = rounds`` keeps it
-to the last round and it is reported on its own ("evaluation s").
+to the last round and it is reported on its own ("evaluation s"); ``--no-evaluation``
+leaves it out (at 10,000 nodes it scores 10,000 models on every test example: the run
+asks for one more round than it plays, so no played round evaluates).
 
 Each configuration runs in a fresh process (its peak RSS, from getrusage, is its
 own) with one torch thread by default, as in the W benchmarks (``--threads 2``
@@ -46,15 +49,16 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGET_SECONDS, TARGET_GIB = 0.5, 4.0
+TARGET_NODES, TARGET_SECONDS, TARGET_GIB = 1000, 0.5, 4.0
 PARTS = {"train": ("engine", "run_round"), "W": ("topology", "mixing"), "gossip": ("algorithm", "mix"),
          "evaluation": ("round_", "evaluate")}
 
 
-def overrides(graph: str, algorithm: str, rounds: int) -> list[str]:
-    return ['mode="decentralized"', "output.save=false", "output.progress=false", f"rounds={rounds}",
-            f"evaluation.every={rounds}", "evaluation.federated=false",
-            'data.dataset="synthetic"', "data.options.n_clients=1000", "data.n_clients=1000",
+def overrides(graph: str, algorithm: str, rounds: int, nodes: int = 1000, evaluate: bool = True) -> list[str]:
+    planned = rounds if evaluate else rounds + 1
+    return ['mode="decentralized"', "output.save=false", "output.progress=false", f"rounds={planned}",
+            f"evaluation.every={planned}", "evaluation.federated=false",
+            'data.dataset="synthetic"', f"data.options.n_clients={nodes}", f"data.n_clients={nodes}",
             "data.client_test_fraction=0", "partition.name=natural", "model.name=logistic", "engine.name=vectorized",
             "client.steps=5", "client.batch_size=16", "client.lr=0.05",
             f"topology.name={graph}", f"decentralized.algorithm={algorithm}"]
@@ -104,13 +108,14 @@ def _profile_round(exp, round_idx: int, path: Path) -> None:
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
 
 
-def measure(graph: str, algorithm: str, rounds: int, threads: int, profile: bool) -> dict:
+def measure(graph: str, algorithm: str, rounds: int, threads: int, profile: bool, nodes: int = 1000,
+            evaluate: bool = True) -> dict:
     torch.set_num_threads(threads)
     from fedloom.config import load_config  # imported here: the spawned process pays its own imports
     from fedloom.rounds.decentralized import DecentralizedRound
     from fedloom.runner import Stepper
 
-    cfg = load_config(None, overrides(graph, algorithm, rounds))
+    cfg = load_config(None, overrides(graph, algorithm, rounds, nodes, evaluate))
     start = time.perf_counter()
     exp = Stepper(DecentralizedRound(cfg))
     build_s = time.perf_counter() - start
@@ -128,10 +133,10 @@ def measure(graph: str, algorithm: str, rounds: int, threads: int, profile: bool
             "threads": threads, "build_s": build_s, "first_round_s": round_s[0], "steady_s": steady_s,
             "steady_cpu_s": statistics.median(cpu_s[steady]), "round_s": round_s, "round_cpu_s": cpu_s,
             **{f"{part}_s": s for part, s in split.items()}, "other_s": steady_s - sum(split.values()),
-            "evaluation_s": parts["evaluation"][-1], "evaluation_round_cpu_s": cpu_s[-1],
+            "evaluation_s": parts["evaluation"][-1] if evaluate else None, "evaluation_round_cpu_s": cpu_s[-1],
             "peak_rss_built_mib": rss_built, "peak_rss_before_evaluation_mib": rss_before_evaluation,
             "peak_rss_mib": rss_end, "spectral_gap": exp.describe(exp.state)["spectral_gap"],
-            **{k: records[-1][k] for k in ("xbar_accuracy", "node_accuracy_mean", "consensus_distance")}}
+            **{k: records[-1].get(k) for k in ("xbar_accuracy", "node_accuracy_mean", "consensus_distance")}}
 
 
 def source_state() -> dict:
@@ -144,11 +149,17 @@ def source_state() -> dict:
 
 
 def verdict(r: dict) -> str:
+    if r["n"] != TARGET_NODES:
+        return f"(the targets are for {TARGET_NODES:,} nodes)"
     fast = r["steady_s"] < TARGET_SECONDS
     small = r["peak_rss_mib"] / 1024 < TARGET_GIB
     return ("both targets reached" if fast and small else
             "; ".join(([] if fast else [f"steady {r['steady_s']:.2f} s/round, target {TARGET_SECONDS} s"])
                       + ([] if small else [f"peak {r['peak_rss_mib'] / 1024:.1f} GiB, target {TARGET_GIB} GiB"])))
+
+
+def _number(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -168,9 +179,9 @@ def markdown(results: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['graph']} | {r['algorithm']} | {r['spectral_gap']:.2g} | {r['build_s']:.2f} | "
             f"{r['first_round_s']:.3f} | **{r['steady_s']:.3f}** | {r['steady_cpu_s']:.3f} | {r['train_s']:.3f} | "
-            f"{r['W_s']:.4f} | {r['gossip_s']:.4f} | {r['other_s']:.4f} | {r['evaluation_s']:.2f} | "
+            f"{r['W_s']:.4f} | {r['gossip_s']:.4f} | {r['other_s']:.4f} | {_number(r['evaluation_s'], 2)} | "
             f"{r['peak_rss_built_mib']:.0f} / {r['peak_rss_before_evaluation_mib']:.0f} / {r['peak_rss_mib']:.0f} | "
-            f"{r['xbar_accuracy']:.3f} | {verdict(r)} |")
+            f"{_number(r['xbar_accuracy'], 3)} | {verdict(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,6 +191,8 @@ def main() -> None:
     parser.add_argument("--graphs", default="ring,exponential")
     parser.add_argument("--algorithms", default="dsgd,gradient_tracking")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=1000, help="nodes, one Synthetic(1,1) client each")
+    parser.add_argument("--no-evaluation", action="store_true", help="no round evaluates (see above)")
     parser.add_argument("--out", type=Path, default=RESULTS / "decentralized_scale",
                         help="writes OUT.json and OUT.md")
     parser.add_argument("--profile", action="store_true",
@@ -192,12 +205,13 @@ def main() -> None:
     for graph in args.graphs.split(","):
         for algorithm in args.algorithms.split(","):
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                results.append(pool.submit(measure, graph, algorithm, args.rounds, args.threads, args.profile).result())
+                results.append(pool.submit(measure, graph, algorithm, args.rounds, args.threads, args.profile,
+                                           args.nodes, not args.no_evaluation).result())
     meta = {"command": " ".join(["python", f"bench/{Path(__file__).name}", *sys.argv[1:]]),
             "rounds": args.rounds, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cpus": os.cpu_count(), "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), **source_state(),
-            "overrides_example": overrides("ring", "dsgd", args.rounds)}
+            "overrides_example": overrides("ring", "dsgd", args.rounds, args.nodes, not args.no_evaluation)}
     text = markdown(results, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
