@@ -2,13 +2,17 @@
 
     python bench/clock.py compare [--rounds 40]   # digits Dirichlet(0.5), speeds spread 10x
     python bench/clock.py cost [--rounds 3]       # 10,000 clients: async (1,000 concurrent) vs sync
+    python bench/clock.py favano [--rounds 200]   # FAVANO's wake period: virtual seconds and wakes to 0.85
 
 compare: virtual seconds to 0.85 central accuracy (evaluation.target_accuracy) of synchronous FedAvg
-(10 clients a round), the same with 30% over-selection, and FedBuff (buffer 10, concurrency 20) at the
-same number of client updates; then a bandwidth-bound system (0.1 Mbps uplinks) without and with top-k
+(10 clients a round), the same with 30% over-selection, FedBuff (buffer 10, concurrency 20), the general
+buffered rule of Fraboni et al. (the same, client weights p_i / f_i) and FAVANO (10 clients' current models
+averaged every 0.05 virtual seconds) at the same number of client updates; then a bandwidth-bound system (0.1 Mbps uplinks) without and with top-k
 compression (k = 0.25, error feedback). cost: wall seconds of an asynchronous FedBuff run of 10,000
 synthetic clients with 1,000 training at once (buffer 1,000) against the synchronous vectorized run of
 1,000 clients a round, the same number of client updates, run one after the other with the load average.
+favano: FAVANO (10 clients a wake) on compare's setting with a wake every 0.025, 0.05 and 0.1 virtual
+seconds, --rounds wakes each (rounds_to_0.85: the first wake at 0.85).
 Markdown tables on stdout; bench/results/clock_<part>.json.
 """
 
@@ -30,6 +34,11 @@ COMPARE = {
     "sync FedAvg": [],
     "sync FedAvg, 30% over-selection": ["system.over_selection=0.3"],
     "FedBuff (K=10, C=20)": ["mode=asynchronous", "asynchronous.concurrency=20", "asynchronous.buffer_size=10"],
+    "Fraboni et al., unbiased weights (K=10, C=20)": [
+        "mode=asynchronous", "asynchronous.algorithm=fraboni", "asynchronous.concurrency=20",
+        "asynchronous.buffer_size=10"],
+    "FAVANO (s=10, a wake every 0.05 s)": ["mode=asynchronous", "asynchronous.algorithm=favano",
+                                           "asynchronous.clients_per_update=10", "asynchronous.period_s=0.05"],
     "sync FedAvg, 0.1 Mbps uplink": ["system.bandwidth_classes=[{up_mbps = 0.1, down_mbps = 1.0}]"],
     "sync FedAvg, 0.1 Mbps uplink, top-k 0.25 + EF": [
         "system.bandwidth_classes=[{up_mbps = 0.1, down_mbps = 1.0}]", "compression.name=topk",
@@ -44,7 +53,14 @@ def _row(name: str, result, wall: float) -> dict:
             "virtual_s_to_0.85": target.get("virtual_seconds"), "rounds_to_0.85": target.get("round"),
             "mean_round_virtual_s": sum(r["round_virtual_seconds"] for r in history) / len(history),
             "final_accuracy": result.final.get("central_accuracy"), "wall_s": wall,
+            "local_progress_mean": _mean(history, "local_progress_mean"), "staleness_mean": _mean(history, "staleness_mean"),
             "load_average": os.getloadavg()[0]}
+
+
+def _mean(history: list[dict], key: str) -> float | None:
+    """The mean of a per-round key over the rounds that have it (None: no round has it)."""
+    values = [r[key] for r in history if key in r]
+    return sum(values) / len(values) if values else None
 
 
 def compare(rounds: int) -> list[dict]:
@@ -53,6 +69,17 @@ def compare(rounds: int) -> list[dict]:
         began = time.perf_counter()
         result = run(None, [*COMMON, f"rounds={rounds}", *extra])
         rows.append(_row(name, result, time.perf_counter() - began))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def favano(rounds: int) -> list[dict]:
+    rows = []
+    for period in (0.025, 0.05, 0.1):
+        began = time.perf_counter()
+        result = run(None, [*COMMON, f"rounds={rounds}", "mode=asynchronous", "asynchronous.algorithm=favano",
+                            "asynchronous.clients_per_update=10", f"asynchronous.period_s={period}"])
+        rows.append(_row(f"FAVANO (s=10, a wake every {period} s)", result, time.perf_counter() - began))
         print(rows[-1], flush=True)
     return rows
 
@@ -99,10 +126,11 @@ def _table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["compare", "cost"])
+    parser.add_argument("part", choices=["compare", "cost", "favano"])
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
-    rows = compare(args.rounds or 40) if args.part == "compare" else cost(args.rounds or 3)
+    part, default_rounds = {"compare": (compare, 40), "cost": (cost, 3), "favano": (favano, 200)}[args.part]
+    rows = part(args.rounds or default_rounds)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"clock_{args.part}.json").write_text(json.dumps(rows, indent=2))
     print(_table(rows))

@@ -106,6 +106,7 @@ def registries() -> dict[str, "Registry"]:  # noqa: F821
     """Every registry of named parts, by the title ``fedloom list`` gives it."""
     from fedloom.aggregation import AGGREGATORS
     from fedloom.algorithms import ALGORITHMS
+    from fedloom.algorithms.asynchronous import ASYNC_RULES
     from fedloom.algorithms.gossip import DECENTRALIZED, GOSSIP_RULES
     from fedloom.attacks import ATTACKS, DATA_ATTACKS
     from fedloom.builders import ENGINES
@@ -125,7 +126,8 @@ def registries() -> dict[str, "Registry"]:  # noqa: F821
             "topologies (topology.name)": TOPOLOGIES,
             "decentralized algorithms (decentralized.algorithm)": DECENTRALIZED,
             "gossip rules (decentralized.gossip)": GOSSIP_RULES, "engines (engine.name)": ENGINES,
-            "personalization methods (personalization.method)": METHODS}
+            "personalization methods (personalization.method)": METHODS,
+            "asynchronous rules (asynchronous.algorithm)": ASYNC_RULES}
 
 
 def _matches(kind: str, title: str) -> bool:
@@ -138,7 +140,7 @@ def _matches(kind: str, title: str) -> bool:
 
 
 _KINDS = ("algorithms", "datasets", "partitioners", "models", "tasks", "aggregators", "transforms", "attacks",
-          "compressors", "feedback", "topologies", "gossip", "engines")
+          "compressors", "feedback", "topologies", "gossip", "engines", "asynchronous")
 
 
 def _list(args: argparse.Namespace) -> int:

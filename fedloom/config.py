@@ -20,6 +20,7 @@ from fedloom import participation
 from fedloom.aggregation import AGGREGATORS
 from fedloom.algorithms import ALGORITHMS, SERVER_PRESETS, ServerPreset, server_optimizer
 from fedloom.algorithms.base import NoServerState, PlainClient
+from fedloom.algorithms.asynchronous import ASYNC_RULES
 from fedloom.algorithms.gossip import DECENTRALIZED, GOSSIP_RULES
 from fedloom.algorithms.server_opt import OptimizerFactory
 from fedloom.attacks import ATTACK_NAMES, attack_registry
@@ -499,8 +500,8 @@ class SystemConfig(Section):
 class AsynchronousConfig(Section):
     """mode = 'asynchronous': event-driven on the virtual clock; one round is one server model update."""
 
-    algorithm: Literal["fedbuff", "fedasync"] = Field("fedbuff", description="fedbuff: Nguyen et al. 2022; "
-                                                      "fedasync: Xie, Koyejo, Gupta 2019")
+    algorithm: Literal[tuple(ASYNC_RULES)] = Field(  # type: ignore[valid-type]
+        "fedbuff", description="fedbuff | fedasync | fraboni | favano (fedloom list asynchronous)")
     concurrency: int = Field(10, ge=1, description="clients training at once")
     buffer_size: int = Field(10, ge=1, description="fedbuff: updates per server step (K)")
     alpha: float = Field(0.6, gt=0, le=1, description="fedasync: the mixing weight")
@@ -508,6 +509,21 @@ class AsynchronousConfig(Section):
         "polynomial", description="s(tau): 1 | (1 + tau)^-a | 1 up to b, then 1 / (a (tau - b) + 1)")
     staleness_a: float = Field(0.5, ge=0, description="polynomial (0.5: FedBuff's 1/sqrt(1 + tau)), hinge")
     staleness_b: float = Field(4.0, ge=0, description="hinge: staleness without discount")
+    client_weights: Literal["unbiased", "identical"] = Field(
+        "unbiased", description="fraboni: p_i / f_i (f_i: share of server steps taking client i) | 1/K (FedBuff)")
+    period_s: float = Field(0.05, gt=0, description="favano: virtual seconds between server wakes (their mean)")
+    wake: Literal["fixed", "poisson"] = Field("fixed", description="favano: every period_s, or exponential gaps")
+    clients_per_update: int = Field(10, ge=1, description="favano: clients whose current models a wake averages")
+
+    @model_validator(mode="after")
+    def _rule_keys(self) -> "AsynchronousConfig":
+        own = {"client_weights": "fraboni", "period_s": "favano", "wake": "favano", "clients_per_update": "favano"}
+        stray = [k for k, rule in own.items()
+                 if rule != self.algorithm and getattr(self, k) != type(self).model_fields[k].default]
+        if stray:
+            raise ValueError(f"asynchronous.{stray[0]} is a setting of asynchronous.algorithm = {own[stray[0]]!r}, "
+                             f"not of {self.algorithm!r}")
+        return self
 class PersonalizationConfig(Section):
     """Models that differ per client (fedloom.personalization; ``fedloom list personalization``)."""
 
@@ -791,14 +807,27 @@ class ExperimentConfig(Section):
             raise ValueError("mode = 'asynchronous' sends clients the fp32 model and has no privacy accounting: "
                              "leave compression.downlink = 'none' and privacy.mechanism = 'none'")
         pipeline = self.compression.build() is not None or self.server.transforms or self.server.aggregator.name != "mean"
-        if a.algorithm == "fedasync" and pipeline:
-            raise ValueError("asynchronous.algorithm = 'fedasync' mixes each client's model into the server's: it "
-                             "runs no server pipeline (compression, server.transforms, server.aggregator); use 'fedbuff'")
+        if a.algorithm in ("fedasync", "favano") and pipeline:
+            raise ValueError(f"asynchronous.algorithm = {a.algorithm!r} mixes clients' models into the server's: it "
+                             "runs no server pipeline (compression, server.transforms, server.aggregator); use "
+                             "'fedbuff' or 'fraboni'")
+        if a.algorithm == "favano":
+            self._favano_rules()
+            return
         # a buffered client waits for the flush before it may start again
-        busy = a.concurrency + (a.buffer_size - 1 if a.algorithm == "fedbuff" else 0)
+        busy = a.concurrency + (a.buffer_size - 1 if a.algorithm in ("fedbuff", "fraboni") else 0)
         if self.data.n_clients is not None and busy > self.data.n_clients:
-            raise ValueError(f"asynchronous.concurrency = {a.concurrency} (plus buffer_size - 1 for fedbuff) is "
-                             f"more than data.n_clients = {self.data.n_clients}")
+            raise ValueError(f"asynchronous.concurrency = {a.concurrency} (plus buffer_size - 1 for fedbuff and "
+                             f"fraboni) is more than data.n_clients = {self.data.n_clients}")
+
+    def _favano_rules(self) -> None:
+        a = self.asynchronous
+        if self.system.availability != "always":
+            raise ValueError("asynchronous.algorithm = 'favano' has every client computing without pause: leave "
+                             "system.availability = 'always'")
+        if self.data.n_clients is not None and a.clients_per_update > self.data.n_clients:
+            raise ValueError(f"asynchronous.clients_per_update = {a.clients_per_update} is more than "
+                             f"data.n_clients = {self.data.n_clients}")
 
     @model_validator(mode="after")
     def _participation_rules(self) -> "ExperimentConfig":

@@ -9,7 +9,10 @@ One round is one server model update:
   model y is mixed in, x <- (1 - a) x + a y with a = alpha * s(staleness);
 - FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous Aggregation"): arriving
   deltas, scaled by s(staleness), are buffered; every buffer_size of them run through the server
-  pipeline (compression, validation, aggregator, the server optimizer: server.lr is eta_g) as one step.
+  pipeline (compression, validation, aggregator, the server optimizer: server.lr is eta_g) as one step;
+- the general buffered rule of Fraboni et al. 2023 (``fraboni``): FedBuff's buffer with each delta weighted
+  w_i (``fedloom.algorithms.asynchronous.fraboni_weights``): 1/K, or p_i / f_i with p_i the client's share of
+  the training examples and f_i the share of server steps so far that took its update (``aggregated``).
 
 Staleness is the number of server updates since the client started. s is constant, polynomial
 (1 + tau)^-a (a = 0.5 is FedBuff's 1/sqrt(1 + tau)) or hinge (1 up to b, then 1 / (a (tau - b) + 1)).
@@ -25,7 +28,8 @@ federated one:
     queue     heap of in-flight jobs (finish time, job number, client, start version)
     starts    start version -> the model, for versions with untrained jobs
     results   job number -> (row, examples, train loss) of trained jobs in flight or buffered
-    buffer    fedbuff: (client, job, start version, staleness, s(staleness)) waiting for the server step
+    buffer    fedbuff, fraboni: (client, job, start version, staleness, s(staleness)) waiting for the server step
+    aggregated  [n] server steps that took each client's update (fraboni's f_i)
     jobs, calls  counters keying the sampling and the engine calls' batch streams
 """
 
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedloom.algorithms.asynchronous import fedasync_mix, fraboni_weights, staleness_weight
 from fedloom.core.rng import Stream, numpy_generator
 from fedloom.core.store import ClientStore
 from fedloom.pipeline.base import Context
@@ -48,24 +53,11 @@ from fedloom.systems.rounds import IDLE_WAIT_S
 MAX_WAITS = 100_000  # IDLE_WAIT_S steps a new start may wait for an idle client to come online
 
 
-def staleness_weight(kind: str, tau: int, a: float, b: float) -> float:
-    """s(tau) of FedAsync's staleness functions."""
-    if kind == "constant":
-        return 1.0
-    if kind == "polynomial":
-        return float((1 + tau) ** -a)
-    return 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1)
-
-
-def fedasync_mix(x: Tensor, local: Tensor, weight: float) -> Tensor:
-    """FedAsync's server rule: (1 - a) x + a y."""
-    return (1 - weight) * x + weight * local
-
-
 class AsynchronousRound(FederatedRound):
     def init_state(self) -> State:
         state = {**super().init_state(), "now": 0.0, "version": 0, "queue": [], "starts": {}, "results": {},
-                 "buffer": [], "jobs": 0, "calls": 0}
+                 "buffer": [], "jobs": 0, "calls": 0,
+                 "aggregated": torch.zeros(self.data.n_clients, dtype=torch.int64)}
         for _ in range(self.cfg.asynchronous.concurrency):
             state = self._start(state)
         return state
@@ -88,7 +80,7 @@ class AsynchronousRound(FederatedRound):
                 applied.append((staleness, loss))
                 st["x"], st["version"] = fedasync_mix(st["x"], row, a.alpha * weight), st["version"] + 1
                 metrics = {"n_rejected": 0}
-            else:  # FedBuff needs the buffered deltas only at its server step: they train then, together
+            else:  # FedBuff and fraboni need the buffered deltas only at the server step: they train then, together
                 st["buffer"].append((client, job, version, staleness, weight))
                 if len(st["buffer"]) == a.buffer_size:
                     st, applied, metrics = self._flush(st, round_idx, store)
@@ -143,17 +135,32 @@ class AsynchronousRound(FederatedRound):
             st = self._train_pending(st, store)
         results = dict(st["results"])
         taken = [(entry, results.pop(entry[1])) for entry in st["buffer"]]
-        U = torch.stack([weight * row for (_, _, _, _, weight), (row, _, _) in taken])
         clients = [entry[0] for entry, _ in taken]
+        scale, aggregated = self._client_scales(st, clients)
+        U = torch.stack([float(k) * weight * row for k, ((_, _, _, _, weight), (row, _, _)) in zip(scale, taken)])
         ctx = Context(round_idx, self.cfg.seed, clients, st["x"], {})
         out, _, pipeline_states, metrics = self.pipeline.apply(U, torch.ones(len(clients)), st["pipeline"], ctx)
-        st = {**st, "pipeline": pipeline_states, "buffer": [], "results": results, "version": st["version"] + 1}
+        st = {**st, "pipeline": pipeline_states, "buffer": [], "results": results, "version": st["version"] + 1,
+              "aggregated": aggregated}
         if len(out) and bool(torch.isfinite(out[0]).all()):
             st["x"] = out[0]
         else:
             metrics["model_rejected"] = "no usable update, or the aggregated model held NaN/Inf; the previous one is kept"
         metrics.setdefault("n_rejected", 0)
         return st, [(entry[3], loss) for entry, (_, _, loss) in taken], metrics
+
+    def _client_scales(self, st: State, clients: list[int]) -> tuple[np.ndarray, Tensor]:
+        """K w_i of each buffered client (the pipeline's mean then applies sum_i w_i Delta_i; FedBuff: 1), and the
+        per-client counts of server steps that took an update, this one included."""
+        aggregated = st["aggregated"].clone()
+        aggregated[clients] += 1
+        a = self.cfg.asynchronous
+        if a.algorithm != "fraboni":
+            return np.ones(len(clients)), aggregated
+        sizes = self.data.client_sizes().astype(np.float64)
+        weights = fraboni_weights(a.client_weights, sizes[clients] / sizes.sum(), aggregated[clients].numpy(),
+                                  st["version"] + 1)
+        return len(clients) * weights, aggregated
 
     def _async_record(self, round_idx: int, seconds: float, applied: list[tuple], metrics: dict) -> dict[str, Any]:
         staleness = [s for s, _ in applied]

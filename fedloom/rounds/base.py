@@ -39,6 +39,10 @@ def build_round(cfg: ExperimentConfig, given: GivenParts = GivenParts()) -> Roun
         from fedloom.rounds.decentralized import DecentralizedRound
 
         return DecentralizedRound(cfg, given)
+    if cfg.mode == "asynchronous" and cfg.asynchronous.algorithm == "favano":
+        from fedloom.rounds.favano import FavanoRound
+
+        return FavanoRound(cfg, given=given)
     if cfg.mode == "asynchronous":
         from fedloom.rounds.asynchronous import AsynchronousRound
 
