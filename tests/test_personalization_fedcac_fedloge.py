@@ -89,7 +89,8 @@ def test_fedcac_customizes_critical_coordinates_among_clients_with_overlapping_c
     assert collaborators(o, 0, 2).tolist() == together.tolist()  # the bar at the mean, 1/3: o_02 = 0 stays below
     models = torch.tensor([[1.0, 2.0, 3.0, 4.0], [3.0, 6.0, 5.0, 0.0], [10.0, 20.0, 30.0, 40.0]])
     custom = customized_models(models, together)
-    torch.testing.assert_close(custom, torch.tensor([[2.0, 4.0, 4.0, 2.0], [2.0, 4.0, 4.0, 2.0], [10.0, 20.0, 30.0, 40.0]]))
+    expected = torch.tensor([[2.0, 4.0, 4.0, 2.0], [2.0, 4.0, 4.0, 2.0], [10.0, 20.0, 30.0, 40.0]])
+    torch.testing.assert_close(custom, expected)  # 0 and 1: their mean; 2: its own
     # each client's next start: critical coordinates from its customized model, the others from the global one
     x = models.mean(0)
     starts = torch.where(masks, custom, x)
@@ -256,3 +257,21 @@ def test_personal_state_checkpoints_and_resumes_bit_identically(tmp_path, method
 def test_combinations_that_do_not_fit_are_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+SHARDS = ["data.dataset=digits", "data.n_clients=20", "partition.name=shards", "partition.options={classes_per_client=2}",
+          "model.name=mlp", "model.options={hidden=[32]}", "sampling.clients_per_round=10", "client.epochs=1",
+          "client.lr=0.1", "client.batch_size=16", "rounds=10", "evaluation.every=10", "output.save=false",
+          "output.progress=false", "seed=0"]
+
+
+@pytest.mark.slow
+def test_on_two_class_shards_fedcac_and_fedloge_beat_the_global_fedavg_model():
+    from fedloom import run
+
+    fedavg = run(None, [*SHARDS, "personalization.method=finetune"]).final["federated_accuracy_client_mean"]
+    fedcac = run(None, [*SHARDS, "personalization.method=fedcac", "personalization.fedcac_beta=3"]).final
+    fedloge = run(None, [*SHARDS, "personalization.method=fedloge"]).final
+    assert fedcac["personal_accuracy_client_mean"] > fedavg + 0.1
+    assert fedloge["personal_accuracy_client_mean"] > fedavg + 0.1
+    assert fedloge["personal_accuracy_client_mean"] > fedloge["federated_accuracy_client_mean"]

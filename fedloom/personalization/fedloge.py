@@ -89,9 +89,10 @@ class FedLoGe:
         self.sse_c = self._head_vector(etf.T, torch.zeros(K))  # the fixed head, as the head's coordinates
 
     def _head_vector(self, weight: Tensor, bias: Tensor) -> Tensor:
-        """A head's coordinates in the order of ``self.head.personal`` (the bias left out if the model has none)."""
-        parts = {self.weight: weight.reshape(-1), self.bias: bias.reshape(-1)}
-        return torch.cat([parts[n] for n in self.head.personal])
+        """Heads (weights ``[..., K, F]``, biases ``[..., K]``) as coordinates ``[..., d_head]`` in the order of
+        ``self.head.personal`` (the bias left out if the model has none)."""
+        parts = {self.weight: weight.flatten(-2), self.bias: bias}
+        return torch.cat([parts[n] for n in self.head.personal], dim=-1)
 
     def _weight_bias(self, heads: Tensor) -> tuple[Tensor, Tensor]:
         """Heads ``[..., d_head]`` as weights ``[..., K, F]`` and biases ``[..., K]`` (zeros if the model has none)."""
@@ -99,8 +100,9 @@ class FedLoGe:
         names = self.head.personal
         pieces = dict(zip(names, torch.split(heads, [shapes[n].numel() for n in names], dim=-1)))
         weight = pieces[self.weight].reshape(*heads.shape[:-1], *shapes[self.weight])
-        bias = pieces[self.bias] if self.bias else torch.zeros(weight.shape[:-1], dtype=heads.dtype, device=heads.device)
-        return weight, bias
+        if self.bias is None:
+            return weight, torch.zeros(weight.shape[:-1], dtype=heads.dtype, device=heads.device)
+        return weight, pieces[self.bias]
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
@@ -136,7 +138,6 @@ class FedLoGe:
         aux_w, aux_b = self._weight_bias(self.head.personal_part(x))
         local_w, local_b = self._weight_bias(self.local_heads(x, clients, store))
         realigned = aux_w * local_w.norm(dim=-1, keepdim=True) + local_w
-        heads = torch.stack([self._head_vector(w, b) for w, b in zip(realigned, aux_b + local_b)])
-        models = self.head.with_personal(x, heads)
+        models = self.head.with_personal(x, self._head_vector(realigned, aux_b + local_b))
         unseen = torch.tensor([c not in store for c in clients], device=x.device)
         return torch.where(unseen[:, None], self.generic(x), models)
