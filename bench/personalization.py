@@ -6,8 +6,11 @@ digits, 20 clients of 2 classes each (shards), 10 sampled a round, an MLP (hidde
 epoch, FedAvg's server. Every method trains with the same config and seed; the number compared is
 the mean over clients of each client's accuracy on its own test split: the personalized models'
 (``personal_accuracy_client_mean``) and, for "fedavg (global)", the global model of the finetune run,
-whose training is FedAvg's unchanged (``federated_accuracy_client_mean``). One ``fedloom.run`` per
-cell, no run directory. Writes bench/results/<out>.json (every cell, seed and config) and <out>.md.
+whose training is FedAvg's unchanged (``federated_accuracy_client_mean``), and for "fedloge (generic)"
+FedLoGe's realigned global model on the same splits. FedCAC's fedcac_beta (the rounds its collaboration
+bar takes to reach the largest overlap) is a third of the rounds, the paper's ratio (100 of 300 rounds).
+One ``fedloom.run`` per cell, no run directory. Writes bench/results/<out>.json (every cell, seed and
+config) and <out>.md.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from common import RESULTS, fedloom_commit, machine  # noqa: E402
 
 from fedloom import run  # noqa: E402
 
-METHODS = ("finetune", "fedper", "fedrep", "fedbabu", "ditto")
+METHODS = ("finetune", "fedper", "fedrep", "fedbabu", "ditto", "fedcac", "fedloge")
 KEY, GLOBAL_KEY = "personal_accuracy_client_mean", "federated_accuracy_client_mean"
 
 
@@ -34,7 +37,12 @@ def config(method: str, seed: int, rounds: int) -> list[str]:
             "partition.options={classes_per_client=2}", "model.name=mlp", "model.options={hidden=[32]}",
             "sampling.clients_per_round=10", "client.epochs=1", "client.lr=0.1", "client.batch_size=16",
             f"rounds={rounds}", f"seed={seed}", f"evaluation.every={rounds}", "output.save=false",
-            "output.progress=false", f"personalization.method={method}"]
+            "output.progress=false", f"personalization.method={method}", *options(method, rounds)]
+
+
+def options(method: str, rounds: int) -> list[str]:
+    """A method's own settings where its default is sized for another run length."""
+    return [f"personalization.fedcac_beta={max(1, rounds // 3)}"] if method == "fedcac" else []
 
 
 def cell(method: str, seed: int, rounds: int) -> dict:
@@ -47,6 +55,7 @@ def cell(method: str, seed: int, rounds: int) -> dict:
 def table(cells: list[dict], seeds: list[int]) -> str:
     rows = {"fedavg (global)": {c["seed"]: c["global"] for c in cells if c["method"] == "finetune"}}
     rows.update({m: {c["seed"]: c["personal"] for c in cells if c["method"] == m} for m in METHODS})
+    rows["fedloge (generic)"] = {c["seed"]: c["global"] for c in cells if c["method"] == "fedloge"}
     head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |\n|---|" + "---|" * (len(seeds) + 1)
     lines = [f"| {m} | " + " | ".join(f"{by_seed[s]:.4f}" for s in seeds)
              + f" | {statistics.mean(by_seed.values()):.4f} |" for m, by_seed in rows.items()]

@@ -539,6 +539,12 @@ class PersonalizationConfig(Section):
                              "client.epochs")
     ditto_lambda: float = Field(0.1, ge=0, description="ditto: pull lambda (v - w) of the personal model v "
                                 "towards the global w")
+    fedcac_tau: float = Field(0.5, gt=0, le=1, description="fedcac: the fraction of each parameter tensor a client "
+                              "marks critical (largest |update * parameter|)")
+    fedcac_beta: int = Field(100, ge=1, description="fedcac: rounds until the overlap a client needs to share its "
+                             "critical parameters reaches the largest overlap (it then shares them with none)")
+    fedloge_sparsity: float = Field(0.6, ge=0, lt=1, description="fedloge: the fraction of the ETF head's "
+                                    "smallest-magnitude entries set to zero (SSE-C)")
 
 
 class OutputConfig(Section):
@@ -892,9 +898,26 @@ class ExperimentConfig(Section):
         if self.engine.name == "ray":
             raise ValueError(f"personalization.method = {method!r} trains on the serial or vectorized engine "
                              "(engine.name = 'ray' is not supported)")
-        if method in ("fedrep", "fedbabu") and self.client.weight_decay:
+        if method in ("fedrep", "fedbabu", "fedloge") and self.client.weight_decay:
             raise ValueError(f"personalization.method = {method!r} freezes parameters; client.weight_decay = "
                              f"{self.client.weight_decay:g} would still move them: set it to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _fedcac_rules(self) -> "ExperimentConfig":
+        """FedCAC's customized models average the clients' raw local models outside the server pipeline:
+        no stage of it (compression, privacy, a robust aggregator, an attack) would act on them."""
+        if self.personalization.method != "fedcac":
+            return self
+        stages = {"compression.name": self.compression.name, "privacy.mechanism": self.privacy.mechanism,
+                  "attack.name": self.attack.name}
+        for key, value in stages.items():
+            if value != "none":
+                raise ValueError(f"personalization.method = 'fedcac' with {key} = {value!r}: its customized models "
+                                 "average the raw local models beside the server pipeline; set it to 'none'")
+        if self.server.aggregator.name != "mean":
+            raise ValueError(f"personalization.method = 'fedcac' with server.aggregator.name = "
+                             f"{self.server.aggregator.name!r}: its customized models are plain means; use 'mean'")
         return self
 
     def privacy_accounting(self) -> Accounting | None:

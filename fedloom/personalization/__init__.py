@@ -13,6 +13,8 @@ import inspect
 from fedloom.personalization.base import Setting
 from fedloom.personalization.ditto import Ditto
 from fedloom.personalization.fedbabu import FedBABU
+from fedloom.personalization.fedcac import FedCAC
+from fedloom.personalization.fedloge import FedLoGe
 from fedloom.personalization.fedper import FedPer
 from fedloom.personalization.fedrep import FedRep
 from fedloom.personalization.finetune import FineTune
@@ -28,6 +30,10 @@ METHODS = Registry("personalization method", {
                 "evaluation (finetune_epochs)"),
     "ditto": (Ditto, "Ditto (Li et al. 2021): personal model v pulled towards the global one, "
               "lambda (v - w) (ditto_lambda)"),
+    "fedcac": (FedCAC, "FedCAC (Wu et al. 2023): each client's critical parameters (top fedcac_tau by sensitivity) "
+               "averaged only with clients whose critical sets overlap, by a bar rising over fedcac_beta rounds"),
+    "fedloge": (FedLoGe, "FedLoGe (Xiao et al. 2024): backbone under a fixed sparse ETF head (fedloge_sparsity), "
+                "an aggregated auxiliary head and local heads, realigned by class-row norms (personal: the head)"),
 })
 
 
@@ -43,4 +49,4 @@ def build_personalization(cfg, spec, local):
     return factory(Setting(split, local, cfg.seed), **options)
 
 
-__all__ = ["METHODS", "Ditto", "FedBABU", "FedPer", "FedRep", "FineTune", "Setting", "Split", "build_personalization"]
+__all__ = ["METHODS", "Ditto", "FedBABU", "FedCAC", "FedLoGe", "FedPer", "FedRep", "FineTune", "Setting", "Split", "build_personalization"]

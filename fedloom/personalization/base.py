@@ -100,3 +100,14 @@ def stored(store: ClientStore, clients: list[int], key: str, default: Tensor) ->
 def keep(store: ClientStore, clients: list[int], key: str, values: Tensor) -> None:
     for c, v in zip(clients, values):
         store.put(c, {key: v.detach().cpu().clone()})
+
+
+def generic_model(method, x: Tensor) -> Tensor:
+    """The global model as served and evaluated: ``x``, or the method's transform of it (FedLoGe realigns
+    its head); ``method`` may be None (no personalization)."""
+    return method.generic(x) if hasattr(method, "generic") else x
+
+
+def side_bytes(method, n_sent: int) -> int:
+    """Uplink bytes ``n_sent`` clients send beside their rows (FedCAC's critical masks); 0 for most methods."""
+    return method.side_bytes(n_sent) if hasattr(method, "side_bytes") else 0

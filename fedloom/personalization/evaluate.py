@@ -9,6 +9,7 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.store import ClientState, ClientStore
 from fedloom.data.federated import FederatedData
 from fedloom.evaluation import by_client, client_terms, pooled, worst10
+from fedloom.personalization.base import generic_model
 from fedloom.tasks import Task
 
 
@@ -24,7 +25,7 @@ def personal_evaluation(method, engine, model: nn.Module, spec: ParamSpec, x: Te
     device = next(model.parameters()).device
     models = method.client_models(engine, x.cpu(), list(range(data.n_clients)), ClientStore(clients))
     personal_terms, owners = client_terms(model, spec, models.to(device), data, task)
-    global_terms, _ = client_terms(model, spec, x.to(device), data, task)
+    global_terms, _ = client_terms(model, spec, generic_model(method, x).to(device), data, task)
     personal = by_client(personal_terms, owners, data.n_clients, task)
     shared = by_client(global_terms, owners, data.n_clients, task)
     primary = task.primary

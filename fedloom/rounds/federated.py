@@ -42,6 +42,7 @@ from fedloom.engines.base import RoundResult, concatenate, rows_of
 from fedloom.participation import bernoulli_participants
 from fedloom.pipeline.base import Context
 from fedloom.personalization import Split, build_personalization
+from fedloom.personalization.base import generic_model, side_bytes
 from fedloom.personalization.evaluate import personal_evaluation
 from fedloom.pipeline.build import build_pipeline
 from fedloom.rounds.base import State
@@ -201,6 +202,7 @@ class FederatedRound:
         sampled client; uplink: the rows' payloads plus the algorithm's fp32 side tensors."""
         kept = ctx.kept
         payload = metrics.pop("uplink_bytes", BYTES_PER_FLOAT * self.split.shared_dim * int(kept.sum()))
+        payload += side_bytes(self.personal, int(kept.sum()))
         record = {"round": round_idx, "train_loss": _weighted(result.train_loss[kept], result.weights[kept]),
                   "n_sampled": n_sampled, "n_rejected": 0, "n_byzantine": 0, **metrics,
                   "bytes_up": payload + BYTES_PER_FLOAT * sum(t.numel() for t in ctx.aux.values()),
@@ -210,7 +212,7 @@ class FederatedRound:
         return record
 
     def evaluate(self, state: State) -> dict[str, float]:
-        x = state["x"].to(self.device)
+        x = self.final_params(state).to(self.device)
         metrics = evaluation.central(self.model, self.spec, x, self.data, self.task)
         if self.cfg.evaluation.federated:
             metrics.update(evaluation.federated(self.model, self.spec, x, self.data, self.task))
@@ -223,10 +225,10 @@ class FederatedRound:
                                    self.task, state["clients"])
 
     def final_params(self, state: State) -> Tensor:
-        return state["x"]
+        return generic_model(self.personal, state["x"])
 
     def final_model(self, state: State) -> nn.Module:
-        self.spec.load_into(self.model, state["x"])
+        self.spec.load_into(self.model, self.final_params(state))
         return self.model
 
     def describe(self, state: State) -> dict[str, Any]:
