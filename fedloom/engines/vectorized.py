@@ -109,6 +109,8 @@ class VectorizedEngine:
         self.local = local
         self.task = task
         self.sizes = data.client_sizes()
+        # every client's training indices in one array, so a round's batch plan is one gather
+        self._own, self._own_start = torch.cat(list(data.train_idx)), torch.from_numpy(block_starts(self.sizes))
         free = free_memory(device)
         self.chunk_size = self._clients_per_chunk(memory_budget if free is None else min(memory_budget, free * 9 // 10))
         self._losses = vmap(self._masked_loss)
@@ -151,8 +153,11 @@ class VectorizedEngine:
         # the clients still training at any step are a prefix, the only rows computed
         order = np.argsort(-steps, kind="stable")
         chunks = [torch.from_numpy(order[i:i + self.chunk_size]) for i in range(0, len(order), self.chunk_size)]
-        result = concatenate([self._train_chunk(algorithm, starts_of(x0, c), sent, [client_ids[i] for i in c],
-                                                round_idx, store) for c in chunks])
+        parts = [self._train_chunk(algorithm, starts_of(x0, c), sent, [client_ids[i] for i in c], round_idx, store)
+                 for c in chunks]
+        result = parts[0] if len(parts) == 1 else concatenate(parts)
+        if np.all(order[1:] > order[:-1]):  # already the caller's order (e.g. clients of equal length)
+            return result
         return rows_of(result, torch.from_numpy(np.argsort(order)))
 
     def _batch_plan(self, client_ids: list[int], round_idx: int) -> tuple[Tensor, Tensor]:
@@ -163,10 +168,9 @@ class VectorizedEngine:
         sizes = self.sizes[client_ids]
         positions, steps = batch_plan(sizes, np.asarray(client_ids), self.local, round_idx)
         client, t = (torch.from_numpy(a) for a in block_offsets(steps))
-        first = torch.from_numpy(block_starts(sizes))
+        first = self._own_start[client_ids]
         positions = torch.from_numpy(positions)
-        own = torch.cat([self.data.train_idx[c] for c in client_ids])
-        index = own[(first[client, None] + positions).clamp(min=0)].masked_fill_(positions < 0, -1)
+        index = self._own[(first[client, None] + positions).clamp(min=0)].masked_fill_(positions < 0, -1)
         return index[torch.argsort(t * len(client_ids) + client)], torch.from_numpy(steps)
 
     def _train_chunk(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
