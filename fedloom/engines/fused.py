@@ -69,7 +69,10 @@ class FusedStep:
                 grads[layer.bias] = db
             if i > 0:
                 dz = aten.threshold_backward(dx, a, 0)
-        return torch.cat([grads[name].reshape(k, -1) for name in self.spec.names], dim=1), losses
+        g = X.new_empty(k, self.spec.dim)  # each gradient copied once, straight into its columns
+        for piece, name in zip(torch.split(g, self.spec.sizes, dim=1), self.spec.names):
+            piece.view(grads[name].shape).copy_(grads[name])
+        return g, losses
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None, single: bool) -> Tensor:

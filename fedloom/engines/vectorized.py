@@ -181,13 +181,15 @@ class VectorizedEngine:
         plan, steps = self._batch_plan(client_ids, round_idx)
         cstate = moved(_stacked_states(algorithm, store, client_ids, x0.shape[-1]), self.device)
         opt = self.local.optimizer
-        final = x0.expand(len(client_ids), -1).clone()  # x0 is one model [d] or each client's own [n, d]
-        X, opt_state, state, starts = final, opt.init(final), cstate, x0
+        # x0 is one model [d] or each client's own [n, d]; a row is copied only when its client finishes first
+        X = x0.expand(len(client_ids), -1)
+        final, opt_state, state, starts = None, opt.init(X), cstate, x0
         loss_sum = torch.zeros(len(client_ids), device=self.device)
         examples, valid = plan.clamp(min=0), (plan >= 0).float().to(self.device)
         row = 0
         for k, width in _schedule(plan, steps):
             if k < len(X):  # clients k.. have finished
+                final = torch.empty_like(X) if final is None else final  # no client has finished before
                 final[k:len(X)] = X[k:]
                 X, opt_state, state = _first_rows((X, opt_state, state), k)
                 starts = starts[:k] if starts.dim() == 2 else starts
@@ -196,7 +198,10 @@ class VectorizedEngine:
             row += k
             X, opt_state = opt.step(X, algorithm.correct_grad(g, X, starts, sent, state), opt_state)
             loss_sum[:k] += loss.detach()
-        final[:len(X)] = X
+        if final is None:  # every client trained to the last step
+            final = X
+        else:
+            final[:len(X)] = X
         rows, aux, new_state = algorithm.client_result(x0, final, steps, opt.lr, sent, cstate)
         for i, cid in enumerate(client_ids):
             store.put(cid, {k: v[i].to("cpu", copy=True) for k, v in new_state.items()})
