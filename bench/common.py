@@ -349,6 +349,9 @@ CONTESTANTS = ["fedloom-vectorized", "fedloom-serial", "plain", "flower", "flowe
 
 def command(name: str, spec: Path, rounds: int | None, python: str | None = None, extra: list[str] = ()) -> list[str]:
     r = ["--rounds", str(rounds)] if rounds else []
+    if name == "fedloom-vmap":  # the vectorized engine with its general step only (engine.fused = "off")
+        return [FEDLOOM_PYTHON, str(PEERS / "fedloom_driver.py"), str(spec), "--engine", "vectorized",
+                "--fused", "off", *r, *extra]
     if name.startswith("fedloom-"):
         return [FEDLOOM_PYTHON, str(PEERS / "fedloom_driver.py"), str(spec), "--engine", name.split("-", 1)[1], *r,
                 *extra]
@@ -522,6 +525,16 @@ def ratio_lines(record: dict[str, Any], pairs: list[tuple[str, str, float | None
             out.append(f"- steady round: {a} is {x:.1f}x faster than {b}"
                        + (f" (target {target:g}x){verdict}" if target else ""))
     return out
+
+
+def limit_lines(record: dict[str, Any], target: float) -> list[str]:
+    """How many times the one-big-batch limit fedloom vectorized's steady round takes (W1, W3)."""
+    steady = {r["name"]: r.get("steady_round_seconds") for r in record["results"]}
+    if not (steady.get("fedloom-vectorized") and steady.get("one-big-batch")):
+        return []
+    x = steady["fedloom-vectorized"] / steady["one-big-batch"]
+    return [f"- steady round: fedloom-vectorized takes {x:.2f}x the one-big-batch limit (target <= {target:g}x)"
+            f" — target {'reached' if x <= target else 'NOT reached'}"]
 
 
 def chart(record: dict[str, Any], path: Path) -> None:

@@ -101,7 +101,7 @@ def breakdown(exp, rounds: int) -> None:
     parts = {"engine.run_round (all local training)": (engine, "run_round")}
     if hasattr(engine, "_batch_plan"):
         parts.update({"  _batch_plan (batch order + padding)": (engine, "_batch_plan"),
-                      "  _step (vmapped forward, autograd backward)": (engine, "_step"),
+                      "  _step (the fused or the vmap step)": (engine, "_step"),
                       "  _stacked_states": (vectorized, "_stacked_states")})
     if hasattr(engine, "_train_client"):
         parts["  _train_client"] = (engine, "_train_client")

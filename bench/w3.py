@@ -14,7 +14,7 @@ the plain loop; accuracy equal to the plain loop's within noise (plain-seed1/2
 rerun the plain loop with other batch orders to show that noise).
 """
 
-from common import Workload, cli, ratio_lines, run_workload, save
+from common import Workload, cli, limit_lines, ratio_lines, run_workload, save
 
 W3 = Workload(name="w3", title="MNIST-5k, LeNet-5, Dirichlet(0.5), 100 clients, 20 a round, 5 epochs, batch 32, "
               "lr 0.1", dataset="mnist5k", model="cnn", n_clients=100, clients_per_round=20, rounds=15, lr=0.1,
@@ -26,12 +26,6 @@ CONTESTANTS = ["fedloom-vectorized", "one-big-batch", "fedloom-serial", "plain",
 if __name__ == "__main__":
     args = cli(__doc__, W3.rounds, CONTESTANTS)
     record = run_workload(W3, args.only, args.rounds, args.timeout)
-    steady = {r["name"]: r.get("steady_round_seconds") for r in record["results"]}
-    extra = []
-    if steady.get("fedloom-vectorized") and steady.get("one-big-batch"):
-        x = steady["fedloom-vectorized"] / steady["one-big-batch"]
-        extra.append(f"- steady round: fedloom-vectorized takes {x:.2f}x the one-big-batch limit (target <= 2x)"
-                     f" — target {'reached' if x <= 2 else 'NOT reached'}")
-    extra += ratio_lines(record, [("fedloom-vectorized", "plain", 1), ("fedloom-vectorized", "flower", None),
+    extra = limit_lines(record, 2) + ratio_lines(record, [("fedloom-vectorized", "plain", 1), ("fedloom-vectorized", "flower", None),
                                   ("fedloom-vectorized", "flower-1.22", None), ("fedloom-vectorized", "pfl", None), ("fedloom-vectorized", "fedloom-serial", None)])
     print(save(record, extra))

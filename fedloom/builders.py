@@ -134,6 +134,8 @@ def engine_notes(cfg: ExperimentConfig, model: nn.Module, engine: Any) -> dict[s
     notes = {"device": str(device)} | ({"device_note": note} if note else {})
     if cfg.engine.name == "auto" and engine.name == "serial":
         notes["engine_note"] = f"engine = auto runs serial: {why_not_vectorize(model, device)}"
+    if hasattr(engine, "step_kind"):  # the vectorized engine's local step: fused or the general vmap one
+        notes["local_step"] = engine.step_kind
     return notes | (engine.placement() if hasattr(engine, "placement") else {})
 
 
@@ -169,7 +171,7 @@ def _vectorized(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
     try:
         return VectorizedEngine(model, data, local_training(cfg), build_task_for(cfg, data),
                                 _gb(cfg.engine.memory_budget_gb), device_for(cfg)[0],
-                                _gb(cfg.engine.data_on_device_gb))
+                                _gb(cfg.engine.data_on_device_gb), cfg.engine.fused)
     except UnsupportedModel as err:
         raise ConfigError(f"engine.name: {err}") from None
 

@@ -336,6 +336,9 @@ class EngineConfig(Section):
                                      "fits this; else each batch is copied as it is gathered")
     memory_budget_gb: float = Field(2.0, gt=0, description="vectorized and each ray worker: peak memory (on CUDA "
                                     "also at most 90% of the device's free memory)")
+    fused: Literal["auto", "off"] = Field("auto", description="vectorized: auto trains Linear/ReLU classifiers "
+                                          "(logistic, MLP) with a hand-written batched step, the same numbers at a "
+                                          "fraction of the per-step overhead; off: always torch.func's vmap")
     ray_address: str | None = Field(None, description='ray: "auto" joins a running cluster, "host:port" a remote '
                                     "one; unset starts a local Ray")
     ray_workers: int = Field(2, ge=1, description="ray: actors (one CPU each); clients split evenly over them")

@@ -1,7 +1,7 @@
 """fedloom as a user runs it: ``fedloom.run(config)``, one engine.
 
-    python fedloom_driver.py SPEC.json --engine vectorized|serial [--rounds N] [--device cuda] [--profile out.prof]
-                                       [--curve]
+    python fedloom_driver.py SPEC.json --engine vectorized|serial [--fused auto|off] [--rounds N] [--device cuda]
+        [--profile out.prof] [--curve]
 
 The config comes from the workload JSON (bench/common.py wrote it from the same
 settings that built the shared .npz, so fedloom rebuilds exactly that data,
@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("spec")
     parser.add_argument("--engine", choices=["vectorized", "serial"], required=True)
+    parser.add_argument("--fused", choices=["auto", "off"], default=None, help="engine.fused (default: auto)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--device", default=None, help="engine.device (default: the workload's, auto)")
     parser.add_argument("--profile", default=None, help="write cProfile stats of the whole run here")
@@ -41,6 +42,8 @@ def main() -> None:
     config["engine"] = {**config.get("engine", {}), "name": args.engine}
     if args.device:
         config["engine"]["device"] = args.device
+    if args.fused:
+        config["engine"]["fused"] = args.fused
     if args.rounds:
         config["rounds"] = args.rounds
         config["evaluation"]["every"] = args.rounds

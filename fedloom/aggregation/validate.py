@@ -39,8 +39,14 @@ def reject_invalid(U: Tensor | Sequence[Tensor], w: Tensor, d: int) -> tuple[Ten
 
 
 def _reject_in_matrix(U: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The common case, one vectorized pass: a well-shaped matrix from an engine."""
-    rejected = ~torch.isfinite(U).all(dim=1) | ~torch.isfinite(w) | (w < 0)
+    """The common case, one vectorized pass: a well-shaped matrix from an engine. A row whose sum is
+    finite holds no NaN or Inf (either would make the sum NaN or Inf), so only rows whose sum is not
+    (a NaN, an Inf, or finite values whose sum overflows) are looked at element by element."""
+    suspect = ~torch.isfinite(U.sum(dim=1))
+    non_finite = suspect.clone()
+    if bool(suspect.any()):
+        non_finite[suspect] = ~torch.isfinite(U[suspect]).all(dim=1)
+    rejected = non_finite | ~torch.isfinite(w) | (w < 0)
     if len(U) == 0 or bool(rejected.all()):
         raise ValueError(f"all {len(U)} update rows were rejected (NaN/Inf values or bad weights); "
                          "keep the previous model")

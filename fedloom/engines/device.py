@@ -93,6 +93,9 @@ def loss_accumulator(device: torch.device, shape: tuple[int, ...] = ()) -> Tenso
     return torch.zeros(shape, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
 
 
+GATHER_ROWS = 256  # batches of more rows than this are gathered with index_select
+
+
 class DeviceData:
     """A data set's examples for training on ``device``: all of it there when it fits ``budget`` bytes,
     else kept on the CPU with each batch copied over as it is gathered."""
@@ -104,4 +107,10 @@ class DeviceData:
 
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
         index = index.to(self.home)
-        return self.x[index].to(self.device, non_blocking=True), self.y[index].to(self.device, non_blocking=True)
+        if index.numel() > GATHER_ROWS:  # many rows: index_select copies whole rows, several times faster
+            flat = index.reshape(-1)
+            x = self.x.index_select(0, flat).view(*index.shape, *self.x.shape[1:])
+            y = self.y.index_select(0, flat).view(*index.shape, *self.y.shape[1:])
+        else:  # a few rows: advanced indexing is one call, less fixed overhead
+            x, y = self.x[index], self.y[index]
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

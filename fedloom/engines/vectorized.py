@@ -23,6 +23,7 @@ from fedloom.data.federated import FederatedData
 from fedloom.engines.base import (LocalTraining, RoundResult, batch_plan, block_offsets, block_starts, concatenate,
                                   local_steps, rows_of, starts_of)
 from fedloom.engines.device import DATA_ON_DEVICE, DeviceData, free_memory, moved
+from fedloom.engines.fused import fused_step
 from fedloom.tasks import Task, mean_loss
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
@@ -88,13 +89,18 @@ def _floats(output) -> int:
     return sum(_floats(o) for o in output) if isinstance(output, (tuple, list)) else 0
 
 
+FUSED_MODES = ("auto", "off")
+
+
 class VectorizedEngine:
     name = "vectorized"
 
     def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, device: torch.device = torch.device("cpu"),
-                 data_on_device: int = DATA_ON_DEVICE):
+                 data_on_device: int = DATA_ON_DEVICE, fused: str = "auto"):
         check_vectorizable(model)
+        if fused not in FUSED_MODES:
+            raise ValueError(f"engine.fused = {fused!r}: expected one of {', '.join(FUSED_MODES)}")
         self.device = device
         self.model = model.to(device)
         self.spec = ParamSpec.of(model)
@@ -103,11 +109,17 @@ class VectorizedEngine:
         self.local = local
         self.task = task
         self.sizes = data.client_sizes()
+        # every client's training indices in one array, so a round's batch plan is one gather
+        self._own, self._own_start = torch.cat(list(data.train_idx)), torch.from_numpy(block_starts(self.sizes))
         free = free_memory(device)
         self.chunk_size = self._clients_per_chunk(memory_budget if free is None else min(memory_budget, free * 9 // 10))
         self._losses = vmap(self._masked_loss)
+        # engine.fused = "auto": the hand-written step where it computes the same gradients, else the general one
+        fast = fused_step(model, task, self.spec, data.x[0]) if fused == "auto" else None
+        self.step_kind = "fused" if fast else "vmap"
+        self._step = fast or self._general_step
 
-    def _step(self, X: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def _general_step(self, X: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Every client's gradient and loss. Plain autograd through the vmapped
         forward: the clients' losses depend on their own rows of X only, so the
         gradient of their sum is the stack of their gradients, at less overhead
@@ -141,8 +153,11 @@ class VectorizedEngine:
         # the clients still training at any step are a prefix, the only rows computed
         order = np.argsort(-steps, kind="stable")
         chunks = [torch.from_numpy(order[i:i + self.chunk_size]) for i in range(0, len(order), self.chunk_size)]
-        result = concatenate([self._train_chunk(algorithm, starts_of(x0, c), sent, [client_ids[i] for i in c],
-                                                round_idx, store) for c in chunks])
+        parts = [self._train_chunk(algorithm, starts_of(x0, c), sent, [client_ids[i] for i in c], round_idx, store)
+                 for c in chunks]
+        result = parts[0] if len(parts) == 1 else concatenate(parts)
+        if np.all(order[1:] > order[:-1]):  # already the caller's order (e.g. clients of equal length)
+            return result
         return rows_of(result, torch.from_numpy(np.argsort(order)))
 
     def _batch_plan(self, client_ids: list[int], round_idx: int) -> tuple[Tensor, Tensor]:
@@ -153,10 +168,9 @@ class VectorizedEngine:
         sizes = self.sizes[client_ids]
         positions, steps = batch_plan(sizes, np.asarray(client_ids), self.local, round_idx)
         client, t = (torch.from_numpy(a) for a in block_offsets(steps))
-        first = torch.from_numpy(block_starts(sizes))
+        first = self._own_start[client_ids]
         positions = torch.from_numpy(positions)
-        own = torch.cat([self.data.train_idx[c] for c in client_ids])
-        index = own[(first[client, None] + positions).clamp(min=0)].masked_fill_(positions < 0, -1)
+        index = self._own[(first[client, None] + positions).clamp(min=0)].masked_fill_(positions < 0, -1)
         return index[torch.argsort(t * len(client_ids) + client)], torch.from_numpy(steps)
 
     def _train_chunk(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
@@ -167,13 +181,15 @@ class VectorizedEngine:
         plan, steps = self._batch_plan(client_ids, round_idx)
         cstate = moved(_stacked_states(algorithm, store, client_ids, x0.shape[-1]), self.device)
         opt = self.local.optimizer
-        final = x0.expand(len(client_ids), -1).clone()  # x0 is one model [d] or each client's own [n, d]
-        X, opt_state, state, starts = final, opt.init(final), cstate, x0
+        # x0 is one model [d] or each client's own [n, d]; a row is copied only when its client finishes first
+        X = x0.expand(len(client_ids), -1)
+        final, opt_state, state, starts = None, opt.init(X), cstate, x0
         loss_sum = torch.zeros(len(client_ids), device=self.device)
         examples, valid = plan.clamp(min=0), (plan >= 0).float().to(self.device)
         row = 0
         for k, width in _schedule(plan, steps):
             if k < len(X):  # clients k.. have finished
+                final = torch.empty_like(X) if final is None else final  # no client has finished before
                 final[k:len(X)] = X[k:]
                 X, opt_state, state = _first_rows((X, opt_state, state), k)
                 starts = starts[:k] if starts.dim() == 2 else starts
@@ -182,7 +198,10 @@ class VectorizedEngine:
             row += k
             X, opt_state = opt.step(X, algorithm.correct_grad(g, X, starts, sent, state), opt_state)
             loss_sum[:k] += loss.detach()
-        final[:len(X)] = X
+        if final is None:  # every client trained to the last step
+            final = X
+        else:
+            final[:len(X)] = X
         rows, aux, new_state = algorithm.client_result(x0, final, steps, opt.lr, sent, cstate)
         for i, cid in enumerate(client_ids):
             store.put(cid, {k: v[i].to("cpu", copy=True) for k, v in new_state.items()})
