@@ -843,6 +843,21 @@ class ExperimentConfig(Section):
                              "server.aggregator.name = 'mean' and privacy.mechanism = 'none'")
 
     @model_validator(mode="after")
+    def _matched_averaging_rules(self) -> "ExperimentConfig":
+        """Matched averaging rebuilds each client's model from its row and the round's global model."""
+        if not any(t.name == "matched_averaging" for t in self.server.transforms):
+            return self
+        given = {"mode": (self.mode, "federated"), "privacy.mechanism": (self.privacy.mechanism, "none"),
+                 "secure_aggregation.protocol": (self.secure_aggregation.protocol, "none"),
+                 "personalization.method": (self.personalization.method, "none")}
+        for key, (value, needed) in given.items():
+            if value != needed:
+                raise ValueError(f"server.transforms 'matched_averaging' aligns whole client models, x_global - row, "
+                                 f"so it needs {key} = {needed!r} (got {value!r}): a noised, masked or partial row "
+                                 "(or a stale one) is not a client model")
+        return self
+
+    @model_validator(mode="after")
     def _personalization_rules(self) -> "ExperimentConfig":
         method = self.personalization.method
         if method == "none":
