@@ -1,7 +1,7 @@
-"""Model merging (fedloom.merging): three tables, each from fedloom's own runs and functions.
+"""Model merging (fedloom.merging): a table a part, each from fedloom's own runs and functions.
 
-    python bench/merging.py [--seeds 0,1] [--only rebasin,one_shot,decentralized,fedma,dimat] [--epochs 10]
-                            [--widths 16,64,256]
+    python bench/merging.py [--seeds 0,1] [--epochs 10] [--widths 16,64,256]
+                            [--only rebasin,one_shot,decentralized,fedma,dimat,dimat_own_init]
 
 1. rebasin: two MLPs trained from different initializations on the same data (MNIST-5k, one client,
    every example, ``--epochs`` passes of SGD), for several hidden widths: the loss barrier on the straight
@@ -16,7 +16,8 @@
    (``--epochs``): the clients' models averaged coordinate by coordinate against FedMA
    (``fedloom.merging.fedma``, one layer-wise pass, then with ``fedma.rounds = 2``) and its hidden width.
 5. dimat: the ring of part 3 (16 nodes, digits on Dirichlet(0.5), 30 rounds of one local epoch), D-SGD against
-   DIMAT (weight matching with the neighbours every round, and every 5 rounds).
+   DIMAT (weight matching with the neighbours every round, and every 5 rounds); ``dimat_own_init``: the same
+   with every node from its own random initialization (``decentralized.own_init``), D-SGD against DIMAT.
 
 Prints markdown tables with the load average and writes bench/results/merging.json.
 """
@@ -115,10 +116,14 @@ RING = [*QUIET, "mode=decentralized", "data.dataset=digits", "data.n_clients=16"
         "model.options={hidden=[128]}", "output.save=false"]
 
 
-def dimat_table(seeds: list[int], rounds: int = 30) -> list[dict]:
+SHARED_INIT = {"dsgd": ["decentralized.algorithm=dsgd"], "dimat": ["decentralized.algorithm=dimat"],
+               "dimat_every_5": ["decentralized.algorithm=dimat", "decentralized.dimat_period=5"]}
+OWN_INIT = {f"{rule}_own_init": ["decentralized.own_init=true", f"decentralized.algorithm={rule}"]
+            for rule in ("dsgd", "dimat")}
+
+
+def dimat_table(seeds: list[int], rules: dict[str, list[str]], rounds: int = 30) -> list[dict]:
     rows = []
-    rules = {"dsgd": ["decentralized.algorithm=dsgd"], "dimat": ["decentralized.algorithm=dimat"],
-             "dimat_every_5": ["decentralized.algorithm=dimat", "decentralized.dimat_period=5"]}
     for seed in seeds:
         for name, extra in rules.items():
             started = time.time()
@@ -142,7 +147,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--only", default="rebasin,one_shot,decentralized,fedma,dimat")
+    parser.add_argument("--only", default="rebasin,one_shot,decentralized,fedma,dimat,dimat_own_init")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="rebasin: hidden widths")
     args = parser.parse_args()
@@ -150,7 +155,8 @@ def main() -> None:
     widths = tuple(int(w) for w in args.widths.split(","))
     parts = {"rebasin": lambda: rebasin(seeds, args.epochs, widths), "one_shot": lambda: one_shot_table(seeds, args.epochs),
              "decentralized": lambda: decentralized(seeds), "fedma": lambda: fedma_table(seeds, args.epochs),
-             "dimat": lambda: dimat_table(seeds)}
+             "dimat": lambda: dimat_table(seeds, SHARED_INIT),
+             "dimat_own_init": lambda: dimat_table(seeds, OWN_INIT)}
     RESULTS.mkdir(exist_ok=True)
     written = RESULTS / "merging.json"  # the parts run now replace their own entries, the others stay
     results = json.loads(written.read_text()) if written.exists() else {}

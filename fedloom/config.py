@@ -216,6 +216,7 @@ class DecentralizedConfig(Section):
     dimat_period: int = Field(1, ge=1, description="dimat: rounds between merges (local training only in between)")
     dimat_method: Literal["weight", "activation"] = Field(
         "weight", description="dimat: how a node aligns its neighbours' models to its own")
+    own_init: bool = Field(False, description="each node starts from its own random model (else all from one)")
     gossip: Literal[tuple(GOSSIP_RULES)] = Field(  # type: ignore[valid-type]
         "mean", description="clipped: ClippedGossip (He et al. 2023)")
     clip_tau: float | None = Field(None, gt=0, description="clipped: fixed clipping radius; unset: adaptive")

@@ -86,3 +86,14 @@ def test_dimat_runs_from_the_config_and_sends_only_in_merge_rounds():
         load_config(None, [*RING, "decentralized.dimat_period=2"])
     with pytest.raises(ConfigError, match="dimat_method"):
         load_config(None, [*RING, "decentralized.algorithm=dimat", "decentralized.dimat_method=ot"])
+
+
+def test_nodes_from_their_own_initializations_are_where_dimat_and_dsgd_part():
+    from fedloom.config import load_config
+    from fedloom.rounds.decentralized import DecentralizedRound
+
+    X = DecentralizedRound(load_config(None, [*RING, "decentralized.own_init=true"])).init_state()["X"]
+    assert all(not torch.equal(X[0], X[i]) for i in range(1, len(X)))
+    summaries = {rule: run(None, [*RING, "decentralized.own_init=true", f"decentralized.algorithm={rule}"]).summary
+                 for rule in ("dsgd", "dimat")}
+    assert summaries["dsgd"]["consensus_distance"] != summaries["dimat"]["consensus_distance"]

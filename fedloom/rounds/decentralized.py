@@ -143,6 +143,11 @@ class DecentralizedRound:
 
     def init_state(self) -> State:
         X = self.spec.flatten(self.model).detach().cpu().expand(self.data.n_clients, -1).clone()
+        if self.cfg.decentralized.own_init:  # each node's own model, drawn as one-shot's clients draw theirs
+            from fedloom.merging.one_shot import client_starts
+
+            X = client_starts(self.cfg, self.data, self.spec, self.model, list(range(self.data.n_clients)),
+                              False).detach()
         return {"X": X, "clients": {}, "gossip": self.algorithm.gossip_init(X), "pending": {},
                 "sent": torch.zeros(self.data.n_clients)}
 
