@@ -95,3 +95,16 @@ def test_combinations_matched_averaging_cannot_serve_are_refused_at_config_load(
         "server.transforms=[{name='matched_averaging'}]"]
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*transforms, *extra])
+
+
+def test_a_pipeline_built_without_the_model_keeps_a_server_side_stand_in_that_refuses_to_run():
+    from fedloom.pipeline.base import Context
+    from fedloom.pipeline.build import build_pipeline
+
+    cfg = load_config(None, ["server.transforms=[{name='matched_averaging'}]"])
+    pipeline = build_pipeline(cfg, None)  # what a deployed client builds, for its client side only
+    assert "matched_averaging (server)" in pipeline.steps()
+    assert "matched_averaging" not in [t.name for t in pipeline.on("client").transforms]
+    stand_in = next(t for t in pipeline.transforms if t.name == "matched_averaging")
+    with pytest.raises(ValueError, match="without the run's model"):
+        stand_in.apply(torch.zeros(1, 3), torch.ones(1), None, Context(1, 0, [0], torch.zeros(3)))

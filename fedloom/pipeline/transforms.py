@@ -165,7 +165,14 @@ TRANSFORMS.add("fedau", "FedAU: rows weighted by each client's estimated partici
 
 def matched_averaging(model: nn.Module, method: Literal["weight", "activation", "ot"] = "weight",
                       reference: Literal["global", "clients"] = "global", data=None) -> Transform:
-    """``fedloom.merging.transform.matched_averaging``, imported when built (merging needs the config)."""
+    """``fedloom.merging.transform.matched_averaging``, imported when built (merging needs the config). A
+    pipeline built without the model (a deployed client's, which keeps only its client-side part) gets a
+    server-side stand-in that refuses to run."""
+    if model is None:
+        def unbuilt(U: Tensor, w: Tensor, state, ctx: Context):
+            raise ValueError("matched_averaging was built without the run's model (pass model= to build_pipeline)")
+
+        return Transform("matched_averaging", unbuilt)
     from fedloom.merging import transform
 
     return transform.matched_averaging(model, method, reference, data)
