@@ -214,6 +214,10 @@ class DecentralizedConfig(Section):
     choco_gamma: float = Field(0.5, gt=0, le=1, description="CHOCO-SGD consensus step size")
     final_merge: Literal["none", "weight", "activation", "ot"] = Field(
         "none", description="at the end, also merge the node models after aligning them (fedloom.merging)")
+    dimat_period: int = Field(1, ge=1, description="dimat: rounds between merges (local training only in between)")
+    dimat_method: Literal["weight", "activation"] = Field(
+        "weight", description="dimat: how a node aligns its neighbours' models to its own")
+    own_init: bool = Field(False, description="each node starts from its own random model (else all from one)")
     gossip: Literal[tuple(GOSSIP_RULES)] = Field(  # type: ignore[valid-type]
         "mean", description="clipped: ClippedGossip (He et al. 2023)")
     clip_tau: float | None = Field(None, gt=0, description="clipped: fixed clipping radius; unset: adaptive")
@@ -232,7 +236,23 @@ class DecentralizedConfig(Section):
             raise ValueError("clip_delta sets the adaptive radius; with a fixed clip_tau it has no effect")
         if self.final_merge == "ot" and importlib.util.find_spec("ot") is None:
             raise ValueError("final_merge = 'ot' needs POT (optimal transport): pip install fedloom[merging]")
+        dimat = [k for k in ("dimat_period", "dimat_method") if getattr(self, k) != type(self).model_fields[k].default]
+        if dimat and self.algorithm != "dimat":
+            raise ValueError(f"{', '.join(dimat)} applies to algorithm = 'dimat' (algorithm is {self.algorithm!r})")
         return self
+
+
+class FedMAConfig(Section):
+    """FedMA (``fedloom.merging.fedma``): PFNM's Beta-Bernoulli process prior, its matching passes, growth."""
+
+    sigma: float = Field(1.0, gt=0, description="a client's neuron around its global neuron (std)")
+    sigma0: float = Field(1.0, gt=0, description="the global neurons around mu0 (std)")
+    gamma0: float = Field(1.0, gt=0, description="the Indian buffet process' mass: how readily a layer grows")
+    mu0: float = 0.0
+    iterations: int = Field(5, ge=0, description="passes re-matching each client given the others")
+    max_growth: float = Field(0.5, ge=0, description="a layer grows to at most (1 + max_growth) x its width")
+    rounds: int = Field(1, ge=1, description="layer-wise passes; > 1: FedMA with communication")
+    same_init: bool = Field(False, description="clients start from the config's one model (else their own)")
 
 
 class AttackConfig(Section):
@@ -605,6 +625,7 @@ class ExperimentConfig(Section):
     system: SystemConfig = Field(default_factory=SystemConfig)
     asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    fedma: FedMAConfig = Field(default_factory=FedMAConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -879,6 +900,21 @@ class ExperimentConfig(Section):
         if self.server.aggregator.name != "mean" or self.privacy.mechanism != "none":
             raise ValueError("server.transforms 'fedau' is the aggregate itself: it runs with "
                              "server.aggregator.name = 'mean' and privacy.mechanism = 'none'")
+
+    @model_validator(mode="after")
+    def _matched_averaging_rules(self) -> "ExperimentConfig":
+        """Matched averaging rebuilds each client's model from its row and the round's global model."""
+        if not any(t.name == "matched_averaging" for t in self.server.transforms):
+            return self
+        given = {"mode": (self.mode, "federated"), "privacy.mechanism": (self.privacy.mechanism, "none"),
+                 "secure_aggregation.protocol": (self.secure_aggregation.protocol, "none"),
+                 "personalization.method": (self.personalization.method, "none")}
+        for key, (value, needed) in given.items():
+            if value != needed:
+                raise ValueError(f"server.transforms 'matched_averaging' aligns whole client models, x_global - row, "
+                                 f"so it needs {key} = {needed!r} (got {value!r}): a noised, masked or partial row "
+                                 "(or a stale one) is not a client model")
+        return self
 
     @model_validator(mode="after")
     def _personalization_rules(self) -> "ExperimentConfig":

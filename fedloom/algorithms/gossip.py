@@ -13,6 +13,8 @@ client side follows the FedAvg protocol (``client_init``, ``correct_grad``,
   delta_i = (x_i - y_i) / (K lr) (the node's corrected direction over its K
   steps), after gossip c_i <- c_i + (W delta)_i - delta_i. The c_i sum to zero,
   so the average model moves like D-SGD's while heterogeneity is cancelled.
+- DIMAT (Saadati et al. 2024, ``dimat.py``): X <- W applied to the neighbours' models after aligning their
+  hidden units to each node's own (``fedloom.merging``), every few rounds.
 - CHOCO-SGD (Koloskova, Stich, Jaggi 2019, Algorithm 2): nodes keep public
   copies x_hat; each sends only q_i = C(y_i - x_hat_i), all copies move by q,
   and x_i <- y_i + gamma ((W X_hat)_i - x_hat_i).
@@ -208,6 +210,13 @@ class Choco(DSGD):
         return X_new, nbytes.float(), {"public": public, "memories": memories}
 
 
+def dimat(*args, **kwargs):
+    """DIMAT's rule (``fedloom.algorithms.dimat``), imported when built: it aligns with ``fedloom.merging``."""
+    from fedloom.algorithms.dimat import Dimat
+
+    return Dimat(*args, **kwargs)
+
+
 # what decentralized.algorithm and decentralized.gossip may name
 DECENTRALIZED = Registry("decentralized algorithm", {
     "dsgd": (DSGD, "D-SGD (Lian et al. 2017; local steps: Koloskova et al. 2020): X <- W (X - U)"),
@@ -215,6 +224,8 @@ DECENTRALIZED = Registry("decentralized algorithm", {
                           "steps; the tracker moves by (W delta)_i - delta_i"),
     "choco": (Choco, "CHOCO-SGD (Koloskova, Stich, Jaggi 2019): nodes send compressed differences to public copies "
               "(needs [compression]; choco_gamma)"),
+    "dimat": (dimat, "DIMAT (Saadati et al. 2024): every dimat_period rounds each node aligns its neighbours' "
+              "models to its own (dimat_method weight | activation) and merges them with W"),
 })
 GOSSIP_RULES = Registry("gossip rule", {
     "mean": (mean_gossip, "x_i <- sum_j w_ij x_j (W X)"),

@@ -59,15 +59,20 @@ def mean_state(states: list[State]) -> State:
             for k, v in states[0].items()}
 
 
-def merge(states: list[State], align: Aligner, refine: int = 1) -> State:
-    """All models aligned to the first, then ``refine`` sweeps aligning each to the others' mean; their mean."""
+def align_all(states: list[State], align: Aligner, refine: int = 1) -> list[State]:
+    """All models aligned to the first, then ``refine`` sweeps aligning each to the others' mean (MergeMany)."""
     aligned = [states[0], *(align(states[0], s) for s in states[1:])]
     if align.method != "average" and len(states) > 2:
         for _ in range(refine):
             for i in range(len(states)):
                 others = mean_state(aligned[:i] + aligned[i + 1:])
                 aligned[i] = align(others, states[i])
-    return mean_state(aligned)
+    return aligned
+
+
+def merge(states: list[State], align: Aligner, refine: int = 1) -> State:
+    """The mean of the models after ``align_all``."""
+    return mean_state(align_all(states, align, refine))
 
 
 def interpolate(a: State, b: State, t: float) -> State:

@@ -52,7 +52,7 @@ def one_shot(config: str | Path | dict | ExperimentConfig | None = None, overrid
     model = build_model_for(cfg, data)
     spec = ParamSpec.of(model)
     clients = list(range(data.n_clients))
-    starts = _starts(cfg, data, spec, model, clients, same_init)
+    starts = client_starts(cfg, data, spec, model, clients, same_init)
     engine = build_engine(cfg, model, data)
     result = engine.run_round(build_algorithm(cfg), starts, {}, clients, 1, ClientStore())
     states = states_of_rows(model, spec, starts - result.U)
@@ -61,7 +61,7 @@ def one_shot(config: str | Path | dict | ExperimentConfig | None = None, overrid
     return OneShotResult([evaluate(s) for s in states], merged)
 
 
-def _starts(cfg: ExperimentConfig, data, spec: ParamSpec, model, clients: list[int], same_init: bool) -> Tensor:
+def client_starts(cfg: ExperimentConfig, data, spec: ParamSpec, model, clients: list[int], same_init: bool) -> Tensor:
     """The clients' starting models [n, d]: the config's one model, or each client's own."""
     from fedloom.models import build_model
 

@@ -29,9 +29,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
+from torch import nn
+
 from fedloom.aggregation.base import make_aggregator
 from fedloom.attacks import Adversary
+
 from fedloom.config import ExperimentConfig, Shapes
+from fedloom.data import FederatedData
 from fedloom.pipeline import transforms
 from fedloom.pipeline.base import Pipeline, Transform
 from fedloom.pipeline.transforms import TRANSFORMS
@@ -40,9 +44,11 @@ from fedloom.privacy.ftrl import ftrl
 
 
 def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: Shapes | None = None,
-                   max_weight: float = 1.0) -> Pipeline:
+                   max_weight: float = 1.0, model: nn.Module | None = None,
+                   data: FederatedData | None = None) -> Pipeline:
     """``shapes``: the model's parameter shapes, for compressors that work layer by layer; ``max_weight``:
-    the largest client's weight (examples), public, for secure aggregation's quantized weights."""
+    the largest client's weight (examples), public, for secure aggregation's quantized weights; ``model``
+    and ``data``: the run's, for the transforms that take them (matched averaging)."""
     steps: list[Transform] = []
     if adversary is not None:
         steps.append(transforms.attack(adversary))
@@ -55,7 +61,7 @@ def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: S
     compressor = cfg.compression.build(shapes)
     if compressor is not None:
         steps.append(transforms.compress(compressor, cfg.seed))
-    steps.extend(_user_transform(t.name, t.options) for t in cfg.server.transforms)
+    steps.extend(_user_transform(t.name, t.options, model=model, data=data) for t in cfg.server.transforms)
     if mechanism == "ftrl":  # its model is FTRL's, no server optimizer after it
         return Pipeline(tuple(steps + _ftrl(cfg)))
     if cfg.secure_aggregation.protocol != "none":
@@ -123,8 +129,8 @@ def _secure_aggregate(cfg: ExperimentConfig, max_weight: float) -> list[Transfor
             secagg_round.secure_mean(replace(spec, denominator=m), epsilon)]
 
 
-def _user_transform(name: str, options: dict) -> Transform:
-    transform = TRANSFORMS.build(name, options)
+def _user_transform(name: str, options: dict, **supplied) -> Transform:
+    transform = TRANSFORMS.build(name, options, **supplied)
     if not isinstance(transform, Transform):
         raise ValueError(f"transform {name!r} returned a {type(transform).__name__}, not a fedloom Transform")
     return transform

@@ -4,6 +4,7 @@ norm clipping, aggregation and the server optimizer step (contract in ``base.py`
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -87,7 +88,9 @@ def clip_rows(U: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
     return U * scale[:, None], scale
 
 
-TRANSFORMS = Registry("transform")  # what server.transforms may name (besides a user's import path)
+# what server.transforms may name (besides a user's import path); the pipeline builder supplies the run's
+# model and data to the factories that take them
+TRANSFORMS = Registry("transform", fixed=("model", "data"))
 TRANSFORMS.add("clip", "clip every row to L2 norm max_norm (option max_norm)")(clip)
 
 
@@ -158,3 +161,22 @@ def participation_weight(seen: Tensor | None, round_idx: int, cutoff: int) -> tu
 
 TRANSFORMS.add("fedau", "FedAU: rows weighted by each client's estimated participation interval, summed over "
                "all N clients (option cutoff)")(fedau)
+
+
+def matched_averaging(model: nn.Module, method: Literal["weight", "activation", "ot"] = "weight",
+                      reference: Literal["global", "clients"] = "global", data=None) -> Transform:
+    """``fedloom.merging.transform.matched_averaging``, imported when built (merging needs the config). A
+    pipeline built without the model (a deployed client's, which keeps only its client-side part) gets a
+    server-side stand-in that refuses to run."""
+    if model is None:
+        def unbuilt(U: Tensor, w: Tensor, state, ctx: Context):
+            raise ValueError("matched_averaging was built without the run's model (pass model= to build_pipeline)")
+
+        return Transform("matched_averaging", unbuilt)
+    from fedloom.merging import transform
+
+    return transform.matched_averaging(model, method, reference, data)
+
+
+TRANSFORMS.add("matched_averaging", "client models aligned (Git Re-Basin weight or activation matching, or OT) to "
+               "the global model or to each other before the mean (options method, reference)")(matched_averaging)

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from fedloom import evaluation
-from fedloom.algorithms.gossip import (DSGD, Choco, ClippedGossip, GradientTracking, Messages, honest_messages,
-                                      mean_gossip)
+from fedloom.algorithms.gossip import (DSGD, Choco, ClippedGossip, GradientTracking, Messages, dimat,
+                                      honest_messages, mean_gossip)
 from fedloom.attacks import ATTACKS, Adversary
 from fedloom.builders import (GivenParts, build_adversary, build_data, build_engine, build_model_for, build_task_for,
                               check_model_runs, engine_notes, model_device, sized_to)
@@ -40,6 +40,7 @@ from fedloom.config import ExperimentConfig
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
 from fedloom.core.store import ClientStore
+from fedloom.data import FederatedData
 from fedloom.rounds.base import State
 from fedloom.topology import (TimeVarying, active_subgraph, check_connected, consensus_distance, make_topology,
                               max_degree, metropolis_hastings, mixing_from_user, spectral_gap)
@@ -57,8 +58,12 @@ def byzantine_messages(adversary: Adversary) -> Messages:
 
 
 def build_gossip_algorithm(cfg: ExperimentConfig, adversary: Adversary | None = None,
-                           shapes: tuple[torch.Size, ...] | None = None) -> DSGD:
+                           shapes: tuple[torch.Size, ...] | None = None, model: torch.nn.Module | None = None,
+                           data: FederatedData | None = None) -> DSGD:
+    """``model`` and ``data``: the run's, for DIMAT (it aligns the node models)."""
     d = cfg.decentralized
+    if d.algorithm == "dimat":
+        return dimat(model, data, cfg.seed, d.dimat_period, d.dimat_method)
     if d.algorithm == "choco":
         return Choco(cfg.compression.build(shapes), cfg.seed, d.choco_gamma)
     if d.algorithm == "gradient_tracking":
@@ -133,11 +138,16 @@ class DecentralizedRound:
         self.engine_name = self.engine.name
         # evaluation runs where the engine put the model (the CPU for Ray actors' and remote clients' runs)
         self.task, self.device = build_task_for(cfg, self.data), model_device(self.model)
-        self.algorithm = build_gossip_algorithm(cfg, self.adversary, self.spec.shapes)
+        self.algorithm = build_gossip_algorithm(cfg, self.adversary, self.spec.shapes, self.model, self.data)
         self.topology = Topology(cfg, self.data.n_clients)
 
     def init_state(self) -> State:
         X = self.spec.flatten(self.model).detach().cpu().expand(self.data.n_clients, -1).clone()
+        if self.cfg.decentralized.own_init:  # each node's own model, drawn as one-shot's clients draw theirs
+            from fedloom.merging.one_shot import client_starts
+
+            X = client_starts(self.cfg, self.data, self.spec, self.model, list(range(self.data.n_clients)),
+                              False).detach()
         return {"X": X, "clients": {}, "gossip": self.algorithm.gossip_init(X), "pending": {},
                 "sent": torch.zeros(self.data.n_clients)}
 

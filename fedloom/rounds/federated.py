@@ -89,7 +89,8 @@ class FederatedRound:
         self.personal = build_personalization(cfg, self.spec, local_training(cfg))
         self.split = self.personal.s.split if self.personal else Split(self.spec)
         self.pipeline = build_pipeline(cfg, self.adversary, self.split.shared_shapes,
-                                       max_weight=float(self.data.client_sizes().max()))
+                                       max_weight=float(self.data.client_sizes().max()), model=self.model,
+                                       data=self.data)
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
         self.system = build_system(cfg, self.data.n_clients, self.model, self.data.x[0].to(self.device))
