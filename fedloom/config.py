@@ -523,6 +523,11 @@ class PersonalizationConfig(Section):
                              "client.epochs")
     ditto_lambda: float = Field(0.1, ge=0, description="ditto: pull lambda (v - w) of the personal model v "
                                 "towards the global w")
+    apfl_alpha: float = Field(0.5, ge=0, le=1, description="apfl: each client's initial mixing weight alpha of "
+                              "its personalized model alpha v + (1 - alpha) w")
+    adaptive_alpha: bool = Field(True, description="apfl: learn alpha by its gradient each local step (false: "
+                                 "alpha stays at apfl_alpha)")
+    alpha_lr: float | None = Field(None, gt=0, description="apfl: alpha's learning rate; unset: client.lr")
 
 
 class OutputConfig(Section):
@@ -863,6 +868,10 @@ class ExperimentConfig(Section):
         if self.engine.name == "ray":
             raise ValueError(f"personalization.method = {method!r} trains on the serial or vectorized engine "
                              "(engine.name = 'ray' is not supported)")
+        if method == "apfl" and (self.client.optimizer != "sgd" or self.client.weight_decay):
+            raise ValueError("personalization.method = 'apfl' steps alpha by SGD at its own alpha_lr: it needs "
+                             "client.optimizer = 'sgd' (Adam would ignore alpha_lr) and client.weight_decay = 0 "
+                             f"(got {self.client.optimizer!r}, {self.client.weight_decay:g})")
         if method in ("fedrep", "fedbabu") and self.client.weight_decay:
             raise ValueError(f"personalization.method = {method!r} freezes parameters; client.weight_decay = "
                              f"{self.client.weight_decay:g} would still move them: set it to 0")

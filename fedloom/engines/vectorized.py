@@ -20,8 +20,8 @@ from torch.func import functional_call, vmap
 from fedloom.core.params import ParamSpec
 from fedloom.core.store import ClientStore
 from fedloom.data.federated import FederatedData
-from fedloom.engines.base import (LocalTraining, RoundResult, batch_plan, block_offsets, block_starts, concatenate,
-                                  local_steps, rows_of, starts_of)
+from fedloom.engines.base import (LocalTraining, RoundResult, batch_plan, block_offsets, block_starts, client_objective,
+                                  concatenate, local_steps, projected, rows_of, starts_of)
 from fedloom.engines.device import DATA_ON_DEVICE, DeviceData, free_memory, moved
 from fedloom.tasks import Task, mean_loss
 
@@ -107,19 +107,24 @@ class VectorizedEngine:
         self.chunk_size = self._clients_per_chunk(memory_budget if free is None else min(memory_budget, free * 9 // 10))
         self._losses = vmap(self._masked_loss)
 
-    def _step(self, X: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Every client's gradient and loss. Plain autograd through the vmapped
-        forward: the clients' losses depend on their own rows of X only, so the
-        gradient of their sum is the stack of their gradients, at less overhead
-        per call than torch.func's grad transform (which counts when few clients
-        are left training)."""
+    def _step(self, objective, X: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Every client's gradient and loss (``objective``: one client's loss and its vmapped form). Plain
+        autograd through the vmapped forward: the clients' losses depend on their own rows of X only, so
+        the gradient of their sum is the stack of their gradients, at less overhead per call than
+        torch.func's grad transform (which counts when few clients are left training)."""
+        single, batched = objective
         X = X.detach().requires_grad_()
         if len(X) == 1:  # the long tail of a chunk: one client left, and vmap would only cost time
-            losses = self._masked_loss(X[0], xb[0], yb[0], valid[0])[None]
+            losses = single(X[0], xb[0], yb[0], valid[0])[None]
         else:
-            losses = self._losses(X, xb, yb, valid)
+            losses = batched(X, xb, yb, valid)
         (g,) = torch.autograd.grad(losses.sum(), X)
         return g, losses.detach()
+
+    def _objective(self, algorithm):
+        """One client's loss and its vmapped form: the model's, or the client rule's own objective."""
+        single = client_objective(algorithm, self._masked_loss)
+        return (self._masked_loss, self._losses) if single == self._masked_loss else (single, vmap(single))
 
     def _masked_loss(self, flat: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> Tensor:
         """The task's mean loss over the real examples of a padded batch."""
@@ -166,7 +171,7 @@ class VectorizedEngine:
         parameters are set aside, exactly as if it had trained alone."""
         plan, steps = self._batch_plan(client_ids, round_idx)
         cstate = moved(_stacked_states(algorithm, store, client_ids, x0.shape[-1]), self.device)
-        opt = self.local.optimizer
+        opt, objective = self.local.optimizer, self._objective(algorithm)
         final = x0.expand(len(client_ids), -1).clone()  # x0 is one model [d] or each client's own [n, d]
         X, opt_state, state, starts = final, opt.init(final), cstate, x0
         loss_sum = torch.zeros(len(client_ids), device=self.device)
@@ -178,9 +183,10 @@ class VectorizedEngine:
                 X, opt_state, state = _first_rows((X, opt_state, state), k)
                 starts = starts[:k] if starts.dim() == 2 else starts
             batch = examples[row:row + k, :width]  # no work on padding past the step's longest real batch
-            g, loss = self._step(X, *self.examples.batch(batch), valid[row:row + k, :width])
+            g, loss = self._step(objective, X, *self.examples.batch(batch), valid[row:row + k, :width])
             row += k
             X, opt_state = opt.step(X, algorithm.correct_grad(g, X, starts, sent, state), opt_state)
+            X = projected(algorithm, X)
             loss_sum[:k] += loss.detach()
         final[:len(X)] = X
         rows, aux, new_state = algorithm.client_result(x0, final, steps, opt.lr, sent, cstate)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 
+from fedloom.personalization.apfl import APFL
 from fedloom.personalization.base import Setting
 from fedloom.personalization.ditto import Ditto
 from fedloom.personalization.fedbabu import FedBABU
@@ -28,6 +29,8 @@ METHODS = Registry("personalization method", {
                 "evaluation (finetune_epochs)"),
     "ditto": (Ditto, "Ditto (Li et al. 2021): personal model v pulled towards the global one, "
               "lambda (v - w) (ditto_lambda)"),
+    "apfl": (APFL, "APFL (Deng et al. 2020): personal v mixed with the global w, alpha v + (1 - alpha) w, alpha "
+             "learned (apfl_alpha, adaptive_alpha, alpha_lr)"),
 })
 
 
@@ -43,4 +46,4 @@ def build_personalization(cfg, spec, local):
     return factory(Setting(split, local, cfg.seed), **options)
 
 
-__all__ = ["METHODS", "Ditto", "FedBABU", "FedPer", "FedRep", "FineTune", "Setting", "Split", "build_personalization"]
+__all__ = ["APFL", "METHODS", "Ditto", "FedBABU", "FedPer", "FedRep", "FineTune", "Setting", "Split", "build_personalization"]
