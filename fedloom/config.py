@@ -877,6 +877,27 @@ class ExperimentConfig(Section):
                              f"{self.client.weight_decay:g} would still move them: set it to 0")
         return self
 
+    @model_validator(mode="after")
+    def _fedlaw_rules(self) -> "ExperimentConfig":
+        """FedLAW ends the rows in one, the model it learns on the server's proxy set, so it comes last, a
+        plain mean follows, and the server's model must be the whole model (no personal layers)."""
+        positions = [i for i, t in enumerate(self.server.transforms) if t.name == "fedlaw"]
+        if not positions:
+            return self
+        if positions != [len(self.server.transforms) - 1]:
+            raise ValueError("server.transforms: 'fedlaw' learns the round's model from the clients' rows, so it "
+                             "must be the last transform (and appear once)")
+        if self.server.aggregator.name != "mean" or self.privacy.mechanism != "none":
+            raise ValueError("server.transforms 'fedlaw' is the aggregate itself: it runs with server.aggregator.name "
+                             f"= 'mean' and privacy.mechanism = 'none' (got {self.server.aggregator.name!r}, "
+                             f"{self.privacy.mechanism!r})")
+        method = self.personalization.method
+        if method != "none" and PERSONALIZATION_METHODS.factory(method).splits:
+            raise ValueError(f"server.transforms 'fedlaw' with personalization.method = {method!r}: the server's "
+                             "model lacks the clients' personal layers, so it has no proxy loss; use finetune, "
+                             "ditto or apfl")
+        return self
+
     def privacy_accounting(self) -> Accounting | None:
         """What the accountant needs of this run, or None when privacy is off."""
         p = self.privacy

@@ -33,16 +33,17 @@ from fedloom.aggregation.base import make_aggregator
 from fedloom.attacks import Adversary
 from fedloom.config import ExperimentConfig, Shapes
 from fedloom.pipeline import transforms
-from fedloom.pipeline.base import Pipeline, Transform
+from fedloom.pipeline.base import Pipeline, ServerData, Transform
 from fedloom.pipeline.transforms import TRANSFORMS
 from fedloom.privacy import transforms as dp
 from fedloom.privacy.ftrl import ftrl
 
 
 def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: Shapes | None = None,
-                   max_weight: float = 1.0) -> Pipeline:
+                   max_weight: float = 1.0, server_data: ServerData | None = None) -> Pipeline:
     """``shapes``: the model's parameter shapes, for compressors that work layer by layer; ``max_weight``:
-    the largest client's weight (examples), public, for secure aggregation's quantized weights."""
+    the largest client's weight (examples), public, for secure aggregation's quantized weights;
+    ``server_data``: what the server holds, for transforms that learn on data (FedLAW)."""
     steps: list[Transform] = []
     if adversary is not None:
         steps.append(transforms.attack(adversary))
@@ -55,7 +56,7 @@ def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: S
     compressor = cfg.compression.build(shapes)
     if compressor is not None:
         steps.append(transforms.compress(compressor, cfg.seed))
-    steps.extend(_user_transform(t.name, t.options) for t in cfg.server.transforms)
+    steps.extend(_user_transform(t.name, t.options, server_data) for t in cfg.server.transforms)
     if mechanism == "ftrl":  # its model is FTRL's, no server optimizer after it
         return Pipeline(tuple(steps + _ftrl(cfg)))
     if cfg.secure_aggregation.protocol != "none":
@@ -123,8 +124,8 @@ def _secure_aggregate(cfg: ExperimentConfig, max_weight: float) -> list[Transfor
             secagg_round.secure_mean(replace(spec, denominator=m), epsilon)]
 
 
-def _user_transform(name: str, options: dict) -> Transform:
-    transform = TRANSFORMS.build(name, options)
+def _user_transform(name: str, options: dict, server_data: ServerData | None) -> Transform:
+    transform = TRANSFORMS.build(name, options, server_data=server_data)
     if not isinstance(transform, Transform):
         raise ValueError(f"transform {name!r} returned a {type(transform).__name__}, not a fedloom Transform")
     return transform

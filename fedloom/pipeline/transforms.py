@@ -15,6 +15,7 @@ from fedloom.attacks import Adversary
 from fedloom.compression import uplink
 from fedloom.compression.base import Compressor
 from fedloom.pipeline.base import Context, Transform
+from fedloom.pipeline.fedlaw import fedlaw
 from fedloom.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ def clip_rows(U: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
     return U * scale[:, None], scale
 
 
-TRANSFORMS = Registry("transform")  # what server.transforms may name (besides a user's import path)
+# what server.transforms may name (besides a user's import path); a factory taking server_data gets the server's
+TRANSFORMS = Registry("transform", fixed=("server_data",))
 TRANSFORMS.add("clip", "clip every row to L2 norm max_norm (option max_norm)")(clip)
 
 
@@ -158,3 +160,5 @@ def participation_weight(seen: Tensor | None, round_idx: int, cutoff: int) -> tu
 
 TRANSFORMS.add("fedau", "FedAU: rows weighted by each client's estimated participation interval, summed over "
                "all N clients (option cutoff)")(fedau)
+TRANSFORMS.add("fedlaw", "FedLAW: aggregation weights and a global shrinking factor learned on a server proxy set, "
+               "last (options proxy_fraction, epochs, lr, batch_size)")(fedlaw)
