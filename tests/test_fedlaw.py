@@ -98,3 +98,24 @@ def test_bad_options_are_refused_naming_them():
         make_round("server.transforms=[{name='fedlaw', options={proxy_fraction=0.0}}]")
     with pytest.raises(ConfigError, match="takes no option"):
         load_config(None, ["server.transforms=[{name='fedlaw', options={gamma=1.0}}]"])
+
+
+SHARDS = ["data.dataset=digits", "data.n_clients=20", "partition.name=shards", "partition.options={classes_per_client=2}",
+          "model.name=mlp", "model.options={hidden=[32]}", "sampling.clients_per_round=10", "client.epochs=1",
+          "client.lr=0.1", "client.batch_size=16", "rounds=10", "evaluation.every=10", "output.save=false",
+          "output.progress=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_on_two_class_shards_fedlaw_global_model_beats_fedavgs_and_apfl_beats_both(seed):
+    from fedloom import run
+
+    # finetune's training is FedAvg's; its record holds the global model's mean per-client accuracy
+    cfg = [*SHARDS, f"seed={seed}", "rounds=20", "evaluation.every=20"]  # bench/personalization.py's rounds
+    fedavg = run(None, [*cfg, "personalization.method=finetune"]).final
+    fedlaw = run(None, [*cfg, "personalization.method=finetune", "server.transforms=[{name='fedlaw'}]"]).final
+    apfl = run(None, [*cfg, "personalization.method=apfl"]).final
+    assert fedlaw["federated_accuracy_client_mean"] > fedavg["federated_accuracy_client_mean"]
+    assert fedlaw["central_accuracy"] > fedavg["central_accuracy"]
+    assert apfl["personal_accuracy_client_mean"] > fedlaw["federated_accuracy_client_mean"] + 0.1
