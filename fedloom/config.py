@@ -568,6 +568,11 @@ class PersonalizationConfig(Section):
                              "critical parameters reaches the largest overlap (it then shares them with none)")
     fedloge_sparsity: float = Field(0.6, ge=0, lt=1, description="fedloge: the fraction of the ETF head's "
                                     "smallest-magnitude entries set to zero (SSE-C)")
+    apfl_alpha: float = Field(0.5, ge=0, le=1, description="apfl: each client's initial mixing weight alpha of "
+                              "its personalized model alpha v + (1 - alpha) w")
+    adaptive_alpha: bool = Field(True, description="apfl: learn alpha by its gradient each local step (false: "
+                                 "alpha stays at apfl_alpha)")
+    alpha_lr: float | None = Field(None, gt=0, description="apfl: alpha's learning rate; unset: client.lr")
 
 
 class OutputConfig(Section):
@@ -937,6 +942,10 @@ class ExperimentConfig(Section):
         if self.engine.name == "ray":
             raise ValueError(f"personalization.method = {method!r} trains on the serial or vectorized engine "
                              "(engine.name = 'ray' is not supported)")
+        if method == "apfl" and (self.client.optimizer != "sgd" or self.client.weight_decay):
+            raise ValueError("personalization.method = 'apfl' steps alpha by SGD at its own alpha_lr: it needs "
+                             "client.optimizer = 'sgd' (Adam would ignore alpha_lr) and client.weight_decay = 0 "
+                             f"(got {self.client.optimizer!r}, {self.client.weight_decay:g})")
         if method in ("fedrep", "fedbabu", "fedloge") and self.client.weight_decay:
             raise ValueError(f"personalization.method = {method!r} freezes parameters; client.weight_decay = "
                              f"{self.client.weight_decay:g} would still move them: set it to 0")
@@ -957,6 +966,27 @@ class ExperimentConfig(Section):
         if self.server.aggregator.name != "mean":
             raise ValueError(f"personalization.method = 'fedcac' with server.aggregator.name = "
                              f"{self.server.aggregator.name!r}: its customized models are plain means; use 'mean'")
+        return self
+
+    @model_validator(mode="after")
+    def _fedlaw_rules(self) -> "ExperimentConfig":
+        """FedLAW ends the rows in one, the model it learns on the server's proxy set, so it comes last, a
+        plain mean follows, and the server's model must be the whole model (no personal layers)."""
+        positions = [i for i, t in enumerate(self.server.transforms) if t.name == "fedlaw"]
+        if not positions:
+            return self
+        if positions != [len(self.server.transforms) - 1]:
+            raise ValueError("server.transforms: 'fedlaw' learns the round's model from the clients' rows, so it "
+                             "must be the last transform (and appear once)")
+        if self.server.aggregator.name != "mean" or self.privacy.mechanism != "none":
+            raise ValueError("server.transforms 'fedlaw' is the aggregate itself: it runs with server.aggregator.name "
+                             f"= 'mean' and privacy.mechanism = 'none' (got {self.server.aggregator.name!r}, "
+                             f"{self.privacy.mechanism!r})")
+        method = self.personalization.method
+        if method != "none" and PERSONALIZATION_METHODS.factory(method).splits:
+            raise ValueError(f"server.transforms 'fedlaw' with personalization.method = {method!r}: the server's "
+                             "model lacks the clients' personal layers, so it has no proxy loss; use finetune, "
+                             "ditto or apfl")
         return self
 
     def privacy_accounting(self) -> Accounting | None:

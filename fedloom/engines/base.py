@@ -56,6 +56,19 @@ def functional_loss(model: nn.Module, spec: ParamSpec, task: Task) -> Callable[.
     return loss
 
 
+def client_objective(algorithm: Any, loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The loss a client rule trains its rows on: the model's ``loss``, or the rule's own ``objective``
+    built on it (APFL's, on a row holding two models and a mixing weight)."""
+    objective = getattr(algorithm, "objective", None)
+    return loss if objective is None else objective(loss)
+
+
+def projected(algorithm: Any, x: Tensor) -> Tensor:
+    """The rows after a local step, put back in the rule's feasible set when it has one (APFL's alpha in [0, 1])."""
+    project = getattr(algorithm, "project", None)
+    return x if project is None else project(x)
+
+
 def local_steps(sizes: np.ndarray, local: LocalTraining) -> np.ndarray:
     """Local steps (batches) of clients holding ``sizes`` training examples."""
     sizes = np.asarray(sizes, dtype=np.int64)

@@ -16,7 +16,8 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, seed_for
 from fedloom.core.store import ClientStore
 from fedloom.data.federated import FederatedData
-from fedloom.engines.base import LocalTraining, RoundResult, batch_order, functional_loss, starts_of
+from fedloom.engines.base import (LocalTraining, RoundResult, batch_order, client_objective, functional_loss, projected,
+                                  starts_of)
 from fedloom.engines.device import DATA_ON_DEVICE, DeviceData, loss_accumulator, moved
 from fedloom.tasks import Task
 
@@ -34,11 +35,12 @@ class SerialEngine:
         self.local = local
         self._loss = functional_loss(model, self.spec, task)
 
-    def _grad(self, x: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _grad(objective, x: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
         """Plain autograd rather than torch.func, so modules that update buffers
         in place (BatchNorm) train as they would outside fedloom."""
         x = x.detach().requires_grad_()
-        loss = self._loss(x, xb, yb)
+        loss = objective(x, xb, yb)
         (g,) = torch.autograd.grad(loss, x)
         return g, loss.detach()
 
@@ -62,14 +64,15 @@ class SerialEngine:
                       store: ClientStore):
         idx = self.data.train_idx[cid]
         cstate = moved(store.get(cid, lambda: algorithm.client_init(x0.shape[-1])), self.device)
-        opt = self.local.optimizer
+        opt, objective = self.local.optimizer, client_objective(algorithm, self._loss)
         x, opt_state, steps, loss_sum = x0.clone(), opt.init(x0), 0, loss_accumulator(self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             # dropout draws from the client's own stream
             torch.manual_seed(seed_for(self.local.seed, Stream.DROPOUT, round_idx, cid))
             for batch in batch_order(len(idx), self.local, round_idx, cid):
-                g, loss = self._grad(x, *self.examples.batch(idx[batch]))
+                g, loss = self._grad(objective, x, *self.examples.batch(idx[batch]))
                 x, opt_state = opt.step(x, algorithm.correct_grad(g, x, x0, sent, cstate), opt_state)
+                x = projected(algorithm, x)
                 steps += 1
                 loss_sum += loss  # summed on the device: no sync per step
         row, aux, new_state = algorithm.client_result(x0, x, torch.tensor(steps), opt.lr, sent, cstate)

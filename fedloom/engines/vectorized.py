@@ -12,6 +12,8 @@ budget; the results come back in the caller's client order.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -20,8 +22,8 @@ from torch.func import functional_call, vmap
 from fedloom.core.params import ParamSpec
 from fedloom.core.store import ClientStore
 from fedloom.data.federated import FederatedData
-from fedloom.engines.base import (LocalTraining, RoundResult, batch_plan, block_offsets, block_starts, concatenate,
-                                  local_steps, rows_of, starts_of)
+from fedloom.engines.base import (LocalTraining, RoundResult, batch_plan, block_offsets, block_starts, client_objective,
+                                  concatenate, local_steps, projected, rows_of, starts_of)
 from fedloom.engines.device import DATA_ON_DEVICE, DeviceData, free_memory, moved
 from fedloom.engines.fused import fused_step
 from fedloom.tasks import Task, mean_loss
@@ -120,18 +122,27 @@ class VectorizedEngine:
         self._step = fast or self._general_step
 
     def _general_step(self, X: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Every client's gradient and loss. Plain autograd through the vmapped
-        forward: the clients' losses depend on their own rows of X only, so the
-        gradient of their sum is the stack of their gradients, at less overhead
-        per call than torch.func's grad transform (which counts when few clients
-        are left training)."""
+        """Every client's gradient and loss of the model's own objective (the step the fused one replaces)."""
+        return self._gradients((self._masked_loss, self._losses), X, xb, yb, valid)
+
+    def _gradients(self, objective, X: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Every client's gradient and loss (``objective``: one client's loss and its vmapped form). Plain
+        autograd through the vmapped forward: the clients' losses depend on their own rows of X only, so
+        the gradient of their sum is the stack of their gradients, at less overhead per call than
+        torch.func's grad transform (which counts when few clients are left training)."""
+        single, batched = objective
         X = X.detach().requires_grad_()
         if len(X) == 1:  # the long tail of a chunk: one client left, and vmap would only cost time
-            losses = self._masked_loss(X[0], xb[0], yb[0], valid[0])[None]
+            losses = single(X[0], xb[0], yb[0], valid[0])[None]
         else:
-            losses = self._losses(X, xb, yb, valid)
+            losses = batched(X, xb, yb, valid)
         (g,) = torch.autograd.grad(losses.sum(), X)
         return g, losses.detach()
+
+    def _objective(self, algorithm):
+        """One client's loss and its vmapped form: the model's, or the client rule's own objective."""
+        single = client_objective(algorithm, self._masked_loss)
+        return (self._masked_loss, self._losses) if single == self._masked_loss else (single, vmap(single))
 
     def _masked_loss(self, flat: Tensor, xb: Tensor, yb: Tensor, valid: Tensor) -> Tensor:
         """The task's mean loss over the real examples of a padded batch."""
@@ -180,7 +191,9 @@ class VectorizedEngine:
         parameters are set aside, exactly as if it had trained alone."""
         plan, steps = self._batch_plan(client_ids, round_idx)
         cstate = moved(_stacked_states(algorithm, store, client_ids, x0.shape[-1]), self.device)
-        opt = self.local.optimizer
+        opt, objective = self.local.optimizer, self._objective(algorithm)
+        # the fused or general step for the model's own objective; a client rule's own (APFL) takes autograd
+        step = self._step if objective[0] == self._masked_loss else partial(self._gradients, objective)
         # x0 is one model [d] or each client's own [n, d]; a row is copied only when its client finishes first
         X = x0.expand(len(client_ids), -1)
         final, opt_state, state, starts = None, opt.init(X), cstate, x0
@@ -194,9 +207,10 @@ class VectorizedEngine:
                 X, opt_state, state = _first_rows((X, opt_state, state), k)
                 starts = starts[:k] if starts.dim() == 2 else starts
             batch = examples[row:row + k, :width]  # no work on padding past the step's longest real batch
-            g, loss = self._step(X, *self.examples.batch(batch), valid[row:row + k, :width])
+            g, loss = step(X, *self.examples.batch(batch), valid[row:row + k, :width])
             row += k
             X, opt_state = opt.step(X, algorithm.correct_grad(g, X, starts, sent, state), opt_state)
+            X = projected(algorithm, X)
             loss_sum[:k] += loss.detach()
         if final is None:  # every client trained to the last step
             final = X

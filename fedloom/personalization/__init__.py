@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 
+from fedloom.personalization.apfl import APFL
 from fedloom.personalization.base import Setting
 from fedloom.personalization.ditto import Ditto
 from fedloom.personalization.fedbabu import FedBABU
@@ -34,6 +35,8 @@ METHODS = Registry("personalization method", {
                "averaged only with clients whose critical sets overlap, by a bar rising over fedcac_beta rounds"),
     "fedloge": (FedLoGe, "FedLoGe (Xiao et al. 2024): backbone under a fixed sparse ETF head (fedloge_sparsity), "
                 "an aggregated auxiliary head and local heads, realigned by class-row norms (personal: the head)"),
+    "apfl": (APFL, "APFL (Deng et al. 2020): personal v mixed with the global w, alpha v + (1 - alpha) w, alpha "
+             "learned (apfl_alpha, adaptive_alpha, alpha_lr)"),
 })
 
 
@@ -49,4 +52,5 @@ def build_personalization(cfg, spec, local):
     return factory(Setting(split, local, cfg.seed), **options)
 
 
-__all__ = ["METHODS", "Ditto", "FedBABU", "FedCAC", "FedLoGe", "FedPer", "FedRep", "FineTune", "Setting", "Split", "build_personalization"]
+__all__ = ["APFL", "METHODS", "Ditto", "FedBABU", "FedCAC", "FedLoGe", "FedPer", "FedRep", "FineTune", "Setting", "Split",
+           "build_personalization"]

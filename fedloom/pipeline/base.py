@@ -57,6 +57,22 @@ class Context:
 
 
 @dataclass(frozen=True)
+class ServerData:
+    """What the server holds besides the rows, for a transform that learns on data (FedLAW's proxy set; a
+    factory naming a ``server_data`` parameter gets it): the federation's data, the loss of a flat model
+    on a batch, the run's seed and the model's device."""
+
+    data: Any  # fedloom.data.FederatedData
+    loss: Callable[[Tensor, Tensor, Tensor], Tensor]
+    seed: int
+    device: torch.device
+
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The examples at ``index`` and their targets, on the model's device."""
+        return self.data.x[index].to(self.device), self.data.y[index].to(self.device)
+
+
+@dataclass(frozen=True)
 class Transform:
     name: str
     apply: Apply

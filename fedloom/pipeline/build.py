@@ -37,7 +37,7 @@ from fedloom.attacks import Adversary
 from fedloom.config import ExperimentConfig, Shapes
 from fedloom.data import FederatedData
 from fedloom.pipeline import transforms
-from fedloom.pipeline.base import Pipeline, Transform
+from fedloom.pipeline.base import Pipeline, ServerData, Transform
 from fedloom.pipeline.transforms import TRANSFORMS
 from fedloom.privacy import transforms as dp
 from fedloom.privacy.ftrl import ftrl
@@ -45,10 +45,11 @@ from fedloom.privacy.ftrl import ftrl
 
 def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: Shapes | None = None,
                    max_weight: float = 1.0, model: nn.Module | None = None,
-                   data: FederatedData | None = None) -> Pipeline:
+                   data: FederatedData | None = None, server_data: ServerData | None = None) -> Pipeline:
     """``shapes``: the model's parameter shapes, for compressors that work layer by layer; ``max_weight``:
     the largest client's weight (examples), public, for secure aggregation's quantized weights; ``model``
-    and ``data``: the run's, for the transforms that take them (matched averaging)."""
+    and ``data``: the run's, for the transforms that take them (matched averaging); ``server_data``: what
+    the server holds, for transforms that learn on data (FedLAW)."""
     steps: list[Transform] = []
     if adversary is not None:
         steps.append(transforms.attack(adversary))
@@ -61,7 +62,8 @@ def build_pipeline(cfg: ExperimentConfig, adversary: Adversary | None, shapes: S
     compressor = cfg.compression.build(shapes)
     if compressor is not None:
         steps.append(transforms.compress(compressor, cfg.seed))
-    steps.extend(_user_transform(t.name, t.options, model=model, data=data) for t in cfg.server.transforms)
+    steps.extend(_user_transform(t.name, t.options, model=model, data=data, server_data=server_data)
+                 for t in cfg.server.transforms)
     if mechanism == "ftrl":  # its model is FTRL's, no server optimizer after it
         return Pipeline(tuple(steps + _ftrl(cfg)))
     if cfg.secure_aggregation.protocol != "none":

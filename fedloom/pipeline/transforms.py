@@ -16,6 +16,7 @@ from fedloom.attacks import Adversary
 from fedloom.compression import uplink
 from fedloom.compression.base import Compressor
 from fedloom.pipeline.base import Context, Transform
+from fedloom.pipeline.fedlaw import fedlaw
 from fedloom.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,8 @@ def clip_rows(U: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
 
 
 # what server.transforms may name (besides a user's import path); the pipeline builder supplies the run's
-# model and data to the factories that take them
-TRANSFORMS = Registry("transform", fixed=("model", "data"))
+# model and data, and the server's own data, to the factories that take them
+TRANSFORMS = Registry("transform", fixed=("model", "data", "server_data"))
 TRANSFORMS.add("clip", "clip every row to L2 norm max_norm (option max_norm)")(clip)
 
 
@@ -180,3 +181,7 @@ def matched_averaging(model: nn.Module, method: Literal["weight", "activation", 
 
 TRANSFORMS.add("matched_averaging", "client models aligned (Git Re-Basin weight or activation matching, or OT) to "
                "the global model or to each other before the mean (options method, reference)")(matched_averaging)
+
+
+TRANSFORMS.add("fedlaw", "FedLAW: aggregation weights and a global shrinking factor learned on a server proxy set, "
+               "last (options proxy_fraction, epochs, lr, batch_size)")(fedlaw)

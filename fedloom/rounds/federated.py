@@ -38,9 +38,9 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
 from fedloom.core.store import ClientStore
 from fedloom.data import FederatedData
-from fedloom.engines.base import RoundResult, concatenate, rows_of
+from fedloom.engines.base import RoundResult, concatenate, functional_loss, rows_of
 from fedloom.participation import bernoulli_participants
-from fedloom.pipeline.base import Context
+from fedloom.pipeline.base import Context, ServerData
 from fedloom.personalization import Split, build_personalization
 from fedloom.personalization.base import generic_model, side_bytes
 from fedloom.personalization.evaluate import personal_evaluation
@@ -88,9 +88,10 @@ class FederatedRound:
         # personalization: personal coordinates stay with the clients, the pipeline works on the shared ones
         self.personal = build_personalization(cfg, self.spec, local_training(cfg))
         self.split = self.personal.s.split if self.personal else Split(self.spec)
+        server_data = ServerData(self.data, functional_loss(self.model, self.spec, self.task), cfg.seed, self.device)
         self.pipeline = build_pipeline(cfg, self.adversary, self.split.shared_shapes,
                                        max_weight=float(self.data.client_sizes().max()), model=self.model,
-                                       data=self.data)
+                                       data=self.data, server_data=server_data)
         compressor = cfg.compression.build_downlink(self.spec.shapes)
         self.downlink = Downlink(compressor, cfg.seed) if compressor else None
         self.system = build_system(cfg, self.data.n_clients, self.model, self.data.x[0].to(self.device))
