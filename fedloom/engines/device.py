@@ -103,5 +103,6 @@ class DeviceData:
         self.x, self.y, self.device = x.to(self.home), y.to(self.home), device
 
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The examples at ``index`` on the training device."""
         index = index.to(self.home)
         return self.x[index].to(self.device, non_blocking=True), self.y[index].to(self.device, non_blocking=True)
