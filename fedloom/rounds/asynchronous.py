@@ -63,7 +63,12 @@ def fedasync_mix(x: Tensor, local: Tensor, weight: float) -> Tensor:
 
 
 class AsynchronousRound(FederatedRound):
+    """Asynchronous federated learning on the virtual clock (module docstring): FedAsync or FedBuff, one round
+    per server model update."""
+
     def init_state(self) -> State:
+        """The federated state tree plus the virtual clock, the job queue and the buffer, with ``concurrency``
+        clients already started."""
         state = {**super().init_state(), "now": 0.0, "version": 0, "queue": [], "starts": {}, "results": {},
                  "buffer": [], "jobs": 0, "calls": 0}
         for _ in range(self.cfg.asynchronous.concurrency):
@@ -71,6 +76,8 @@ class AsynchronousRound(FederatedRound):
         return state
 
     def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
+        """Advance the virtual clock through finishing clients until the server model is updated once (FedAsync:
+        one arrival; FedBuff: a full buffer); returns the new state and the round's metrics."""
         a = self.cfg.asynchronous
         st = {**state, "queue": list(state["queue"]), "starts": dict(state["starts"]),
               "results": dict(state["results"]), "buffer": list(state["buffer"])}
