@@ -39,6 +39,8 @@ class GivenParts:
 
 
 def build_data(cfg: ExperimentConfig, given: GivenParts = GivenParts()) -> FederatedData:
+    """The federated data of the config: the dataset (or the user's ``given`` datasets) split among clients by
+    the partition."""
     options = cfg.data.options
     if cfg.partition.name == "natural" and cfg.data.n_clients is not None and "n_clients" in inspect.signature(
             DATASETS.factory(cfg.data.dataset)).parameters:
@@ -88,6 +90,8 @@ def build_participation(cfg: ExperimentConfig, data: FederatedData) -> np.ndarra
 
 
 def build_model_for(cfg: ExperimentConfig, data: FederatedData, given: GivenParts = GivenParts()) -> nn.Module:
+    """The initial model for the data's input shape and classes (the user's ``given`` model when set), its
+    weights drawn from the seeded ``INIT`` stream."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_for(cfg.seed, Stream.INIT))
         if given.model is not None:
@@ -145,6 +149,7 @@ def build_algorithm(cfg: ExperimentConfig) -> FedAvg:
 
 
 def local_training(cfg: ExperimentConfig) -> LocalTraining:
+    """The clients' local training of the config: optimizer, epochs or steps, batch size and seed."""
     c = cfg.client
     opt_options = {"lr": c.lr, "weight_decay": c.weight_decay}
     if c.optimizer == "sgd":

@@ -24,11 +24,14 @@ TEMPORARY = ".checkpoint.pt.*.tmp"  # what a kill mid-write may leave (``replace
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
+    """Write the state tree to ``path`` atomically (the old checkpoint or the new one survives any kill)."""
     replace_atomically(path, lambda tmp: torch.save(state, tmp))
     _fsync_directory(path.parent)
 
 
 def load(path: Path) -> dict[str, Any]:
+    """Read a state tree written by ``save`` (tensors and plain containers only); ValueError naming the file if
+    it is not one."""
     try:
         return torch.load(path, weights_only=True)
     except Exception as err:  # a file that is not a checkpoint: say which, do not guess

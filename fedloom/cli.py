@@ -200,6 +200,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fedloom`` command line: its subcommands (run, list, config, compare, sweep, dashboard, ...) and options."""
     parser = argparse.ArgumentParser(prog="fedloom", description="Federated and decentralized learning with PyTorch.")
     parser.add_argument("--version", action="version", version=f"fedloom {__version__}")
     _add_log_options(parser)
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status (2: bad input, with a
+    message and no traceback)."""
     args = _parse(argv)
     _setup_logging(_log_level(args))
     from fedloom.config import ConfigError

@@ -42,10 +42,14 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
+    """A config section: unknown keys are refused and defaults validated."""
+
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class DataConfig(Section):
+    """``[data]``: the dataset, the number of clients, the test splits and the loader's options."""
+
     dataset: str = "digits"
     n_clients: int | None = Field(None, ge=1, description="default 100; partition natural: the data's own clients")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held out as the global test set")
@@ -107,12 +111,17 @@ class TaskConfig(Component):
 
 
 class AlgorithmConfig(Component):
+    """``[algorithm]``: the federated algorithm (client and server rule) and its options."""
+
     name: Literal[tuple(ALGORITHMS)] = "fedavg"  # type: ignore[valid-type]
 
     registry: ClassVar[Registry] = ALGORITHMS
 
 
 class ClientConfig(Section):
+    """``[client]``: local training, the optimizer, its learning rate, momentum and weight decay, epochs or steps,
+    the batch size."""
+
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.2, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -137,6 +146,9 @@ class TransformConfig(Component):
 
 
 class ServerConfig(Section):
+    """``[server]``: the server optimizer and its hyperparameters (default: the algorithm's), the aggregator and
+    the server transforms."""
+
     optimizer: Literal["sgd", "adam", "torch_adam", "yogi", "adagrad"] | None = Field(
         None, description="default: the algorithm's; adam is Reddi et al.'s (no bias correction), torch_adam torch's")
     lr: float | None = Field(None, gt=0)
@@ -207,6 +219,9 @@ class TopologyConfig(Section):
 
 
 class DecentralizedConfig(Section):
+    """``[decentralized]``: the gossip algorithm, the order of local steps and gossip, participation, churn,
+    the gossip rule and the final merge."""
+
     algorithm: Literal[tuple(DECENTRALIZED)] = "dsgd"  # type: ignore[valid-type]
     order: Literal["local_then_gossip", "gossip_then_local"] = "local_then_gossip"
     participation: float = Field(1.0, gt=0, le=1, description="fraction of nodes active each round (MoDeST-style)")
@@ -280,10 +295,13 @@ class AttackConfig(Section):
         return self
 
     def n_byzantine(self, n_clients: int) -> int:
+        """How many of ``n_clients`` are Byzantine: ``f``, or ``fraction`` of them rounded."""
         return self.f if self.f is not None else round((self.fraction or 0.0) * n_clients)
 
 
 class SamplingConfig(Section):
+    """``[sampling]``: how many clients take part in each round (a count or a fraction)."""
+
     clients_per_round: int | None = Field(None, ge=1, description="default: 10, or every client if fewer")
     fraction: float | None = Field(None, gt=0, le=1, description="instead of clients_per_round")
 
@@ -340,6 +358,8 @@ def _default(section: BaseModel, key: str) -> Any:
 
 
 class EvaluationConfig(Section):
+    """``[evaluation]``: how often to evaluate, on the clients' own test splits too, the target for time_to_target."""
+
     every: int = Field(1, ge=1, description="evaluate every k rounds (and always after the last)")
     federated: bool = True
     target_accuracy: float | None = Field(None, gt=0, le=1, description="the summary's time_to_target: the "
@@ -347,6 +367,8 @@ class EvaluationConfig(Section):
 
 
 class EngineConfig(Section):
+    """``[engine]``: where clients train (vectorized, serial, ray), the device and memory budgets."""
+
     name: Literal["auto", "vectorized", "serial", "ray"] = Field(
         "auto", description="auto: vectorized when the model allows it (not conv nets: slower on CPU), else serial; "
         "ray: clients on Ray actors")
@@ -381,6 +403,8 @@ class DeployConfig(Section):
 
 
 class CheckpointConfig(Section):
+    """``[checkpoint]``: how often the run's state tree is saved."""
+
     every: int | None = Field(None, ge=1, description="checkpoint every N rounds; unset: after every round that "
                               "took more than a second, and always at the end and on Ctrl-C")
 
@@ -468,6 +492,8 @@ class SecureAggregationConfig(Section):
         return None if k >= clients - 1 else k
 
     def threshold_for(self, clients: int) -> int:
+        """The shares needed to reconstruct a secret in a round of ``clients``: an int threshold capped at the group,
+        or a fraction of the group rounded up (at least 1)."""
         group = self.group_size(clients)
         if isinstance(self.threshold, int):
             return min(self.threshold, group)  # a round with fewer clients than sampled shares among fewer
@@ -475,6 +501,8 @@ class SecureAggregationConfig(Section):
 
 
 class BandwidthClass(Section):
+    """One class of client links in ``[system]``: uplink and downlink in Mbit/s and its share of the clients."""
+
     up_mbps: float = Field(gt=0)
     down_mbps: float = Field(gt=0)
     share: float = Field(1.0, gt=0, description="relative share of the clients in this class")
@@ -576,6 +604,8 @@ class PersonalizationConfig(Section):
 
 
 class OutputConfig(Section):
+    """``[output]``: the run directory's parent, whether to write one, and the progress display."""
+
     dir: str = "runs"
     save: bool = Field(True, description="write a run directory")
     progress: bool = Field(True, description="a live bar on a terminal, else a plain line every progress_every rounds")
@@ -601,6 +631,9 @@ class TrackingConfig(Section):
 
 
 class ExperimentConfig(Section):
+    """A whole experiment: the top-level keys (name, mode, seed, rounds, ...) and every section; the combination
+    rules between sections are checked when it is built."""
+
     name: str | None = Field(None, description="default: <dataset>-<algorithm> (decentralized: its algorithm), "
                              "e.g. digits-scaffold")
     mode: Literal["federated", "decentralized", "asynchronous"] = "federated"
@@ -1071,6 +1104,7 @@ def _allowed_near(loc: tuple) -> str:
 
 
 def validate(raw: dict[str, Any]) -> ExperimentConfig:
+    """The ``ExperimentConfig`` of a raw mapping; ConfigError listing each invalid key and what it accepts."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
@@ -1079,6 +1113,8 @@ def validate(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a ``.toml``, ``.yaml`` or ``.yml`` config file; ConfigError naming the file if it is
+    missing or does not parse."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

@@ -42,6 +42,7 @@ def pooled(terms: dict[str, Terms], task: Task, prefix: str) -> dict[str, float]
 
 
 def central(model: nn.Module, spec: ParamSpec, flat: Tensor, data: FederatedData, task: Task) -> dict[str, float]:
+    """The global model's metrics on the held-out test set, as ``central_<metric>``."""
     return pooled(per_example(model, spec, flat, data.x_test, data.y_test, task), task, "central")
 
 

@@ -58,6 +58,9 @@ def _clock(seconds: float) -> str:
 
 
 class RoundProgress:
+    """A run's progress over ``total`` rounds (``done`` already played): a live bar on a terminal or in Jupyter,
+    else a plain line every ``every`` rounds; nothing when not ``enabled``."""
+
     def __init__(self, total: int, done: int = 0, enabled: bool = True, every: int | None = None,
                  console: Console | None = None):
         self.enabled = enabled
@@ -78,6 +81,7 @@ class RoundProgress:
         return self
 
     def update(self, record: dict[str, Any]) -> None:
+        """Show a finished round from its metrics record."""
         if not self.enabled:
             return
         if self.live:

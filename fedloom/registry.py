@@ -69,6 +69,8 @@ def import_object(kind: str, path: str) -> Any:
 
 
 class Entry(NamedTuple):
+    """A registered part: its factory and the one-line description ``fedloom list`` shows."""
+
     factory: Callable[..., Any]
     description: str
 
@@ -132,6 +134,7 @@ class Registry(dict):
             raise OptionError(f"{self.kind} {name!r} failed while being built: {type(err).__name__}: {err}") from None
 
     def describe(self) -> dict[str, str]:
+        """Each name's one-line description."""
         return {name: entry.description for name, entry in self.items()}
 
 

@@ -35,6 +35,9 @@ SLOW_ROUND_S = 1.0  # without checkpoint.every, a round slower than this is chec
 
 @dataclass
 class RunResult:
+    """What ``fedloom.run`` returns: the config, the trained model and its flat parameters, the per-round
+    history, the summary and the run directory."""
+
     config: ExperimentConfig
     model: nn.Module
     params: Tensor
@@ -211,6 +214,7 @@ class Stepper:
         self.started = time.perf_counter()
 
     def round(self, r: int) -> dict[str, Any]:
+        """Play and evaluate round ``r``; returns its metrics record."""
         self.state, record = _play(self.round_, self.state, r, self.started)
         return record
 
@@ -319,6 +323,7 @@ def signals_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_ignored() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM inside the block (main thread only), so the final writes are not cut short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -44,12 +44,16 @@ class Combination:
     name: str
 
     def overrides(self) -> list[str]:
+        """The overrides that make this run: its grid point, seed and name, saved and without a progress bar."""
         return [*(f"{k}={v}" for k, v in self.point), f"seed={self.seed}", f"name={json.dumps(self.name)}",
                 "output.save=true", "output.progress=false"]
 
 
 @dataclass
 class SweepResult:
+    """A sweep's outcome: which runs ran, were skipped (finished earlier) or failed, the summary table and the
+    files written."""
+
     out: Path
     combinations: list[Combination]
     ran: list[str] = field(default_factory=list)
@@ -80,6 +84,7 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
 
 
 def parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds 0,1,2``; ConfigError unless they are distinct whole numbers."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -170,15 +175,18 @@ class LocalPool:
                                         initializer=_worker_init, initargs=(threads,))
 
     def submit(self, *args: Any) -> Future:
+        """Start one run (``run_one``'s arguments) in a worker process."""
         return self.pool.submit(run_one, *args)
 
     def stop(self) -> None:
+        """Cancel the waiting runs and end the worker processes (Ctrl-C)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
         for child in multiprocessing.active_children():  # the pool's workers: this process starts no others
             child.terminate()
         self.pool.shutdown(wait=True)
 
     def close(self) -> None:
+        """Wait for the workers to finish and shut the pool down."""
         self.pool.shutdown(wait=True)
 
 
@@ -195,15 +203,18 @@ class RayPool:
         self.refs: list[Any] = []
 
     def submit(self, *args: Any) -> Future:
+        """Start one run as a Ray task."""
         ref = self.remote.remote(*args)
         self.refs.append(ref)
         return ref.future()
 
     def stop(self) -> None:
+        """Cancel the submitted tasks (their runs end as interrupted)."""
         for ref in self.refs:
             self.ray.cancel(ref)  # a KeyboardInterrupt in the task: the run ends as interrupted
 
     def close(self) -> None:
+        """Nothing to release: Ray's tasks end on their own."""
         pass
 
 

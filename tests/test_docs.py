@@ -6,6 +6,7 @@ written into the page's working directory (where the other blocks import it from
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -128,3 +129,50 @@ def test_fence_parser_sees_every_block():
     assert titles.count(None) == 1 and {"my_models.py", "my_tasks.py", "my_transforms.py"} <= set(titles)
     assert len(blocks(extending, "toml")) == 3
     assert sum(len(blocks(p, "python")) for p in PAGES) >= 8
+
+
+HANDSHAKE = """
+from concurrent import futures
+import grpc
+from fedloom.deploy.security import ClientTLS, ServerTLS
+server = grpc.server(futures.ThreadPoolExecutor(1))
+port = server.add_secure_port("127.0.0.1:0", ServerTLS("c.pem", "k.pem").credentials())
+server.start()
+for ca, host in (("ca.pem", "localhost"), (None, "localhost"), ("ca.pem", "127.0.0.1")):
+    channel = grpc.secure_channel(f"{host}:{port}", ClientTLS(ca).credentials())
+    try:
+        grpc.channel_ready_future(channel).result(timeout=5)
+        print("connected", ca, host)
+    except grpc.FutureTimeoutError:
+        print("refused", ca, host)
+server.stop(0)
+"""
+
+
+def test_deployment_guide_makes_working_certificates(tmp_path):
+    """The TLS guide's openssl commands make a server certificate that fedloom's TLS settings accept, signed
+    by the CA a client is told to trust (a client trusting other roots, or connecting by another name, is refused)."""
+    pytest.importorskip("grpc", reason="the deploy extra: pip install -e '.[deploy]'")
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (Debian: apt-get install openssl)")
+    (script,) = [code for _, code in blocks(DOCS / "guides" / "deployment.md", "bash") if "openssl" in code]
+    made = subprocess.run(["bash", "-euc", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRPC_VERBOSITY": "NONE"}
+    shook = subprocess.run([sys.executable, "-c", HANDSHAKE], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert shook.stdout.split("\n")[:3] == ["connected ca.pem localhost", "refused None localhost",
+                                            "refused ca.pem 127.0.0.1"], shook.stdout + shook.stderr[-2000:]
+
+
+def test_the_index_links_a_guide_for_each_task():
+    """Issue 19's guides: each task named on the home page, linked to a page in the site's navigation."""
+    index = (DOCS / "index.md").read_text()
+    section = index[index.index("## Guides by task"):]
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    pages = set(re.findall(r"[\w/-]+\.md", str(nav)))
+    for task in ("Your own data", "Your own model and task", "A new aggregator or transform", "Decentralized learning",
+                 "Deployment with TLS", "Reproducing a paper's table"):
+        line = next(item for item in section.split("\n- ") if item.startswith(task))
+        linked = re.findall(r"\]\(([\w/.-]+\.md)", line)
+        assert linked and set(linked) <= pages, (task, linked)

@@ -1,23 +1,25 @@
-"""Each optional extra alone: its code path works with only core's and that extra's packages importable,
-and without them fedloom says which extra to install (exit 2, no traceback).
+"""Each optional extra installed alone, in a real fresh venv, the way a user installs it: its feature works,
+no other extra's packages come along, and without the extra fedloom says which one to install.
 
-The other packages are refused by a meta-path finder (tests/extras_alone.py) in a subprocess, as if not
-installed; which ones follows pyproject.toml's requirements and their installed dependencies.
+``pip install 'fedloom[EXTRA] @ <wheel>'`` runs in a new venv beside a base venv holding torch and the core
+dependencies (tests/fresh_venv.py: the base is installed once a session from the package registries, as
+``pip install torch==2.13.0`` and pyproject.toml's dependencies); pip resolves the extra against the base and
+installs fedloom and the extra's own packages. A venv of fedloom with no extra (a simulation-only user)
+runs an experiment, holds no extra's packages, and each extra's command exits 2 naming ``fedloom[EXTRA]``.
 """
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import extras_alone
+import fresh_venv
 
-pytestmark = pytest.mark.slow  # two fresh interpreters per extra, some running a 1-round experiment
+pytestmark = pytest.mark.slow  # a pip install and a fresh interpreter per extra (about 5 minutes in all)
 
-ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
 CLI = "import sys; from fedloom.cli import main; sys.exit(main(sys.argv[1:]))"
 RUN = ["run", "rounds=1", "data.n_clients=4", "client.epochs=1", "--quiet", "--out", "runs"]
 DEPLOY = """
@@ -92,53 +94,87 @@ CASES = {
 }
 
 
-def blocked_run(tmp_path: Path, blocked: list[str], *args: str) -> subprocess.CompletedProcess:
-    (tmp_path / "blocked.json").write_text(json.dumps(blocked))
-    (tmp_path / "d.csv").write_text(HF_DATA)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, str(Path(extras_alone.__file__)), str(tmp_path / "blocked.json"), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+INSTALLED = """
+import json, sys
+from importlib import metadata
+sys.path.insert(0, sys.argv[3])
+import fresh_venv
+core, extras = fresh_venv.project_requirements()
+extra, own_site = sys.argv[1], sys.argv[2]
+allowed = fresh_venv.closure(core) | (fresh_venv.closure(extras[extra]) if extra else set()) | {"fedloom"}
+own = {fresh_venv.canonical(d.metadata["Name"]) for d in metadata.distributions(path=[own_site])}
+from packaging.requirements import Requirement
+others = {fresh_venv.canonical(Requirement(r).name) for name, reqs in extras.items() if name != extra
+          for r in reqs} - allowed
+present = sorted(n for n in others if next(iter(metadata.distributions(name=n)), None) is not None)
+print(json.dumps({"own": sorted(own), "outside_the_extra": sorted(own - allowed), "other_extras": present}))
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return fresh_venv.build_wheel(fresh_venv.shared_dir(tmp_path_factory) / "wheel")
+
+
+@pytest.fixture(scope="module")
+def base_site(tmp_path_factory) -> Path:
+    return fresh_venv.base_venv(fresh_venv.shared_dir(tmp_path_factory) / "base-venv")
+
+
+@pytest.fixture(scope="module")
+def core_python(wheel, base_site, tmp_path_factory) -> Path:
+    """fedloom installed with no extra."""
+    return fresh_venv.venv_on(base_site, tmp_path_factory.mktemp("core") / "venv", str(wheel))
+
+
+def run_in(python: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in ``cwd`` (holding the hf case's d.csv), nothing from the source tree."""
+    (cwd / "d.csv").write_text(HF_DATA)
+    env = fresh_venv.clean_env() | {"WANDB_SILENT": "true"}
+    return subprocess.run([str(python), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def installed(python: Path, extra: str) -> dict:
+    """The venv's own distributions, those outside core + the extra, and other extras' packages it sees."""
+    site = fresh_venv.site_packages(python)
+    done = run_in(python, site.parent, "-c", INSTALLED, extra, str(site), str(TESTS))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
 
 
 def test_every_code_extra_is_covered():
     """A new extra must get a case here (docs: the site build; tracking, test: the others together)."""
-    _, extras = extras_alone.project_requirements()
+    _, extras = fresh_venv.project_requirements()
     assert set(extras) - {"docs", "tracking", "test"} == set(CASES)
 
 
-def test_blocker_refuses_the_other_extras():
-    blocked = extras_alone.blocked_modules("deploy")
-    assert {"starlette", "ray", "mlxtend", "pytest"} <= set(blocked) and "grpc" not in blocked
-    assert "torch" not in blocked and "numpy" not in blocked
-    assert "grpc" in extras_alone.blocked_modules("dashboard")
-
-
-def needs_installed(extra: str) -> None:
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    _, extras = extras_alone.project_requirements()
-    for requirement in extras[extra]:
-        try:
-            metadata.distribution(Requirement(requirement).name)
-        except metadata.PackageNotFoundError:
-            pytest.skip(f"{requirement} is not installed: pip install -e '.[{extra}]' (the test extra has it)")
-
-
 @pytest.mark.parametrize("extra", CASES)
-def test_extra_alone_works(extra, tmp_path):
-    needs_installed(extra)
-    ran = blocked_run(tmp_path, extras_alone.blocked_modules(extra), "-c", CASES[extra][0])
+def test_extra_installed_alone_works(extra, wheel, base_site, tmp_path):
+    python = fresh_venv.venv_on(base_site, tmp_path / "venv", f"fedloom[{extra}] @ {wheel.as_uri()}")
+    found = installed(python, extra)
+    assert "fedloom" in found["own"] and found["outside_the_extra"] == [] and found["other_extras"] == [], found
+    (tmp_path / "work").mkdir()
+    ran = run_in(python, tmp_path / "work", "-c", "import fedloom, sys; print(fedloom.__file__)\n" + CASES[extra][0])
     assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.startswith(str(tmp_path / "venv")), ran.stdout  # the installed copy, not the checkout
+
+
+def test_core_install_runs_without_any_extra(core_python, tmp_path):
+    found = installed(core_python, "")
+    assert found["outside_the_extra"] == [] and found["other_extras"] == [], found
+    assert "grpcio" not in found["own"]  # a simulation-only user does not install gRPC
+    fedloom = core_python.parent / "fedloom"
+    ran = subprocess.run([str(fedloom), *RUN], cwd=tmp_path, env=fresh_venv.clean_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_done"] == 1
 
 
 @pytest.mark.parametrize("extra", CASES)
-def test_missing_extra_is_named(extra, tmp_path):
-    needs_installed(extra)
-    core, extras = extras_alone.project_requirements()
-    own = extras_alone.closure(extras[extra]) - extras_alone.closure(core)
-    ran = blocked_run(tmp_path, extras_alone.blocked_modules(extra, own), "-c", CLI, *CASES[extra][1])
+def test_missing_extra_is_named(extra, core_python, tmp_path):
+    ran = run_in(core_python, tmp_path, "-c", CLI, *CASES[extra][1])
     assert ran.returncode == 2, ran.stderr[-3000:]
     assert f"fedloom[{extra}]" in ran.stderr and "Traceback" not in ran.stderr, ran.stderr[-3000:]
     assert not (tmp_path / "runs").exists()  # refused before a run directory is made

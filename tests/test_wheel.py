@@ -8,9 +8,6 @@ fedloom) are not run, and the fresh venv's own fedloom, the wheel's, is the one 
 """
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import sysconfig
 import venv
@@ -19,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from fresh_venv import build_wheel, clean_env, sh, shared_dir
+
 PACKAGE_DATA = ["fedloom/defaults.toml", "fedloom/dashboard/index.html", "fedloom/dashboard/static/plotly.min.js",
                 "fedloom/dashboard/static/dashboard.js", "fedloom/deploy/deploy.proto"]
 DASHBOARD_CHECK = """
@@ -37,22 +35,9 @@ print([run["name"] for run in client.get("/api/runs").json()])
 pytestmark = pytest.mark.slow  # builds a wheel and a venv, runs fedloom from it (about a minute)
 
 
-def sh(*args: str, cwd: Path, env: dict | None = None) -> str:
-    done = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):  # built from a copy: the build's own files stay out of the checkout
-        shutil.copy(ROOT / name, source)
-    shutil.copytree(ROOT / "fedloom", source / "fedloom", ignore=shutil.ignore_patterns("__pycache__"))
-    sh(sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index",
-       "-w", str(out), cwd=out)
-    (built,) = out.glob("fedloom-*.whl")
-    return built
+    return build_wheel(shared_dir(tmp_path_factory) / "wheel")
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +51,6 @@ def installed(wheel, tmp_path_factory) -> Path:
     sh(sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel),
        cwd=env_dir)
     return env_dir / "bin"
-
-
-def clean_env() -> dict:
-    """No PYTHONPATH: nothing may come from the source tree."""
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")} | {"MPLBACKEND": "Agg"}
 
 
 def test_wheel_holds_the_package_data(wheel):

@@ -20,6 +20,9 @@ ApplyFn = Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]
 
 @dataclass(frozen=True)
 class Aggregator:
+    """A named aggregator: ``init(d) -> state`` and ``apply(U, w, state) -> (vector [d], state)``;
+    calling it applies it."""
+
     name: str
     init: Callable[[int], Any]
     apply: ApplyFn
@@ -40,6 +43,7 @@ def weighted_mean(U: Tensor, w: Tensor) -> Tensor:
 
 
 def mean() -> Aggregator:
+    """The ``mean`` aggregator: FedAvg's weighted mean of the rows, stateless."""
     return stateless("mean", weighted_mean)
 
 
@@ -57,4 +61,5 @@ def register(name: str):
 
 
 def make_aggregator(name: str, **options: Any) -> Aggregator:
+    """Build the aggregator registered as ``name`` with its options (``server.aggregator.options``) as keywords."""
     return AGGREGATORS.build(name, options)

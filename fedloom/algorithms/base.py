@@ -39,13 +39,18 @@ class PlainClient:
     plain_sgd_only = False
 
     def client_init(self, d: int) -> ClientState:
+        """A new client's persistent state (``d``: the model's length); empty for plain local training."""
         return {}
 
     def correct_grad(self, g: Tensor, x: Tensor, x0: Tensor, sent: dict[str, Tensor], cstate: ClientState) -> Tensor:
+        """Correct a local gradient ``g`` at the client's model ``x`` (``x0``: the round's start model, ``sent``:
+        what the server broadcast, ``cstate``: the client's state); plain training returns ``g`` unchanged."""
         return g
 
     def client_result(self, x0: Tensor, x: Tensor, steps: Tensor, lr: float, sent: dict[str, Tensor],
                       cstate: ClientState) -> tuple[Tensor, dict[str, Tensor], ClientState]:
+        """The client's row ``x0 - x``, its side tensors ``aux`` for the server step and its new state
+        (``steps``: the local steps taken, ``lr``: the local learning rate)."""
         return x0 - x, {}, cstate
 
 
@@ -53,12 +58,16 @@ class NoServerState:
     """The server side of algorithms whose server needs nothing besides the pipeline."""
 
     def server_init(self, x0: Tensor) -> AlgorithmState:
+        """The algorithm's server state for the start model ``x0``; empty here."""
         return {}
 
     def broadcast(self, state: AlgorithmState) -> dict[str, Tensor]:
+        """What clients receive besides the model (keyed tensors); nothing here."""
         return {}
 
     def server_step(self, state: AlgorithmState, aux: dict[str, Tensor], n_clients: int) -> AlgorithmState:
+        """The server state after a round, from the accepted clients' side matrices ``aux``
+        (``n_clients``: all clients)."""
         return state
 
 

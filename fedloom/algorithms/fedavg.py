@@ -15,4 +15,7 @@ from fedloom.algorithms.base import NoServerState, PlainClient
 
 
 class FedAvg(PlainClient, NoServerState):
+    """FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data"):
+    plain local SGD; the pipeline's weighted mean of the rows is the server's step."""
+
     name = "fedavg"

@@ -13,10 +13,14 @@ from fedloom.core.store import ClientState
 
 
 class FedProx(FedAvg):
+    """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"): local training with the
+    proximal term (mu/2)||x - x_global||^2; ``mu`` = 0 is FedAvg."""
+
     name = "fedprox"
 
     def __init__(self, mu: float = 0.01):
         self.mu = mu
 
     def correct_grad(self, g: Tensor, x: Tensor, x0: Tensor, sent: dict[str, Tensor], cstate: ClientState) -> Tensor:
+        """The proximal term's gradient added: ``g + mu (x - x0)``."""
         return g + self.mu * (x - x0) if self.mu else g

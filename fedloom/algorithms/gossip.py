@@ -149,6 +149,7 @@ class DSGD(PlainClient):
         self.rule, self.messages = rule, messages
 
     def gossip_init(self, X: Tensor) -> dict:
+        """The gossip rule's state for the stacked node models ``X [n, d]``; D-SGD keeps none."""
         return {}
 
     def exchange(self, W: Tensor, X: Tensor, active: list[int], round_idx: int) -> Tensor:
@@ -162,17 +163,24 @@ class DSGD(PlainClient):
 
 
 class GradientTracking(DSGD):
+    """K-GT, gradient tracking with local steps (Liu, Lin, Koloskova, Stich 2023, "Decentralized Gradient
+    Tracking with Local Steps"): each node's gradients are corrected by its tracked variable ``c_i``."""
+
     name = "gradient_tracking"
     plain_sgd_only = True
 
     def client_init(self, d: int) -> ClientState:
+        """A node's tracking variable ``c_i``, starting at zero."""
         return {"c": torch.zeros(d)}
 
     def correct_grad(self, g: Tensor, x: Tensor, x0: Tensor, sent: dict[str, Tensor], cstate: ClientState) -> Tensor:
+        """The local gradient corrected by the node's tracking variable: ``g + c_i``."""
         return g + cstate["c"]
 
     def client_result(self, x0: Tensor, x: Tensor, steps: Tensor, lr: float, sent: dict[str, Tensor],
                       cstate: ClientState) -> tuple[Tensor, dict[str, Tensor], ClientState]:
+        """The row ``x0 - x`` and, as ``aux["delta"]``, the node's corrected direction per local step, which the
+        gossip step mixes to update ``c_i``."""
         row = x0 - x
         return row, {"delta": per_step(row, steps, lr)}, cstate
 
@@ -196,6 +204,7 @@ class Choco(DSGD):
         self.compressor, self.seed, self.gamma = compressor, seed, gamma
 
     def gossip_init(self, X: Tensor) -> dict:
+        """CHOCO's public copies ``x_hat`` (zeros like ``X``) and the compressors' per-node memories."""
         return {"public": torch.zeros_like(X), "memories": {}}
 
     def mix(self, W, X, Y, active, aux, clients, state, round_idx):

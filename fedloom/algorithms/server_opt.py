@@ -50,6 +50,7 @@ class ServerAdam(_Algorithm2):
 
     @staticmethod
     def second_moment(v: Tensor, g2: Tensor, beta2: float) -> None:
+        """Adam's second-moment update, in place: ``v <- beta2 v + (1 - beta2) g2``."""
         v.mul_(beta2).add_(g2, alpha=1 - beta2)
 
 
@@ -58,6 +59,7 @@ class Yogi(_Algorithm2):
 
     @staticmethod
     def second_moment(v: Tensor, g2: Tensor, beta2: float) -> None:
+        """Yogi's second-moment update, in place: ``v <- v - (1 - beta2) g2 sign(v - g2)``."""
         v.sub_((1 - beta2) * g2 * torch.sign(v - g2))
 
 
@@ -71,14 +73,17 @@ class ServerSGD:
         self.param, self.lr, self.momentum, self.buffer = param, lr, momentum, None
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the momentum buffer from a ``state_dict()`` (torch.optim.SGD's layout)."""
         self.buffer = state["state"].get(0, {}).get("momentum_buffer")
 
     def state_dict(self) -> dict:
+        """The momentum buffer and hyperparameters in torch.optim.SGD's ``state_dict`` layout."""
         kept = {0: {"momentum_buffer": self.buffer}} if self.buffer is not None else {}
         return {"state": kept, "param_groups": [{"lr": self.lr, "momentum": self.momentum, "params": [0]}]}
 
     @torch.no_grad()
     def step(self) -> None:
+        """One SGD step of the parameter along its ``.grad`` (with momentum when set), in place."""
         grad = self.param.grad
         if self.momentum:
             self.buffer = grad.clone() if self.buffer is None else self.buffer.mul_(self.momentum).add_(grad)

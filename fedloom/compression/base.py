@@ -35,6 +35,7 @@ Decode = Callable[[list[bytes], int, Tensor | None], Tensor]
 
 
 def no_state(n: int, d: int, gen: Generator | None) -> State:
+    """The state of a stateless compressor for ``n`` rows of length ``d``: empty."""
     return {}
 
 
@@ -78,6 +79,7 @@ def roundtrip(
 
 
 def check_shape(name: str, X: Tensor) -> tuple[int, int]:
+    """``(n, d)`` of the rows ``X``; ValueError naming the compressor unless ``X`` is ``[n, d]`` with ``d >= 1``."""
     if X.ndim != 2 or X.shape[1] == 0:
         raise ValueError(f"{name}: expected updates as rows [n, d] with d >= 1, got shape {tuple(X.shape)}")
     return X.shape[0], X.shape[1]

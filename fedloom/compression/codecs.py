@@ -40,6 +40,7 @@ from fedloom.compression.wire import (
 
 @register("none", "fp32 as is: 4 bytes a coordinate, exact")
 def identity() -> Compressor:
+    """The ``none`` compressor: fp32 rows sent as they are."""
     def encode(X: Tensor, state: State, gen: Generator | None, seeds: Tensor | None):
         return join_rows(check_rows("none", X).numpy()), state
 
@@ -152,6 +153,8 @@ def sparse_decode(name: str, payloads: list[bytes], d: int) -> Tensor:
 
 @register("topk", "k largest |x|: k fp32 values + k packed ceil(log2 d)-bit indices (k: fraction of d or count)")
 def topk(k: int | float = 0.01) -> Compressor:
+    """Top-k sparsification: each row's ``k`` largest-magnitude coordinates (``k``: a fraction of d, or a count)
+    with bit-packed indices; biased."""
     size = coordinates("topk", k)
 
     def encode(X: Tensor, state: State, gen: Generator | None, seeds: Tensor | None):
@@ -181,6 +184,8 @@ def shared_indices(name: str, seeds: Tensor | None, n: int, d: int, k: int) -> T
 
 @register("randk", "k random coordinates scaled by d/k, indices from a shared seed: k fp32 values, unbiased")
 def randk(k: int | float = 0.01) -> Compressor:
+    """Random-k sparsification: ``k`` coordinates drawn from the row's shared seed, scaled by d/k; unbiased, and
+    the indices cost no bytes."""
     size = coordinates("randk", k)
 
     def encode(X: Tensor, state: State, gen: Generator | None, seeds: Tensor | None):
@@ -308,11 +313,13 @@ def terngrad(clip: float | None = 2.5, *, shapes: Shapes | None = None) -> Compr
 
 @register("sr8", "stochastic rounding to 8 bits, per-row max|x| scale; unbiased")
 def sr8() -> Compressor:
+    """Stochastic rounding to 8 bits with a per-row max|x| scale; unbiased."""
     return grid("sr8", 127, math.inf)
 
 
 @register("sr4", "stochastic rounding to 4 bits, per-row max|x| scale; unbiased")
 def sr4() -> Compressor:
+    """Stochastic rounding to 4 bits with a per-row max|x| scale; unbiased."""
     return grid("sr4", 7, math.inf)
 
 

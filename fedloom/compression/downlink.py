@@ -34,6 +34,7 @@ class Downlink:
         self.seed = seed
 
     def init(self, x0: Tensor) -> dict:
+        """The rule's state for the start model ``x0``: the clients' copy, the compressor's state, bytes sent, syncs."""
         gen = torch_generator(self.seed, Stream.COMPRESSION, 0, SERVER)
         return {"copy": x0.detach().clone(), "compressor": self.compressor.init(1, x0.numel(), gen),
                 "sent": [0], "synced": {}}

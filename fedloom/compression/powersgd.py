@@ -32,6 +32,7 @@ from fedloom.compression.wire import F32, as_tensor, join_rows, split_rows
 
 
 def matrix_shape(d: int) -> tuple[int, int]:
+    """The near-square ``(rows, cols)`` matrix a flat tensor of ``d`` coordinates is viewed as (zero-padded)."""
     rows = math.isqrt(d - 1) + 1
     return rows, -(-d // rows)
 
@@ -53,6 +54,7 @@ class Layer:
 
     @property
     def warm_size(self) -> int:
+        """The length of this layer's warm-start factor Q: ``cols * rank``."""
         return self.cols * self.rank
 
 
@@ -89,6 +91,9 @@ def power_step(M: Tensor, warm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 @register("powersgd", "PowerSGD rank r per layer (shape[0] x rest), warm start; r (rows + cols) fp32 a layer, "
                       "1-D tensors fp32")
 def powersgd(rank: int = 2, *, shapes: Shapes | None = None) -> Compressor:
+    """PowerSGD (Vogels, Karimireddy, Jaggi 2019, "PowerSGD: Practical Low-Rank Gradient Compression for
+    Distributed Optimization"): each layer's update as a rank-``rank`` product from one power iteration,
+    warm-started from the last round's Q; ``shapes``: the model's parameter shapes (one flat matrix without)."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"powersgd: rank must be an int >= 1, got {rank!r}")
 

@@ -94,4 +94,5 @@ def unpack_bits(block: np.ndarray, d: int, bits: int) -> Tensor:
 
 
 def packed_size(d: int, bits: int) -> int:
+    """The bytes that ``d`` values of ``bits`` bits each take when packed."""
     return -(-d * bits // 8)

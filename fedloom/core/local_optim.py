@@ -16,14 +16,18 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class SGD:
+    """torch.optim.SGD's rule on flat parameters: momentum (the first buffer is the gradient) and weight decay."""
+
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
 
     def init(self, x: Tensor) -> Any:
+        """The optimizer state for parameters ``x``: a momentum buffer of zeros, or None without momentum."""
         return torch.zeros_like(x) if self.momentum else None
 
     def step(self, x: Tensor, g: Tensor, buf: Any) -> tuple[Tensor, Any]:
+        """One step of ``x`` along the gradient ``g``; returns the new parameters and state."""
         if self.weight_decay:
             g = g + self.weight_decay * x
         if self.momentum:
@@ -34,6 +38,8 @@ class SGD:
 
 @dataclass(frozen=True)
 class Adam:
+    """torch.optim.Adam's rule on flat parameters, with bias correction and L2 weight decay."""
+
     lr: float
     beta1: float = 0.9
     beta2: float = 0.999
@@ -41,9 +47,11 @@ class Adam:
     weight_decay: float = 0.0
 
     def init(self, x: Tensor) -> Any:
+        """The optimizer state for parameters ``x``: first and second moments of zeros and the step count 0."""
         return torch.zeros_like(x), torch.zeros_like(x), 0
 
     def step(self, x: Tensor, g: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """One Adam step of ``x`` along the gradient ``g``; returns the new parameters and ``(m, v, t)``."""
         m, v, t = state
         t += 1
         if self.weight_decay:

@@ -14,20 +14,25 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class ParamSpec:
+    """A model's trainable parameters as one flat vector: their names and shapes, in ``named_parameters`` order."""
+
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
 
     @classmethod
     def of(cls, module: nn.Module) -> "ParamSpec":
+        """The spec of a module's trainable parameters."""
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
 
     @property
     def sizes(self) -> tuple[int, ...]:
+        """Each parameter's number of elements."""
         return tuple(s.numel() for s in self.shapes)
 
     @property
     def dim(self) -> int:
+        """The flat vector's length d."""
         return sum(self.sizes)
 
     def flatten(self, module: nn.Module) -> Tensor:
@@ -50,5 +55,6 @@ class ParamSpec:
                 params[name].copy_(value)
 
     def check(self, flat: Tensor, what: str = "vector") -> None:
+        """ValueError naming ``what`` unless the last dimension of ``flat`` is the model's length d."""
         if flat.shape[-1] != self.dim:
             raise ValueError(f"{what} has length {flat.shape[-1]}, the model has {self.dim} parameters")

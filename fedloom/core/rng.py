@@ -13,6 +13,8 @@ import torch
 
 
 class Stream(IntEnum):
+    """The purposes random numbers are drawn for; each is an independent stream (``seed_for``)."""
+
     SAMPLING = 1  # which clients take part in a round
     BATCHES = 2  # the order of a client's local batches
     INIT = 3  # the initial model
@@ -34,10 +36,12 @@ def seed_for(seed: int, stream: Stream, *key: int) -> int:
 
 
 def torch_generator(seed: int, stream: Stream, *key: int) -> torch.Generator:
+    """A torch CPU generator seeded for ``stream`` at ``key`` (e.g. round, client id)."""
     return torch.Generator().manual_seed(seed_for(seed, stream, *key))
 
 
 def numpy_generator(seed: int, stream: Stream, *key: int) -> np.random.Generator:
+    """A numpy generator seeded for ``stream`` at ``key`` (e.g. round, client id)."""
     return np.random.default_rng(seed_for(seed, stream, *key))
 
 

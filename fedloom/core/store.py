@@ -16,6 +16,8 @@ ClientState = dict[str, Tensor]
 
 
 class ClientStore:
+    """The clients' persistent states of a round, keyed by client id (a copy of the state tree's mapping)."""
+
     def __init__(self, states: dict[int, ClientState] | None = None) -> None:
         self.states: dict[int, ClientState] = dict(states or {})
 
@@ -26,6 +28,7 @@ class ClientStore:
         return self.states[client_id]
 
     def put(self, client_id: int, state: ClientState) -> None:
+        """Replace the client's state (states are replaced, never changed in place)."""
         self.states[client_id] = state
 
     def __len__(self) -> int:

@@ -42,4 +42,5 @@ def serve(root, host: str = "127.0.0.1", port: int = 8050, background: bool = Fa
 
 
 def url(host: str, port: int) -> str:
+    """The dashboard's address for ``host`` and ``port`` (an IPv6 host in brackets)."""
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"

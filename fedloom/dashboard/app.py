@@ -76,6 +76,8 @@ def run_info(name: str, run: Path) -> dict:
 
 
 def create_app(root: str | Path, poll_s: float = 0.5) -> Starlette:
+    """The dashboard's Starlette app over the run directories under ``root``: the page, its scripts, the runs'
+    JSON views and a server-sent event stream per run, which polls metrics.jsonl every ``poll_s`` seconds."""
     root = Path(root)
 
     def run_dir(request: Request) -> Path:

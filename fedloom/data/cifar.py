@@ -63,6 +63,9 @@ def read_pickle(path: Path) -> Any:
 
 @dataclass(frozen=True)
 class CifarLayout:
+    """Where a CIFAR variant's files lie as torchvision extracts them, and the training images' channel
+    statistics used to normalize."""
+
     name: str
     folder: str  # the folder torchvision extracts
     train_files: tuple[str, ...]
@@ -72,9 +75,11 @@ class CifarLayout:
 
     @property
     def files(self) -> tuple[str, ...]:
+        """The training files and the test file."""
         return (*self.train_files, self.test_file)
 
     def describe(self) -> str:
+        """The expected folder and files, for an error message."""
         return f"{self.folder}/ holding {', '.join(self.files)} (as torchvision's {self.name.upper()} extracts it)"
 
 

@@ -48,6 +48,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example (``x`` without its first dimension)."""
         return tuple(self.x.shape[1:])
 
     def labels(self) -> np.ndarray | None:

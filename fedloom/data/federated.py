@@ -22,6 +22,9 @@ _HOLDOUT, _PARTITION, _LOCAL_SPLIT = range(3)
 
 @dataclass
 class FederatedData:
+    """A dataset split among clients: all examples, each client's train and test indices into them, the global
+    test set and what the model needs to know (classes, input shape)."""
+
     x: torch.Tensor  # all clients' examples
     y: torch.Tensor
     train_idx: list[torch.Tensor]  # per client, int64 indices into x/y for local training
@@ -34,10 +37,12 @@ class FederatedData:
 
     @property
     def n_clients(self) -> int:
+        """The number of clients."""
         return len(self.train_idx)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example."""
         return tuple(self.x.shape[1:])
 
     def client_sizes(self) -> np.ndarray:

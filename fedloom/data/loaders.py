@@ -15,6 +15,8 @@ from .shakespeare import load_shakespeare
 
 
 def handed_over() -> tuple[Dataset, Dataset | None]:
+    """The loader of ``data.dataset = "given"``: always a DataError, since such data comes from
+    ``fedloom.run(data=...)``, not from a config."""
     raise DataError(f"data.dataset = {GIVEN!r} is data handed to fedloom.run(data=...) from Python; give it there "
                     "(resuming such a run needs it again)")
 

@@ -24,6 +24,8 @@ TOKENIZERS = ('"char" (the training text\'s characters)', '"leaf" (LEAF\'s 80 ch
 
 @dataclass(frozen=True)
 class Tokenizer:
+    """A vocabulary (token id -> token) and the function turning text into int64 token ids."""
+
     vocabulary: tuple[str, ...]  # token id -> token
     encode: Callable[[str], np.ndarray]  # text -> int64 token ids
 

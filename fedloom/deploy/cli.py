@@ -58,6 +58,7 @@ def client_id(text: str) -> int:
 
 
 def add_commands(subparsers) -> None:
+    """Add ``fedloom server`` and ``fedloom client`` to the command line's subparsers."""
     server = subparsers.add_parser("server", help="coordinate real client processes over gRPC",
                                    description="Run an experiment whose clients are `fedloom client` processes.")
     server.add_argument("--config", help="experiment config, .toml or .yaml (default: built-in defaults)")

@@ -68,6 +68,7 @@ class ClientError(RuntimeError):
 
 
 def unusable(err: Exception) -> ClientError:
+    """The ClientError for a task this client cannot use, with the reason."""
     return ClientError(f"the server sent an unusable task: {err}")
 
 
@@ -144,6 +145,8 @@ class Trainer:
         return self._built[1]
 
     def train(self, header: pb.TaskHeader, tensors: dict[str, Tensor]) -> tuple[pb.UpdateHeader, list]:
+        """Train on one task (its header and tensors: the model, what the algorithm broadcast, the client's state);
+        returns the update's header and its tensors. ClientError when the task does not fit this client."""
         data, model, algorithm, task, seed, own_side = self._setup(header)
         params, dim = tensors["params"].clone(), ParamSpec.of(model).dim
         if params.numel() != dim:
@@ -212,6 +215,7 @@ class Calls:
 
 
 def open_channel(server: str, tls: ClientTLS | None) -> grpc.Channel:
+    """A gRPC channel to ``server``: TLS when ``tls`` is given, else insecure."""
     if tls is None:
         return grpc.insecure_channel(server, options=CHANNEL_OPTIONS)
     return grpc.secure_channel(server, tls.credentials(), options=CHANNEL_OPTIONS)
@@ -225,10 +229,12 @@ class Backoff:
         self.delay = RETRY_S
 
     def next(self) -> float:
+        """The wait before this attempt; the next one doubles, up to MAX_RETRY_S."""
         delay, self.delay = self.delay, min(MAX_RETRY_S, 2 * self.delay)
         return delay
 
     def reset(self) -> None:
+        """Start again from RETRY_S (a task arrived)."""
         self.delay = RETRY_S
 
 

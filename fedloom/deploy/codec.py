@@ -31,6 +31,8 @@ class Data:
 
 @dataclass(frozen=True)
 class Malformed:
+    """Bytes that did not parse as a message: their size and the parser's error, for the servicer to refuse."""
+
     size: int
     error: str
 

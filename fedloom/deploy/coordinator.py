@@ -40,6 +40,8 @@ INTERRUPTED = "interrupted"  # finish(): the server stops before the end (Ctrl-C
 
 @dataclass
 class Task:
+    """A client's task in a round: the header, the tensors to send and the row its update streams into."""
+
     header: pb.TaskHeader
     tensors: list[tuple[str, Tensor]]  # params, what the algorithm broadcasts, the client's state
     answer: Tensor  # the client's row of the round's matrix: its update is written there as it streams in
@@ -66,6 +68,9 @@ class Slot:
 
 @dataclass
 class Participation:
+    """Who took part in a closed round (submitted, dropped, disconnected, refused), the bytes each way, and
+    whether it failed."""
+
     submitted: list[int]
     dropped: list[int]  # sampled but no accepted update when the round closed
     disconnected: list[int]  # of the dropped, those with no connection: it broke during the round or never was
@@ -75,6 +80,7 @@ class Participation:
     failed: bool = False  # the deadline passed with fewer than min_clients updates: the round changes nothing
 
     def record(self) -> dict:
+        """The round's participation as metrics (client lists and counts, wire bytes, round_failed)."""
         return {"round_failed": self.failed, "clients_submitted": self.submitted, "clients_dropped": self.dropped,
                 "clients_disconnected": self.disconnected, "clients_refused": self.refused,
                 "n_submitted": len(self.submitted), "n_dropped": len(self.dropped),
@@ -95,6 +101,9 @@ class _Round:
 
 
 class Coordinator:
+    """The state of the current round shared by the servicer's threads and the round loop (module docstring):
+    live subscriptions, tasks, updates in and the round's closing."""
+
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._round = _Round()
@@ -115,6 +124,7 @@ class Coordinator:
         return handle
 
     def disconnect(self, client_id: int, handle: object) -> None:
+        """A client's subscription ``handle`` ended; if it held a task of the open round it counts as lost."""
         with self._cond:
             if self._live.get(client_id) is not handle:
                 return
@@ -155,6 +165,7 @@ class Coordinator:
 
     # -- rounds ------------------------------------------------------------------------------------------------
     def open_round(self, index: int, tasks: dict[int, Task], expected: list[tuple[str, str, int]]) -> None:
+        """Open round ``index`` with a task per sampled client and the update layout expected back."""
         with self._cond:
             absent = (set(tasks) - set(self._live)) & self._seen
             if absent:
@@ -223,10 +234,12 @@ class Coordinator:
             self._cond.notify_all()
 
     def release(self, slot: Slot) -> None:
+        """The update stream holding ``slot`` has ended (accepted or not): the client may stream again."""
         with self._cond:
             slot.round.streaming.discard(slot.client_id)
 
     def note_refused(self, client_id: int) -> None:
+        """Record that the client sent an update the server refused in this round."""
         with self._cond:
             if client_id in self._round.tasks:
                 self._round.refused.add(client_id)

@@ -43,10 +43,12 @@ def fits_float32(x: float) -> bool:
 
 
 def describe(named: Sequence[tuple[str, Tensor]]) -> list[pb.Buffer]:
+    """The wire buffers (name, dtype, length) announcing these named tensors."""
     return [pb.Buffer(name=name, dtype=DTYPE, length=t.numel()) for name, t in named]
 
 
 def layout(buffers: Sequence[pb.Buffer]) -> list[tuple[str, str, int]]:
+    """``(name, dtype, length)`` of each buffer, to compare a message's layout with the expected one."""
     return [(b.name, b.dtype, b.length) for b in buffers]
 
 
@@ -79,9 +81,12 @@ class Receiver:
 
     @property
     def complete(self) -> bool:
+        """Every announced byte has arrived."""
         return self.filled == len(self._bytes)
 
     def add(self, piece: bytes | memoryview) -> None:
+        """Write the next data chunk; Refused when it is over the chunk limit, past the announced size, or holds
+        NaN or Inf."""
         if len(piece) > self.chunk_bytes:
             raise Refused(f"a data chunk of {len(piece)} bytes is over the {self.chunk_bytes}-byte limit")
         end = self.filled + len(piece)
@@ -108,6 +113,7 @@ def split(values: Tensor, buffers: Sequence[tuple[str, str, int]]) -> dict[str, 
 
 
 def local_to_proto(local: LocalTraining) -> pb.LocalTraining:
+    """The local training settings as the task message carries them."""
     name = next(k for k, cls in LOCAL_OPTIMIZERS.items() if isinstance(local.optimizer, cls))
     return pb.LocalTraining(optimizer=name, options=dataclasses.asdict(local.optimizer), epochs=local.epochs,
                             batch_size=local.batch_size, seed=local.seed, steps=local.steps or 0)

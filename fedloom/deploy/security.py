@@ -36,6 +36,8 @@ class SecurityError(ValueError):
 
 
 def read_tokens(path: str | Path) -> dict[int, str]:
+    """The tokens file: one ``client_id token`` per line (``#`` comments); SecurityError naming the file and line
+    of a bad entry."""
     path = Path(path)
     if not path.is_file():
         raise SecurityError(f"tokens file not found: {path}")
@@ -59,6 +61,8 @@ def read_tokens(path: str | Path) -> dict[int, str]:
 
 @dataclass(frozen=True)
 class Refusal:
+    """Why a call is refused: the gRPC status code and the reason sent to the client."""
+
     code: grpc.StatusCode
     reason: str
 
@@ -189,6 +193,7 @@ def tls_mismatch(address: str, tls_on: bool, timeout_s: float = 5.0) -> str | No
 
 
 def call_metadata(client_id: int, token: str) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata a client sends to authenticate: its id and token."""
     return (CLIENT_ID_KEY, str(client_id)), (TOKEN_KEY, token)
 
 
@@ -203,11 +208,14 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
 
 @dataclass(frozen=True)
 class ServerTLS:
+    """The server's TLS certificate and key, and the CA whose client certificates it requires (mutual TLS)."""
+
     cert: str | Path
     key: str | Path
     client_ca: str | Path | None = None  # set: clients must show a certificate it signed (mutual TLS)
 
     def credentials(self) -> grpc.ServerCredentials:
+        """The gRPC server credentials; SecurityError naming a file that cannot be read."""
         pair = (_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))
         ca = _read(self.client_ca, "client CA")
         return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
@@ -215,11 +223,16 @@ class ServerTLS:
 
 @dataclass(frozen=True)
 class ClientTLS:
+    """The client's TLS settings: the CA that signed the server's certificate and, for mutual TLS, its own
+    certificate and key."""
+
     ca: str | Path | None = None  # the CA that signed the server's certificate (None: the system's roots)
     cert: str | Path | None = None  # this client's certificate and key, for mutual TLS
     key: str | Path | None = None
 
     def credentials(self) -> grpc.ChannelCredentials:
+        """The gRPC channel credentials; SecurityError when only one of cert and key is given or a file is
+        unreadable."""
         if (self.cert is None) != (self.key is None):
             raise SecurityError("mutual TLS needs both --tls-cert and --tls-key")
         return grpc.ssl_channel_credentials(_read(self.ca, "TLS CA"), _read(self.key, "TLS key"),

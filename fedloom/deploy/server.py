@@ -62,6 +62,8 @@ class RemoteEngine:
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:
+        """Send the round's tasks to the connected clients, wait for the round to close (deadline, min_clients) and
+        return the accepted updates as the round's result."""
         shared = [("params", x0.clone()), *[(f"sent/{k}", v.clone()) for k, v in sent.items()]]
         expected = expected_layout(algorithm, x0, sent)
         answers = torch.zeros(len(client_ids), sum(n for _, _, n in expected))  # touched now, not mid-stream

@@ -1,0 +1,1 @@
+"""Engines: where and how the clients of a round train (vectorized, serial, Ray), behind one ``run_round``."""

@@ -20,6 +20,8 @@ from fedloom.tasks import Task, mean_loss
 
 @dataclass(frozen=True)
 class LocalTraining:
+    """The clients' local training: the optimizer, epochs (or a fixed number of ``steps``), batch size and seed."""
+
     optimizer: SGD | Adam
     epochs: int
     batch_size: int
@@ -29,6 +31,9 @@ class LocalTraining:
 
 @dataclass
 class RoundResult:
+    """What a round's clients return: their ids, the rows ``U``, the weights (examples used), side matrices and
+    each client's mean training loss."""
+
     client_ids: list[int]
     U: Tensor  # [n, d] rows x_global - x_local
     weights: Tensor  # [n] training examples each client used
@@ -43,7 +48,9 @@ class Engine(Protocol):
     the round's copy of the state tree's, so an engine keeps no client state)."""
 
     def run_round(self, algorithm: Any, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
-                  round_idx: int, store: ClientStore) -> RoundResult: ...
+                  round_idx: int, store: ClientStore) -> RoundResult:
+        """Train ``client_ids`` in round ``round_idx`` from ``x0`` with the algorithm's client side (``sent``: what
+        its server broadcast); their new states go back into ``store``."""
 
 
 def functional_loss(model: nn.Module, spec: ParamSpec, task: Task) -> Callable[..., Tensor]:

@@ -106,6 +106,7 @@ class DeviceData:
         self.x, self.y, self.device = x.to(self.home), y.to(self.home), device
 
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The examples at ``index`` on the training device."""
         index = index.to(self.home)
         if index.numel() > GATHER_ROWS:  # many rows: index_select copies whole rows, several times faster
             flat = index.reshape(-1)

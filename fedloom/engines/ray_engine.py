@@ -122,6 +122,9 @@ class ClientWorker:
 
 
 class RayEngine:
+    """Clients on Ray actors (``workers`` of them, at ``address`` or a local Ray), each running the vectorized
+    engine on its share of the round's clients."""
+
     name = "ray"
 
     def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task,
@@ -145,6 +148,8 @@ class RayEngine:
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:
+        """Split the round's clients evenly over the actors, train them there and gather the rows in client order;
+        the clients' new states are put back in ``store``."""
         client_ids = list(client_ids)
         inputs = self._ray.put(RoundInputs(algorithm, x0, sent, client_ids, round_idx))
         calls = [actor.train.remote(inputs, share, _states_of(store, client_ids[share]))

@@ -23,6 +23,8 @@ from fedloom.tasks import Task
 
 
 class SerialEngine:
+    """One client after another on any ``nn.Module``: the reference engine."""
+
     name = "serial"
 
     def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task,
@@ -46,6 +48,7 @@ class SerialEngine:
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:
+        """Train the clients one by one from ``x0`` (or each client's own row of it) and stack their rows."""
         self.model.train()
         x0, sent = x0.to(self.device), moved(sent, self.device)
         rows, auxes, weights, losses = [], [], [], []

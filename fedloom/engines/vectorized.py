@@ -95,6 +95,9 @@ FUSED_MODES = ("auto", "off")
 
 
 class VectorizedEngine:
+    """All sampled clients at once: parameters stacked ``[n, d]``, ``torch.func.functional_call`` under ``vmap``,
+    clients in chunks that fit ``memory_budget`` bytes."""
+
     name = "vectorized"
 
     def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task,
@@ -157,6 +160,7 @@ class VectorizedEngine:
 
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:
+        """Train the round's clients in chunks, longest first, masking clients whose local training has ended."""
         self.model.train()
         x0, sent = x0.to(self.device), moved(sent, self.device)
         steps = local_steps(self.sizes[client_ids], self.local)

@@ -76,6 +76,7 @@ def merge(states: list[State], align: Aligner, refine: int = 1) -> State:
 
 
 def interpolate(a: State, b: State, t: float) -> State:
+    """The state ``(1 - t) a + t b``: floating-point entries interpolated, the others (counters) taken from ``a``."""
     return {k: ((1 - t) * v.float() + t * b[k].float()).to(v.dtype) if v.is_floating_point() else v
             for k, v in a.items()}
 

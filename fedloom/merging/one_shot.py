@@ -29,10 +29,13 @@ INIT_KEY = 2  # the merging stream's key for the clients' own initial models (0,
 
 @dataclass(frozen=True)
 class OneShotResult:
+    """A one-shot run's test metrics: each client model's and each merge method's."""
+
     clients: list[dict[str, float]]  # each client model's test metrics
     merged: dict[str, dict[str, float]]  # method -> the merged model's test metrics
 
     def table(self) -> dict[str, Any]:
+        """The clients' mean metrics (``client_mean``) beside each method's merged model."""
         mean = {k: sum(c[k] for c in self.clients) / len(self.clients) for k in self.clients[0]}
         return {"client_mean": mean, **self.merged}
 

@@ -38,6 +38,8 @@ class MergeError(ValueError):
 
 @dataclass(frozen=True)
 class Saved:
+    """A finished run's model: its directory, config and state dict."""
+
     where: Path  # the run directory
     cfg: ExperimentConfig
     state: State
@@ -90,6 +92,7 @@ def activation_batch(data: FederatedData, seed: int) -> Tensor:
 
 
 def check_method(method: str) -> None:
+    """MergeError unless ``method`` is a merge method whose packages are installed (``ot`` needs fedloom[merging])."""
     if method not in METHODS:
         raise MergeError(f"merge method {method!r}: choose one of {', '.join(METHODS)}")
     if method == "ot" and importlib.util.find_spec("ot") is None:
@@ -97,6 +100,8 @@ def check_method(method: str) -> None:
 
 
 def aligner_for(method: Method, model: nn.Module, data: FederatedData, seed: int, ot_reg: float = 0.0) -> Aligner:
+    """The aligner for ``method`` on ``model``'s permutation spec (activation matching: a batch of ``data``,
+    drawn from the seeded MERGING stream); MergeError for a model without a spec."""
     check_method(method)
     try:
         spec = spec_for(model)

@@ -36,6 +36,8 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class Segment:
+    """One permutation ``perm`` acting on ``size`` units of an axis from unit ``start``."""
+
     perm: str
     start: int  # in units of the axis
     size: int
@@ -43,6 +45,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class Axis:
+    """A permuted axis: its segments and the entries per unit (``inner``)."""
+
     segments: tuple[Segment, ...]
     inner: int = 1  # entries per unit along the axis
 
@@ -57,11 +61,15 @@ class Probe:
 
 @dataclass
 class PermutationSpec:
+    """A model's permutations (their sizes), the axes of each state-dict entry they act on, and where their
+    activations are probed."""
+
     sizes: dict[str, int] = field(default_factory=dict)  # permutation -> units, from input to output
     axes: dict[str, dict[int, Axis]] = field(default_factory=dict)  # state-dict key -> permuted axes
     probes: dict[str, Probe] = field(default_factory=dict)
 
     def add(self, key: str, axis: int, spec: Axis) -> None:
+        """Record that axis ``axis`` of the entry ``key`` is permuted as ``spec`` says."""
         self.axes.setdefault(key, {})[axis] = spec
 
     def uses(self, perm: str) -> list[tuple[str, int, Axis, Segment]]:
@@ -74,10 +82,12 @@ Alignment = dict[str, Tensor]
 
 
 def identity(spec: PermutationSpec) -> Alignment:
+    """The alignment leaving every unit in place."""
     return {name: torch.arange(n) for name, n in spec.sizes.items()}
 
 
 def random_permutation(spec: PermutationSpec, generator: torch.Generator) -> Alignment:
+    """A random permutation of each permutation's units, drawn from ``generator``."""
     return {name: torch.randperm(n, generator=generator) for name, n in spec.sizes.items()}
 
 
@@ -212,6 +222,7 @@ def resnet_spec(model: CifarResNet) -> PermutationSpec:
 
 
 def stream_width(axis: Axis) -> int:
+    """The units the axis's segments cover."""
     return sum(s.size for s in axis.segments)
 
 

@@ -51,6 +51,8 @@ def cnn(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
 
 
 def handed_over(**options: Any) -> nn.Module:
+    """The factory of ``model.name = "given"``: always an OptionError, since such a model comes from
+    ``fedloom.run(model=...)``, not from a config."""
     raise OptionError(f"model.name = {GIVEN!r} is a model handed to fedloom.run(model=...) from Python; give it "
                       "there (resuming such a run needs it again)")
 

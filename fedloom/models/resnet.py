@@ -32,6 +32,7 @@ def norm_layer(norm: Norm, groups: int) -> Callable[[int], nn.Module]:
 
 
 def conv3x3(c_in: int, c_out: int, stride: int, bias: bool) -> nn.Conv2d:
+    """A 3x3 convolution with padding 1."""
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
 
 

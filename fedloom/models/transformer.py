@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position sees only the positions before it."""
+
     def __init__(self, d_model: int, heads: int):
         super().__init__()
         self.heads = heads

@@ -53,14 +53,17 @@ class LocalModels:
         self.inner, self.trainable = inner, trainable
 
     def client_init(self, d: int) -> ClientState:
+        """No state of its own: a pass's client state is the method's."""
         return {}
 
     def correct_grad(self, g: Tensor, x: Tensor, x0: Tensor, sent: dict[str, Tensor], cstate: ClientState) -> Tensor:
+        """``inner``'s corrected gradient, zeroed outside the trainable coordinates."""
         g = self.inner.correct_grad(g, x, x0, sent, cstate)
         return g if self.trainable is None else g * self.trainable.to(g.device, g.dtype)
 
     def client_result(self, x0: Tensor, x: Tensor, steps: Tensor, lr: float, sent: dict[str, Tensor],
                       cstate: ClientState) -> tuple[Tensor, dict[str, Tensor], ClientState]:
+        """The local model itself as the row (``uplink`` turns it into what a client sends), no side tensors."""
         return x, {}, cstate
 
 
@@ -98,6 +101,7 @@ def stored(store: ClientStore, clients: list[int], key: str, default: Tensor) ->
 
 
 def keep(store: ClientStore, clients: list[int], key: str, values: Tensor) -> None:
+    """Store each client's ``values`` row under ``key`` (detached, on the CPU) in its client state."""
     for c, v in zip(clients, values):
         store.put(c, {key: v.detach().cpu().clone()})
 

@@ -26,10 +26,15 @@ class TowardsGlobal:
         self.lam = lam
 
     def correct_grad(self, g: Tensor, x: Tensor, x0: Tensor, sent: dict[str, Tensor], cstate: ClientState) -> Tensor:
+        """The local gradient plus the pull towards the global model: ``g + lambda (x - w)``."""
         return g + self.lam * (x - sent["w"])
 
 
 class Ditto:
+    """Ditto (Li, Hu, Beirami, Smith 2021, "Ditto: Fair and Robust Federated Learning Through Personalization"):
+    the round's algorithm trains the global model; each client also trains a personal model pulled towards it
+    with strength ``ditto_lambda``."""
+
     name = "ditto"
     splits = False  # the global model is shared whole; v is a second, personal, model
 
@@ -38,6 +43,8 @@ class Ditto:
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
+        """Run the round's algorithm from the global model (its rows are sent), then a pass training each client's
+        personal model towards the global model, kept in the client states."""
         trained = engine.run_round(algorithm, x, sent, clients, round_idx, ClientStore())
         personal = train_pass(engine, self.rule, stored(store, clients, V, x), {"w": x}, clients, round_idx,
                               self.s.pass_local(PERSONAL_PASS))
@@ -45,4 +52,5 @@ class Ditto:
         return trained
 
     def client_models(self, engine, x: Tensor, clients: list[int], store: ClientStore) -> Tensor:
+        """The clients' personal models (the global model for a client not trained yet)."""
         return stored(store, clients, V, x)

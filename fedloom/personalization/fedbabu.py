@@ -16,6 +16,10 @@ from fedloom.personalization.base import LocalModels, Setting, fine_tuned, train
 
 
 class FedBABU:
+    """FedBABU (Oh, Kim, Yun 2022, "FedBABU: Toward Enhanced Representation for Federated Image Classification"):
+    the body is trained and shared, the head stays at its initialization; clients fine-tune the whole model
+    before evaluation."""
+
     name = "fedbabu"
     splits = True
 
@@ -24,9 +28,12 @@ class FedBABU:
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
+        """Train the body only (the head frozen) and send its change."""
         trained = train_pass(engine, LocalModels(algorithm, ~self.s.split.mask), x, sent, clients, round_idx,
                              self.s.local)
         return uplink(self.s.split, x, trained)
 
     def client_models(self, engine, x: Tensor, clients: list[int], store: ClientStore) -> Tensor:
+        """Each client's copy of the global model fine-tuned on its own data (``finetune_epochs`` or
+        ``finetune_steps``)."""
         return fine_tuned(self.s, engine, x, clients, self.finetune_epochs, self.finetune_steps)

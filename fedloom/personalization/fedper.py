@@ -18,6 +18,9 @@ PERSONAL = "personal"  # the client state's key: the client's personal coordinat
 
 
 class FedPer:
+    """FedPer (Arivazhagan et al. 2019, "Federated Learning with Personalization Layers"): a shared body and
+    personal layers that each client keeps."""
+
     name = "fedper"
     splits = True
 
@@ -31,10 +34,13 @@ class FedPer:
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
+        """Train each client's whole model (global body, own personal layers); keep the personal layers, send the
+        body's change."""
         trained = train_pass(engine, LocalModels(algorithm), self.starts(x, clients, store), sent, clients,
                              round_idx, self.s.local)
         keep(store, clients, PERSONAL, self.s.split.personal_part(trained.U))
         return uplink(self.s.split, x, trained)
 
     def client_models(self, engine, x: Tensor, clients: list[int], store: ClientStore) -> Tensor:
+        """Each client's model: the global body with its own personal layers."""
         return self.starts(x, clients, store)

@@ -18,6 +18,9 @@ HEAD_PASS = 1  # the head epochs' batch orders come from stream PERSONAL keyed b
 
 
 class FedRep(FedPer):
+    """FedRep (Collins, Hassani, Mokhtari, Shakkottai 2021, "Exploiting Shared Representations for Personalized
+    Federated Learning"): each client trains its head first (``head_epochs``), then the shared body."""
+
     name = "fedrep"
 
     def __init__(self, setting: Setting, head_epochs: int = 5):
@@ -26,6 +29,8 @@ class FedRep(FedPer):
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
+        """Train the personal head with the body frozen, then the body with the new head frozen; keep the head, send
+        the body's change."""
         mask = self.s.split.mask
         headed = train_pass(engine, LocalModels(algorithm, mask), self.starts(x, clients, store), sent, clients,
                             round_idx, self.s.pass_local(HEAD_PASS, self.head_epochs))

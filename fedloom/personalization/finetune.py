@@ -17,6 +17,9 @@ from fedloom.personalization.base import Setting, fine_tuned
 
 
 class FineTune:
+    """Local fine-tuning after federated training: training is the run's algorithm unchanged; at evaluation each
+    client fine-tunes the global model on its own data."""
+
     name = "finetune"
     splits = False  # every parameter is shared
 
@@ -25,7 +28,10 @@ class FineTune:
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
+        """The round's algorithm unchanged."""
         return engine.run_round(algorithm, x, sent, clients, round_idx, ClientStore())
 
     def client_models(self, engine, x: Tensor, clients: list[int], store: ClientStore) -> Tensor:
+        """Each client's copy of the global model fine-tuned on its own data (``finetune_epochs`` or
+        ``finetune_steps``)."""
         return fine_tuned(self.s, engine, x, clients, self.finetune_epochs, self.finetune_steps)

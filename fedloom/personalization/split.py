@@ -58,6 +58,9 @@ def _last_layer(spec: ParamSpec) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Split:
+    """A model's flat vector split into shared and personal coordinates (``personal``: the personal parameters'
+    names)."""
+
     spec: ParamSpec
     personal: tuple[str, ...] = ()  # personal parameter names; () shares everything
 
@@ -73,10 +76,12 @@ class Split:
 
     @property
     def shared_dim(self) -> int:
+        """The number of shared coordinates."""
         return len(self.shared_index)
 
     @property
     def shared_shapes(self) -> tuple[torch.Size, ...]:
+        """The shapes of the shared parameters, in order."""
         return tuple(s for n, s in zip(self.spec.names, self.spec.shapes) if n not in self.personal)
 
     def shared(self, x: Tensor) -> Tensor:
@@ -100,4 +105,5 @@ class Split:
         return out
 
     def personal_part(self, X: Tensor) -> Tensor:
+        """The personal coordinates of rows ``X`` (``[..., d]`` to ``[..., d_personal]``)."""
         return X[..., self.mask.to(X.device)]

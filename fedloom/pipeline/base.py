@@ -74,6 +74,9 @@ class ServerData:
 
 @dataclass(frozen=True)
 class Transform:
+    """A server-pipeline step: ``init(d) -> state`` and ``apply(U, w, state, ctx) -> (U, w, state, metrics)``,
+    run on the client side or the server side."""
+
     name: str
     apply: Apply
     init: Callable[[int], Any] = lambda d: None
@@ -82,9 +85,12 @@ class Transform:
 
 @dataclass(frozen=True)
 class Pipeline:
+    """The chain of transforms a round's rows go through; its state is one entry per transform."""
+
     transforms: tuple[Transform, ...]
 
     def init(self, d: int) -> list[Any]:
+        """Each transform's initial state for rows of length ``d``."""
         return [t.init(d) for t in self.transforms]
 
     def apply(self, U: Tensor, w: Tensor, states: list[Any], ctx: Context) -> tuple[Tensor, Tensor, list[Any], Metrics]:

@@ -1,0 +1,1 @@
+"""Differential privacy (DP-FedAvg's clipping and noise, DP-FTRL, the accountants) and secure aggregation."""

@@ -98,6 +98,9 @@ class Accounting:
         return ComposedDpEvent(trees + ([tree(rest)] if rest else []))
 
     def new_accountant(self) -> dp_accounting.PrivacyAccountant:
+        """A fresh dp_accounting accountant for the run's mechanism: RDP, or PLD when ``accountant = "pld"``, with
+        the
+        neighbouring relation the mechanism's sensitivity is stated for."""
         if self.mechanism == "ftrl":  # the library's tree aggregation event: sensitivity in the noise multiplier
             return RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_SPECIAL)
         if self.accountant == "pld":
@@ -107,6 +110,7 @@ class Accounting:
         return RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
 
     def epsilon(self, noise_multiplier: float, rounds: int) -> float:
+        """The run's epsilon at its delta after ``rounds`` rounds with ``noise_multiplier``."""
         return _epsilon(self, noise_multiplier, rounds)
 
     def calibrate(self, target_epsilon: float, rounds: int) -> float:

@@ -64,10 +64,12 @@ class Params:
 
     @property
     def mask(self) -> np.uint64:
+        """The ring's modulus minus one, ``2^bits - 1``: reduces a uint64 modulo ``2^bits``."""
         return np.uint64((1 << self.bits) - 1)
 
     @property
     def dtype(self) -> np.dtype:
+        """The big-endian unsigned integer type a masked vector is sent in (the smallest holding ``bits``)."""
         return np.dtype(">u2" if self.bits <= 16 else ">u4" if self.bits <= 32 else ">u8")  # bytes on the wire
 
 
@@ -179,6 +181,7 @@ class SecAggClient:
     maskers: list[int] = field(default_factory=list)
 
     def advertise(self) -> bytes:
+        """The client's first message: its id and its two public keys (for encryption and for masks)."""
         return ID.pack(self.id) + _raw_public(self.c_key) + _raw_public(self.s_key)
 
     def share_keys(self, group_keys: bytes) -> bytes:

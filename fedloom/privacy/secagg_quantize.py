@@ -32,6 +32,7 @@ class Quantizer:
 
     @property
     def levels(self) -> int:
+        """The largest magnitude a quantized value takes: ``2^(value_bits - 1) - 1``."""
         return 2 ** (self.value_bits - 1) - 1
 
     def weight(self, w: float, w_max: float) -> int:

@@ -34,6 +34,7 @@ class Costs:
     survivors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
 
     def metrics(self) -> dict[str, float | int]:
+        """The costs as the round's metrics: ``secagg_<what>_<phase>`` for bytes, seconds and survivors."""
         out: dict[str, float | int] = {}
         for p in PHASES:
             out |= {f"secagg_bytes_up_{p}": self.up[p], f"secagg_bytes_down_{p}": self.down[p],
@@ -44,6 +45,9 @@ class Costs:
 
 @dataclass
 class Outcome:
+    """One secure aggregation's result: the survivors' sum in the ring (None when it failed), whose inputs it
+    holds, its costs and why it failed."""
+
     total: np.ndarray | None  # the survivors' sum mod 2^bits; None when the round failed
     summed: list[int]  # whose inputs the sum holds
     costs: Costs

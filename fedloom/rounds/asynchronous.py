@@ -54,7 +54,12 @@ MAX_WAITS = 100_000  # IDLE_WAIT_S steps a new start may wait for an idle client
 
 
 class AsynchronousRound(FederatedRound):
+    """Asynchronous federated learning on the virtual clock (module docstring): FedAsync or FedBuff, one round
+    per server model update."""
+
     def init_state(self) -> State:
+        """The federated state tree plus the virtual clock, the job queue and the buffer, with ``concurrency``
+        clients already started."""
         state = {**super().init_state(), "now": 0.0, "version": 0, "queue": [], "starts": {}, "results": {},
                  "buffer": [], "jobs": 0, "calls": 0,
                  "aggregated": torch.zeros(self.data.n_clients, dtype=torch.int64)}
@@ -63,6 +68,8 @@ class AsynchronousRound(FederatedRound):
         return state
 
     def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
+        """Advance the virtual clock through finishing clients until the server model is updated once (FedAsync:
+        one arrival; FedBuff: a full buffer); returns the new state and the round's metrics."""
         a = self.cfg.asynchronous
         st = {**state, "queue": list(state["queue"]), "starts": dict(state["starts"]),
               "results": dict(state["results"]), "buffer": list(state["buffer"])}

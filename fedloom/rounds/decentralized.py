@@ -60,7 +60,9 @@ def byzantine_messages(adversary: Adversary) -> Messages:
 def build_gossip_algorithm(cfg: ExperimentConfig, adversary: Adversary | None = None,
                            shapes: tuple[torch.Size, ...] | None = None, model: torch.nn.Module | None = None,
                            data: FederatedData | None = None) -> DSGD:
-    """``model`` and ``data``: the run's, for DIMAT (it aligns the node models)."""
+    """The decentralized algorithm of the config: D-SGD (mean or clipped gossip, Byzantine messages from
+    ``adversary``), K-GT, CHOCO-SGD (its compressor built for the model's ``shapes``) or DIMAT (``model``
+    and ``data``: the run's, to align the node models)."""
     d = cfg.decentralized
     if d.algorithm == "dimat":
         return dimat(model, data, cfg.seed, d.dimat_period, d.dimat_method)
@@ -115,6 +117,7 @@ class Topology:
         return None
 
     def static_gap(self) -> float | None:
+        """The spectral gap of a fixed mixing matrix; None for a time-varying graph."""
         if self.user_matrix is not None:
             return spectral_gap(self.user_matrix)
         if isinstance(self.graph, nx.Graph):
@@ -142,6 +145,7 @@ class DecentralizedRound:
         self.topology = Topology(cfg, self.data.n_clients)
 
     def init_state(self) -> State:
+        """Every node starts from the initial model (``X [n, d]``), with the gossip rule's state."""
         X = self.spec.flatten(self.model).detach().cpu().expand(self.data.n_clients, -1).clone()
         if self.cfg.decentralized.own_init:  # each node's own model, drawn as one-shot's clients draw theirs
             from fedloom.merging.one_shot import client_starts
@@ -174,6 +178,7 @@ class DecentralizedRound:
         return active
 
     def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
+        """One round: the active nodes train and gossip with the round's mixing matrix, in the configured order."""
         active_mask = self.active_nodes(round_idx)
         active = active_mask.nonzero().flatten().tolist()
         W = self.topology.mixing(round_idx, active_mask)
@@ -224,6 +229,7 @@ class DecentralizedRound:
         return torch.bincount(rows[off], minlength=W.shape[0]).float()
 
     def evaluate(self, state: State) -> dict[str, float]:
+        """The honest nodes' mean, min and max test metric, and the metrics of their average model."""
         honest = self.honest(state["X"])
         metric = self.task.primary
         per_node = evaluation.rows_metric(self.model, self.spec, honest.to(self.device), self.data.x_test,
@@ -234,10 +240,12 @@ class DecentralizedRound:
                 f"node_{metric}_max": float(per_node.max()), f"xbar_{metric}": merged[f"central_{metric}"]}
 
     def final_model(self, state: State):
+        """The model holding the honest nodes' average."""
         self.spec.load_into(self.model, self.final_params(state))
         return self.model
 
     def describe(self, state: State) -> dict[str, Any]:
+        """The summary's facts: data sizes, topology, spectral gap, engine and the final merge's results."""
         return {**self.data.size(), "topology": self.cfg.topology.name, "spectral_gap": self.topology.static_gap(),
                 **engine_notes(self.cfg, self.model, self.engine), **self.final_merge(state)}
 

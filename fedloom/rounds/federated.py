@@ -72,6 +72,9 @@ def epoch_clients(n_clients: int, k: int, seed: int, round_idx: int) -> list[int
 
 
 class FederatedRound:
+    """A federated round: sample clients, send them the model (compressed downlink), train them on the engine,
+    run their rows through the server pipeline and step the algorithm's server rule."""
+
     def __init__(self, cfg: ExperimentConfig, make_engine: Callable[[nn.Module, FederatedData], Any] | None = None,
                  given: GivenParts = GivenParts()):
         self.data = build_data(cfg, given)
@@ -102,6 +105,8 @@ class FederatedRound:
         self.participation = build_participation(cfg, self.data)  # p_i per client, or None: uniform sampling
 
     def init_state(self) -> State:
+        """The state tree: the global model, the algorithm's and the pipeline's states, client states, the downlink
+        and the byte counters."""
         x0 = self.spec.flatten(self.model).detach().cpu().clone()
         return {"x": x0, "algorithm": self.algorithm.server_init(x0),
                 "pipeline": self.pipeline.init(self.split.shared_dim),
@@ -148,6 +153,7 @@ class FederatedRound:
         return on_time, (vars(rows_of(result, late_rows)) if stale and len(late_rows) else None)
 
     def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
+        """One round on the state tree; returns the new state and the round's metrics."""
         clients = self._sample(state, round_idx)
         if not clients:  # nobody online (system model) or nobody took part (bernoulli): the model stays
             return self._no_participant(state, round_idx)
@@ -214,6 +220,8 @@ class FederatedRound:
         return record
 
     def evaluate(self, state: State) -> dict[str, float]:
+        """The global model's central metrics and, with ``evaluation.federated``, the clients' own tests
+        (personalized models where a method runs)."""
         x = self.final_params(state).to(self.device)
         metrics = evaluation.central(self.model, self.spec, x, self.data, self.task)
         if self.cfg.evaluation.federated:
@@ -227,13 +235,17 @@ class FederatedRound:
                                    self.task, state["clients"])
 
     def final_params(self, state: State) -> Tensor:
+        """The global model's flat parameters (a method's generic model where it has one: FedLoGe)."""
         return generic_model(self.personal, state["x"])
 
     def final_model(self, state: State) -> nn.Module:
+        """The model holding the global parameters."""
         self.spec.load_into(self.model, self.final_params(state))
         return self.model
 
     def describe(self, state: State) -> dict[str, Any]:
+        """The summary's facts: data sizes, the pipeline's steps, engine notes and, for up to PER_CLIENT_MAX
+        clients, each client's final metric."""
         described = {**self.data.size(), "pipeline": self.pipeline.steps(),
                      **engine_notes(self.cfg, self.model, self.engine)}
         if self.personal:

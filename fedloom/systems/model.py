@@ -40,6 +40,9 @@ def speed_sigma(spread: float) -> float:
 
 @dataclass(frozen=True)
 class SystemModel:
+    """The clients' simulated devices: relative speed, link bandwidths, seconds per example and when each is
+    online."""
+
     speed: np.ndarray  # [n] relative compute speed, 1 = the nominal device
     up_bytes_s: np.ndarray  # [n]
     down_bytes_s: np.ndarray  # [n]
@@ -54,6 +57,7 @@ class SystemModel:
         return compute + np.asarray(bytes_up) / self.up_bytes_s[c] + np.asarray(bytes_down) / self.down_bytes_s[c]
 
     def available(self, t: float) -> np.ndarray:
+        """Which clients are online at virtual time ``t`` (boolean ``[n]``)."""
         return self.availability(t)
 
 

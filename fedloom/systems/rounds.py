@@ -20,6 +20,8 @@ BYTES_PER_FLOAT = 4
 
 @dataclass(frozen=True)
 class Cut:
+    """Which sampled clients a deadline keeps (on time) or leaves late, and the round's virtual duration."""
+
     on_time: np.ndarray  # positions (into the sampled clients) whose updates this round aggregates
     late: np.ndarray  # positions that missed the deadline (system.late = "stale": applied next round)
     seconds: float  # the round's virtual duration

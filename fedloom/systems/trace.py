@@ -29,6 +29,8 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True)
 class Trace:
+    """Per-client device traces: speed, bandwidths and online intervals."""
+
     speed: np.ndarray  # [n]
     up_mbps: np.ndarray  # [n]
     down_mbps: np.ndarray  # [n]
@@ -36,6 +38,7 @@ class Trace:
 
 
 def read_trace(path: str | Path, n_clients: int) -> Trace:
+    """The trace CSV at ``path`` for ``n_clients`` clients; TraceError naming the file and line of a bad entry."""
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"system.trace: file not found: {path}")

@@ -15,15 +15,21 @@ Terms = tuple[Tensor, Tensor]  # per example: (sum, count)
 
 
 class Task(Protocol):
+    """A task: how a model's output is scored against the target, as per-example (sum, count) terms that pool
+    over clients and batches exactly."""
+
     name: str
     primary: str  # the metric progress, the worst-10% view and per-node statistics report
     higher_is_better: bool
 
-    def loss_terms(self, output: Tensor, target: Tensor) -> Terms: ...
+    def loss_terms(self, output: Tensor, target: Tensor) -> Terms:
+        """The loss as per-example (sum, count): what local training minimizes."""
 
-    def metric_terms(self, output: Tensor, target: Tensor) -> dict[str, Terms]: ...
+    def metric_terms(self, output: Tensor, target: Tensor) -> dict[str, Terms]:
+        """Each metric (``loss`` among them) as per-example (sum, count)."""
 
-    def finish(self, means: dict[str, float]) -> dict[str, float]: ...
+    def finish(self, means: dict[str, float]) -> dict[str, float]:
+        """The reported metrics from the pooled means (e.g. perplexity from the loss)."""
 
 
 def mean_loss(task: Task, output: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -53,9 +59,11 @@ class Classification:
         self.top5 = n_classes > 10
 
     def loss_terms(self, output: Tensor, target: Tensor) -> Terms:
+        """Cross-entropy per example, each counting once."""
         return _once(_token_nll(output, target))
 
     def metric_terms(self, output: Tensor, target: Tensor) -> dict[str, Terms]:
+        """Loss and accuracy per example (and top-5 accuracy when asked for)."""
         terms = {"loss": self.loss_terms(output, target), "accuracy": _once((output.argmax(-1) == target).float())}
         if self.top5:
             hits = (output.topk(5, dim=-1).indices == target[..., None]).any(-1)
@@ -63,6 +71,7 @@ class Classification:
         return terms
 
     def finish(self, means: dict[str, float]) -> dict[str, float]:
+        """The pooled means as they are."""
         return means
 
 
@@ -76,15 +85,18 @@ class LanguageModel:
         self.vocabulary = n_classes
 
     def loss_terms(self, output: Tensor, target: Tensor) -> Terms:
+        """Per sequence: the summed cross-entropy of its real tokens (not IGNORE) and their count."""
         real = (target != IGNORE).float()
         return (_token_nll(output, target) * real).sum(-1), real.sum(-1)
 
     def metric_terms(self, output: Tensor, target: Tensor) -> dict[str, Terms]:
+        """Per sequence: token loss and next-token accuracy over its real tokens."""
         real = (target != IGNORE).float()
         hits = (output.argmax(-1) == target).float() * real
         return {"loss": self.loss_terms(output, target), "accuracy": (hits.sum(-1), real.sum(-1))}
 
     def finish(self, means: dict[str, float]) -> dict[str, float]:
+        """The pooled means with the perplexity, ``exp`` of the mean token loss."""
         return {**means, "perplexity": math.exp(min(means["loss"], 700.0))}  # exp(700) is near float64's end
 
 
@@ -101,14 +113,17 @@ class Regression:
         return output.reshape(target.shape[0], -1) - target.reshape(target.shape[0], -1)
 
     def loss_terms(self, output: Tensor, target: Tensor) -> Terms:
+        """Mean squared error per example."""
         return _once(self._error(output, target).square().mean(-1))
 
     def metric_terms(self, output: Tensor, target: Tensor) -> dict[str, Terms]:
+        """Loss (the MSE), MSE and mean absolute error per example."""
         error = self._error(output, target)
         mse = _once(error.square().mean(-1))
         return {"loss": mse, "mse": mse, "mae": _once(error.abs().mean(-1))}
 
     def finish(self, means: dict[str, float]) -> dict[str, float]:
+        """The pooled means as they are."""
         return means
 
 
@@ -128,9 +143,11 @@ class UserTask:
         self.higher_is_better = getattr(user, "higher_is_better", self.primary != "loss")
 
     def loss_terms(self, output: Tensor, target: Tensor) -> Terms:
+        """The user's loss per example (OptionError unless it gives one value per example)."""
         return _once(self._per_example(self.user.loss(output, target), "loss", output))
 
     def metric_terms(self, output: Tensor, target: Tensor) -> dict[str, Terms]:
+        """The loss and the user's metrics per example."""
         terms = {"loss": self.loss_terms(output, target)}
         if self._metrics is not None:
             for key, values in self._metrics(output, target).items():
@@ -144,6 +161,7 @@ class UserTask:
         return values.float()
 
     def finish(self, means: dict[str, float]) -> dict[str, float]:
+        """The pooled means as they are."""
         return means
 
 

@@ -128,6 +128,7 @@ class TimeVarying:
     weights: Weights = metropolis_hastings
 
     def mixing_at(self, round: int) -> Tensor:
+        """The mixing matrix of round ``round``'s graph."""
         return self.weights(self.graph_at(round))
 
 

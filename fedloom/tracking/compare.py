@@ -27,6 +27,8 @@ class UnusableRun(ValueError):
 
 @dataclass
 class Run:
+    """A run directory read for ``fedloom compare``: its label, path, summary and metrics rows."""
+
     label: str
     path: Path
     summary: dict[str, Any]
@@ -34,6 +36,7 @@ class Run:
 
 
 def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run's config, metrics or summary."""
     return any((path / name).is_file() for name in (CONFIG, METRICS, SUMMARY))
 
 

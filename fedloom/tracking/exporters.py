@@ -89,15 +89,19 @@ class Exporter:
     done = 0
 
     def start(self, cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
+        """Open the destination for the run in ``run_dir`` (``resumed``: continue what it holds) and set ``done``."""
         raise NotImplementedError
 
     def round(self, record: dict) -> None:
+        """Send one round's metrics record."""
         raise NotImplementedError
 
     def finish(self, summary: dict, run_dir: Path) -> None:
+        """Send the run's final summary and end the destination."""
         self.close()
 
     def close(self) -> None:
+        """End the destination after a run that did not reach its end."""
         pass
 
 
@@ -158,6 +162,7 @@ class TensorBoardExporter(Exporter):
         self.writer.flush()  # a killed run keeps its rounds (the writer would wait up to 2 minutes)
 
     def finish(self, summary: dict, run_dir: Path) -> None:
+        """Add the run directory's figures (PNGs) as images at the last round, then close the writer."""
         import numpy as np
         from PIL import Image  # matplotlib's own dependency
 
@@ -236,6 +241,7 @@ class MLflowExporter(Exporter):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def finish(self, summary: dict, run_dir: Path) -> None:
+        """Log the run directory's files as artifacts, tag the run's status and end the MLflow run."""
         for entry in sorted(run_dir.iterdir()):
             if entry.name == WANDB or entry.name.startswith("."):  # W&B's own store; temporary files
                 continue
@@ -308,6 +314,7 @@ def wandb_read(log: Path, summary: bool = False) -> Any:
 
 
 def wandb_last_step(run_dir: Path, run_id: str) -> int:
+    """The last step the offline W&B logs of run ``run_id`` in ``run_dir`` hold (0: none)."""
     return max((wandb_read(log, summary=True).get("step") or 0 for log in wandb_files(run_dir, run_id)), default=0)
 
 
@@ -335,6 +342,7 @@ class Exporters:
                     self._send(exporter, record)
 
     def round(self, record: dict) -> None:
+        """Send the record to every active exporter; one that fails is turned off, its error kept."""
         for exporter in list(self.active):
             self._send(exporter, record)
 
@@ -344,6 +352,7 @@ class Exporters:
             exporter.done = r
 
     def finish(self, summary: dict, run_dir: Path) -> None:
+        """Finish every active exporter with the summary."""
         for exporter in list(self.active):
             self._guard(exporter, "finish", exporter.finish, summary, run_dir)
         self.active = []

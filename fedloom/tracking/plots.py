@@ -141,18 +141,22 @@ def plot_staleness(rows: list[dict], path: Path) -> Path | None:
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> Path | None:
+    """The accuracy curves against round and uplink bytes (and virtual time) into ``path``; None with no accuracy."""
     return _round_and_uplink(rows, ACCURACY_CURVES, "Accuracy", "accuracy (%)", 100.0, path)
 
 
 def plot_loss(rows: list[dict], path: Path) -> Path | None:
+    """The loss curves against round and uplink bytes (and virtual time) into ``path``; None with no loss."""
     return _round_and_uplink(rows, LOSS_CURVES, "Loss", "loss (mean per example)", 1.0, path)
 
 
 def plot_perplexity(rows: list[dict], path: Path) -> Path | None:
+    """The perplexity curves (language models) into ``path``; None with no perplexity."""
     return _round_and_uplink(rows, PERPLEXITY_CURVES, "Perplexity", "perplexity (exp of mean token loss)", 1.0, path)
 
 
 def plot_error(rows: list[dict], path: Path) -> Path | None:
+    """The error curves (regression: MSE, MAE) into ``path``; None with no error metric."""
     return _round_and_uplink(rows, ERROR_CURVES, "Error", "mean error per example", 1.0, path)
 
 

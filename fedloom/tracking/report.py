@@ -101,6 +101,7 @@ def grid_table(columns: list[str], rows: list[list[Any]]) -> str:
 
 
 def image(path: Path) -> str:
+    """The PNG at ``path`` as an HTML figure with the image inlined (the report is one self-contained file)."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)} plot"></figure>'
 

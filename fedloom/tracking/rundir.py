@@ -81,6 +81,7 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary sibling renamed over it)."""
     replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
@@ -129,6 +130,7 @@ class RunDir:
         return cls(path)
 
     def write_config(self, config: dict) -> None:
+        """Write the resolved config as ``config.toml``."""
         write_text_atomic(self.path / CONFIG, tomli_w.dumps(_toml_ready(config)))
 
     def append_metrics(self, record: dict) -> None:
@@ -152,6 +154,7 @@ class RunDir:
         return kept
 
     def write_summary(self, summary: dict) -> None:
+        """Write the summary as ``summary.json``."""
         write_text_atomic(self.path / SUMMARY, to_json(strict_record(summary), indent=2) + "\n")
 
     def save_model(self, tensors: dict[str, torch.Tensor]) -> Path:
@@ -165,6 +168,7 @@ class RunDir:
         return path
 
     def write_partition(self, stats: dict) -> None:
+        """Write the partition's statistics (examples and classes per client)."""
         write_text_atomic(self.path / PARTITION, to_json(stats) + "\n")
 
     def write_graph(self, graph: dict) -> None:
