@@ -46,6 +46,9 @@ ID = struct.Struct(">I")
 SHARE_HEADER = struct.Struct(">IIH")  # sender, recipient, share index
 REVEAL = struct.Struct(">IBH")  # whose secret, kind (0: b, 1: s key), share index
 B_SHARE, S_SHARE = 0, 1
+ADVERT_BYTES = ID.size + 2 * KEY_BYTES  # a client's id and its two public keys
+TAG_BYTES = 16  # AES-GCM's tag
+SEALED_SHARE_BYTES = NONCE_BYTES + SHARE_HEADER.size + SEED_BYTES + KEY_BYTES + TAG_BYTES
 
 
 class ProtocolAborted(Exception):
@@ -154,9 +157,14 @@ def _pack_blobs(blobs: dict[int, bytes]) -> bytes:
 
 
 def _unpack_blobs(data: bytes) -> dict[int, bytes]:
+    """The blobs of _pack_blobs; a truncated or repeated entry is a ValueError (bytes from the wire)."""
     blobs, at = {}, 0
     while at < len(data):
+        if at + 8 > len(data):
+            raise ValueError(f"a truncated entry header at byte {at}")
         k, n = struct.unpack_from(">II", data, at)
+        if k in blobs or at + 8 + n > len(data):
+            raise ValueError(f"entry for {k} is {'repeated' if k in blobs else 'truncated'}")
         blobs[k] = data[at + 8:at + 8 + n]
         at += 8 + n
     return blobs
@@ -296,6 +304,41 @@ class SecAggServer:
                     total = _add_pair_mask(total, u, v, _agree(s_key, self.keys[u][1]), self.params, sign=-1)
         return total
 
+    def max_bytes(self, phase: str, u: int) -> int:
+        """The most bytes client ``u``'s message of ``phase`` may hold (checked before it is received)."""
+        group = len(self.graph.get(u, ())) or 1
+        return {"advertise": ADVERT_BYTES, "share_keys": group * (8 + SEALED_SHARE_BYTES),
+                "masked_input": self.params.dim * self.params.dtype.itemsize,
+                "unmask": group * (REVEAL.size + KEY_BYTES)}[phase]
+
+    def check(self, phase: str, u: int, message: bytes) -> None:
+        """A ValueError saying what is wrong with client ``u``'s message of ``phase``, if anything: the
+        server takes only well-formed messages, from the clients and about the secrets each may send."""
+        if phase == "advertise":
+            if len(message) != ADVERT_BYTES or ID.unpack_from(message)[0] != u:
+                raise ValueError(f"expected {ADVERT_BYTES} bytes starting with its id {u}")
+        elif phase == "share_keys":
+            blobs = _unpack_blobs(message)
+            if sorted(blobs) != self.graph[u] or any(len(b) != SEALED_SHARE_BYTES for b in blobs.values()):
+                raise ValueError(f"expected one {SEALED_SHARE_BYTES}-byte share for each of {self.graph[u]}")
+        elif phase == "masked_input":
+            if len(message) != self.max_bytes(phase, u):
+                raise ValueError(f"expected {self.max_bytes(phase, u)} bytes ({self.params.dim} ring elements)")
+        else:
+            self._check_reveals(u, message)
+
+    def _check_reveals(self, u: int, message: bytes) -> None:
+        """One share for each group member that shared keys: of b_v if v sent y_v, else of s_v's key."""
+        owed = {v: B_SHARE if v in self.sent_input else S_SHARE for v in self.graph[u] if v in self.shared}
+        got = {}
+        for v, kind, _ in _reveal_entries(message):
+            if owed.get(v) != kind or v in got:
+                raise ValueError(f"a share of client {v}'s {'seed' if kind == B_SHARE else 'key'} is not one "
+                                 f"it may reveal (owed: {owed})")
+            got[v] = kind
+        if got != owed:
+            raise ValueError(f"shares missing for {sorted(set(owed) - set(got))}")
+
     def _reconstruct(self, shares: dict[tuple[int, int], list[tuple[int, bytes]]], v: int, kind: int) -> bytes:
         got = shares.get((v, kind), [])
         if len(got) < self.params.threshold:
@@ -309,14 +352,27 @@ class SecAggServer:
             raise ProtocolAborted(f"{n} clients {what}, fewer than the threshold {self.params.threshold}")
 
 
+def _reveal_entries(m: bytes):
+    """(whose secret, kind, (share index, its bytes)) for each share in one unmasking response; a
+    truncated entry or an unknown kind is a ValueError."""
+    at = 0
+    while at < len(m):
+        if at + REVEAL.size > len(m):
+            raise ValueError(f"a truncated share header at byte {at}")
+        v, kind, index = REVEAL.unpack_from(m, at)
+        if kind not in (B_SHARE, S_SHARE):
+            raise ValueError(f"share kind {kind} at byte {at} is neither {B_SHARE} (seed) nor {S_SHARE} (key)")
+        size = SEED_BYTES if kind == B_SHARE else KEY_BYTES
+        if at + REVEAL.size + size > len(m):
+            raise ValueError(f"a truncated share at byte {at}")
+        yield v, kind, (index, m[at + REVEAL.size:at + REVEAL.size + size])
+        at += REVEAL.size + size
+
+
 def _revealed(messages: dict[int, bytes]) -> dict[tuple[int, int], list[tuple[int, bytes]]]:
     """(whose secret, kind) -> the revealed shares (index, blocks)."""
     shares: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
     for m in messages.values():
-        at = 0
-        while at < len(m):
-            v, kind, index = REVEAL.unpack_from(m, at)
-            size = SEED_BYTES if kind == B_SHARE else KEY_BYTES
-            shares.setdefault((v, kind), []).append((index, m[at + REVEAL.size:at + REVEAL.size + size]))
-            at += REVEAL.size + size
+        for v, kind, share in _reveal_entries(m):
+            shares.setdefault((v, kind), []).append(share)
     return shares

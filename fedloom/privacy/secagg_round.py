@@ -56,16 +56,50 @@ def _timed(fn: Callable, *args):
     return result, time.perf_counter() - start
 
 
-def _clients_phase(costs: Costs, phase: str, alive: list[int], act: Callable[[int], bytes]) -> dict[int, bytes]:
-    """Every live client's message of ``phase``, timed and counted."""
-    messages, seconds = {}, 0.0
-    for u in alive:
-        messages[u], s = _timed(act, u)
-        seconds += s
-    costs.up[phase] = sum(len(m) for m in messages.values())
-    costs.client_s[phase] = seconds / max(len(alive), 1)
-    costs.survivors[phase] = len(alive)
-    return messages
+Exchange = Callable[[str, dict[int, bytes] | None], dict[int, bytes]]
+
+
+def answer(client: SecAggClient, phase: str, incoming: bytes | None, x: np.ndarray) -> bytes:
+    """Client ``client``'s message of ``phase``, given what the server sent it for that phase (None for
+    advertise) and its ring vector ``x``: the one client step of both the simulation and a deployment."""
+    if phase == "advertise":
+        return client.advertise()
+    if phase == "share_keys":
+        return client.share_keys(incoming)
+    if phase == "masked_input":
+        return client.masked_input(incoming, x)
+    return client.unmask(incoming)
+
+
+def _server_step(server: SecAggServer, phase: str, messages: dict[int, bytes]):
+    """The server's answer to a phase: what it sends each client for the next phase (the unmasked
+    total after the last)."""
+    if phase == "advertise":
+        return server.collect_keys(list(messages.values()))
+    if phase == "share_keys":
+        return server.route_shares(messages)
+    if phase == "masked_input":
+        return dict.fromkeys(messages, server.collect_masked(messages))
+    return server.unmask(messages)
+
+
+def serve_phases(server: SecAggServer, exchange: Exchange, costs: Costs) -> Outcome:
+    """The four phases from the server's side: ``exchange(phase, outgoing)`` delivers ``outgoing`` (client
+    -> bytes; None: the round's clients, for advertise) and returns the messages of the clients that answered.
+    Whatever carries the messages (simulated clients, gRPC), the server gets only them."""
+    outgoing, summed = None, []
+    try:
+        for phase in PHASES:
+            if outgoing is not None:
+                costs.down[PHASES[PHASES.index(phase) - 1]] = sum(len(m) for m in outgoing.values())
+            messages = exchange(phase, outgoing)
+            costs.up[phase], costs.survivors[phase] = sum(len(m) for m in messages.values()), len(messages)
+            if phase == "masked_input":
+                summed = sorted(messages)
+            outgoing, costs.server_s[phase] = _timed(_server_step, server, phase, messages)
+    except ProtocolAborted as why:
+        return Outcome(None, [], costs, str(why))
+    return Outcome(outgoing, summed, costs)
 
 
 def run_protocol(inputs: dict[int, np.ndarray], params: Params, graph_seed: int,
@@ -73,31 +107,20 @@ def run_protocol(inputs: dict[int, np.ndarray], params: Params, graph_seed: int,
     """One aggregation of ``inputs`` (ring vectors, by client id); ``drops[phase]``: the clients that go
     silent in that phase (they send nothing from it on). The server object gets only the messages."""
     clients = {u: SecAggClient(u, params) for u in inputs}
-    server, costs = SecAggServer(params, graph_seed), Costs()
-    alive = sorted(inputs)
-    try:
-        alive = [u for u in alive if u not in drops["advertise"]]
-        adverts = _clients_phase(costs, "advertise", alive, lambda u: clients[u].advertise())
-        group_keys, costs.server_s["advertise"] = _timed(server.collect_keys, list(adverts.values()))
-        costs.down["advertise"] = sum(len(m) for m in group_keys.values())
+    costs, alive = Costs(), set(inputs)
 
-        alive = [u for u in alive if u not in drops["share_keys"]]
-        shares = _clients_phase(costs, "share_keys", alive, lambda u: clients[u].share_keys(group_keys[u]))
-        routed, costs.server_s["share_keys"] = _timed(server.route_shares, shares)
-        costs.down["share_keys"] = sum(len(m) for m in routed.values())
+    def exchange(phase: str, outgoing: dict[int, bytes] | None) -> dict[int, bytes]:
+        alive.difference_update(drops[phase])
+        messages, seconds = {}, 0.0
+        for u in sorted(alive if outgoing is None else alive & set(outgoing)):
+            incoming = None if outgoing is None else outgoing[u]
+            messages[u], s = _timed(answer, clients[u], phase, incoming, inputs[u])
+            seconds += s
+        costs.client_s[phase] = seconds / max(len(messages), 1)
+        alive.intersection_update(messages)
+        return messages
 
-        alive = [u for u in alive if u not in drops["masked_input"]]
-        masked = _clients_phase(costs, "masked_input", alive, lambda u: clients[u].masked_input(routed[u], inputs[u]))
-        survivors, costs.server_s["masked_input"] = _timed(server.collect_masked, masked)
-        costs.down["masked_input"] = len(survivors) * len(masked)
-
-        summed = sorted(masked)
-        alive = [u for u in summed if u not in drops["unmask"]]
-        reveals = _clients_phase(costs, "unmask", alive, lambda u: clients[u].unmask(survivors))
-        total, costs.server_s["unmask"] = _timed(server.unmask, reveals)
-    except ProtocolAborted as why:
-        return Outcome(None, [], costs, str(why))
-    return Outcome(total, summed, costs)
+    return serve_phases(SecAggServer(params, graph_seed), exchange, costs)
 
 
 def draw_drops(sampled: list[int], fractions: dict[str, float], seed: int, round_idx: int) -> dict[str, set[int]]:
@@ -124,38 +147,54 @@ class SecureMean:
     name: str = "secagg"
 
 
-def secure_mean(spec: SecureMean, extra_metrics: Callable[[int], dict] = lambda r: {}) -> Transform:
+Protocol = Callable[["SecureMean", Tensor, Tensor, Context], Outcome]
+
+
+def simulated(spec: "SecureMean", U: Tensor, w: Tensor, ctx: Context) -> Outcome:
+    """The protocol among simulated clients: each encodes its own row, drops drawn from Stream.SECAGG."""
+    inputs = {c: encode_row(spec, row, weight, ctx, c) for row, weight, c in zip(U, w.tolist(), ctx.client_ids)}
+    params = round_params(spec, len(inputs), U.shape[1])
+    drops = draw_drops(sorted(inputs), spec.dropouts, ctx.seed, ctx.round)
+    return run_protocol(inputs, params, graph_seed(ctx), drops)
+
+
+def round_params(spec: "SecureMean", clients: int, dim: int) -> Params:
+    """The protocol's parameters for a round of ``clients`` rows of ``dim`` (one more ring element: the weight)."""
+    return Params(spec.quantizer.bits, dim + 1, spec.threshold(clients), spec.neighbours(clients))
+
+
+def graph_seed(ctx: Context) -> int:
+    """SecAgg+'s sharing graph: public, drawn by the server from Stream.SECAGG keyed by the round."""
+    return seed_for(ctx.seed, Stream.SECAGG, ctx.round, 1)
+
+
+def secure_mean(spec: SecureMean, extra_metrics: Callable[[int], dict] = lambda r: {},
+                protocol: Protocol = simulated) -> Transform:
     """The aggregate from masked rows only: the dequantized unmasked sum over the summed weights
     (or over ``denominator``). Too few clients at any phase: no row out (the model stays), metrics
-    ``round_failed`` and ``secagg_failure``."""
+    ``round_failed`` and ``secagg_failure``. ``protocol`` runs the four phases: among simulated clients, or
+    (a deployment) over the network, where the server's ``U`` has no columns: it never holds a row."""
 
     def apply(U: Tensor, w: Tensor, state: None, ctx: Context):
-        inputs = _encode_rows(spec, U, w, ctx)
-        n = len(inputs)
-        params = Params(spec.quantizer.bits, U.shape[1] + 1, spec.threshold(n), spec.neighbours(n))
-        drops = draw_drops(sorted(inputs), spec.dropouts, ctx.seed, ctx.round)
-        outcome = run_protocol(inputs, params, seed_for(ctx.seed, Stream.SECAGG, ctx.round, 1), drops)
+        outcome = protocol(spec, U, w, ctx)
         # uplink_bytes: what the round's record counts as bytes_up (all four phases' messages)
         metrics = {**outcome.costs.metrics(), **extra_metrics(ctx.round),
                    "uplink_bytes": sum(outcome.costs.up.values())}
         if outcome.total is None:
             return U[:0], w[:0], state, {**metrics, "round_failed": True, "secagg_failure": outcome.failure}
-        row = _mean_of(spec, outcome.total)
+        row = torch.from_numpy(_mean_of(spec, outcome.total)).to(U.device, U.dtype)
         metrics["secagg_summed"] = len(outcome.summed)
-        return torch.from_numpy(row).to(U.device, U.dtype)[None], torch.ones(1, dtype=w.dtype), state, metrics
+        return row[None], torch.ones(1, dtype=w.dtype), state, metrics
 
     return Transform(f"aggregate:{spec.name}", apply)
 
 
-def _encode_rows(spec: SecureMean, U: Tensor, w: Tensor, ctx: Context) -> dict[int, np.ndarray]:
-    """Each client's row in the ring (client side)."""
+def encode_row(spec: SecureMean, row: Tensor, weight: float, ctx: Context, client: int) -> np.ndarray:
+    """Client ``client``'s row in the ring (the client's side, in simulation and on a deployed client)."""
     q = spec.quantizer
-    inputs = {}
-    for row, weight, c in zip(U, w.tolist(), ctx.client_ids):
-        q_weight = q.levels if spec.denominator is not None else q.weight(weight, spec.max_weight)
-        generator = ctx.generator(Stream.SECAGG, 2, c) if q.stochastic else None
-        inputs[c] = q.encode(row, q_weight, generator)
-    return inputs
+    q_weight = q.levels if spec.denominator is not None else q.weight(weight, spec.max_weight)
+    generator = ctx.generator(Stream.SECAGG, 2, client) if q.stochastic else None
+    return q.encode(row, q_weight, generator)
 
 
 def _mean_of(spec: SecureMean, total: np.ndarray) -> np.ndarray:
