@@ -58,7 +58,7 @@ class TaskHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., local: _Optional[_Union[LocalTraining, _Mapping]] = ..., config_json: _Optional[str] = ..., n_classes: _Optional[int] = ..., buffers: _Optional[_Iterable[_Union[Buffer, _Mapping]]] = ...) -> None: ...
 
 class SecAggHeader(_message.Message):
-    __slots__ = ("round", "task_id", "client_id", "phase", "length", "train_loss", "num_examples")
+    __slots__ = ("round", "task_id", "client_id", "phase", "length", "train_loss", "num_examples", "threshold", "max_weight")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class SecAggHeader(_message.Message):
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     round: int
     task_id: str
     client_id: int
@@ -73,7 +75,9 @@ class SecAggHeader(_message.Message):
     length: int
     train_loss: float
     num_examples: float
-    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., phase: _Optional[int] = ..., length: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_examples: _Optional[float] = ...) -> None: ...
+    threshold: int
+    max_weight: float
+    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., phase: _Optional[int] = ..., length: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_examples: _Optional[float] = ..., threshold: _Optional[int] = ..., max_weight: _Optional[float] = ...) -> None: ...
 
 class Done(_message.Message):
     __slots__ = ("reason",)

@@ -345,7 +345,10 @@ class SecAggServer:
             what = "self-mask seed" if kind == B_SHARE else "mask key"
             raise ProtocolAborted(f"{len(got)} shares of client {v}'s {what} survived, threshold "
                                   f"{self.params.threshold}")
-        return combine_secret(got, self.params.threshold)
+        try:
+            return combine_secret(got, self.params.threshold)
+        except ValueError as err:  # e.g. two shares of one index, revealed by a client that lies
+            raise ProtocolAborted(f"the shares of client {v}'s secret do not combine ({err})") from None
 
     def _enough(self, n: int, what: str) -> None:
         if n < self.params.threshold:

@@ -32,13 +32,15 @@ class Costs:
     client_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     server_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     survivors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    clients_timed: bool = True  # False in a deployment: the clients' seconds are theirs, not the server's to know
 
     def metrics(self) -> dict[str, float | int]:
         out: dict[str, float | int] = {}
         for p in PHASES:
             out |= {f"secagg_bytes_up_{p}": self.up[p], f"secagg_bytes_down_{p}": self.down[p],
-                    f"secagg_client_s_{p}": self.client_s[p], f"secagg_server_s_{p}": self.server_s[p],
-                    f"secagg_survivors_{p}": self.survivors[p]}
+                    f"secagg_server_s_{p}": self.server_s[p], f"secagg_survivors_{p}": self.survivors[p]}
+            if self.clients_timed:
+                out[f"secagg_client_s_{p}"] = self.client_s[p]
         return out
 
 
@@ -155,7 +157,7 @@ def simulated(spec: "SecureMean", U: Tensor, w: Tensor, ctx: Context) -> Outcome
     inputs = {c: encode_row(spec, row, weight, ctx, c) for row, weight, c in zip(U, w.tolist(), ctx.client_ids)}
     params = round_params(spec, len(inputs), U.shape[1])
     drops = draw_drops(sorted(inputs), spec.dropouts, ctx.seed, ctx.round)
-    return run_protocol(inputs, params, graph_seed(ctx), drops)
+    return run_protocol(inputs, params, graph_seed(ctx.seed, ctx.round), drops)
 
 
 def round_params(spec: "SecureMean", clients: int, dim: int) -> Params:
@@ -163,9 +165,9 @@ def round_params(spec: "SecureMean", clients: int, dim: int) -> Params:
     return Params(spec.quantizer.bits, dim + 1, spec.threshold(clients), spec.neighbours(clients))
 
 
-def graph_seed(ctx: Context) -> int:
+def graph_seed(seed: int, round_idx: int) -> int:
     """SecAgg+'s sharing graph: public, drawn by the server from Stream.SECAGG keyed by the round."""
-    return seed_for(ctx.seed, Stream.SECAGG, ctx.round, 1)
+    return seed_for(seed, Stream.SECAGG, round_idx, 1)
 
 
 def secure_mean(spec: SecureMean, extra_metrics: Callable[[int], dict] = lambda r: {},
