@@ -269,7 +269,7 @@ class Coordinator:
         with self._cond:
             self._check_task(client_id, header)
             phase = self._round.phase
-            name = phase.name if phase is not None and phase.index == header.phase else f"#{header.phase}"
+            name = phase.name if phase is not None and phase.index == header.phase else str(header.phase)
             if phase is None or phase.index != header.phase or phase.closed:
                 raise Refused(f"client {client_id}, phase {name}: that phase is not open in round {header.round}")
             if client_id not in phase.expected or client_id in phase.inbox or client_id in phase.receiving:
