@@ -23,6 +23,7 @@ from fedloom.deploy.client import Trainer, receive_tasks
 from fedloom.deploy.codec import decoder, encode
 from fedloom.deploy.coordinator import Coordinator
 from fedloom.deploy.server import serve
+from fedloom.privacy.secagg import ADVERT_BYTES
 from fedloom.rounds import build_round
 from fedloom.runner import run
 from fedloom.tracking import read_metrics
@@ -126,9 +127,9 @@ def test_malformed_and_oversized_phase_messages_are_refused_naming_client_and_ph
     task = clients.sessions[c][0].task
     report = {"num_examples": 10.0, "train_loss": 1.0}
     bad = {  # message -> what the refusal says
-        (0, 10**6, b""): f"client {c}, phase advertise: 1000000 bytes announced, at most 68",
-        (0, 68, (c + 1).to_bytes(4, "big") + bytes(64)): f"client {c}, phase advertise: expected 68 bytes "
-                                                         f"starting with its id {c}",
+        (0, 10**6, b""): f"client {c}, phase advertise: 1000000 bytes announced, at most {ADVERT_BYTES}",
+        (0, ADVERT_BYTES, (c + 1).to_bytes(4, "big") + bytes(ADVERT_BYTES - 4)):
+            f"client {c}, phase advertise: expected {ADVERT_BYTES} bytes starting with its id {c}",
         (0, 8, b"\x00" * 12): f"client {c}, phase advertise: more than the 8 bytes announced",
         (2, 4, b"abcd"): f"client {c}, phase 2: that phase is not open",
     }

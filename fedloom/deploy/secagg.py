@@ -31,7 +31,7 @@ from fedloom.deploy.coordinator import Coordinator, Participation, Phase, Task
 from fedloom.deploy.messages import byte_chunks
 from fedloom.pipeline.base import Context, Pipeline
 from fedloom.privacy.secagg import Params, ProtocolAborted, SecAggClient, SecAggServer
-from fedloom.privacy.secagg_round import (PHASES, Costs, Outcome, SecureMean, answer, encode_row, graph_seed,
+from fedloom.privacy.secagg_round import (PHASES, Costs, Outcome, SecureMean, answer, encode_row, graph_seed, phases,
                                           round_params, secure_mean, serve_phases)
 
 log = logging.getLogger("fedloom.deploy")
@@ -63,7 +63,7 @@ def secure_round(coord: Coordinator, setup: SecureRound, round_idx: int, tasks: 
                          outgoing or {}, announce)
         return coord.close_phase(setup.timeout_s)
 
-    outcome = serve_phases(server, exchange, Costs(clients_timed=False))
+    outcome = serve_phases(server, exchange, Costs(clients_timed=False, played=phases(params)))
     if outcome.total is None:
         log.warning("round %d: secure aggregation failed (%s); the model stays as it was", round_idx,
                     outcome.failure)
@@ -96,13 +96,14 @@ class ClientSession:
 
     def advertise(self, train_loss: float) -> list:
         """Phase 0's messages: the header (with the example count and loss the metrics report), the keys."""
-        self.protocol = SecAggClient(self.client_id, Params(self.spec.quantizer.bits, self.row.numel() + 1, 1))
+        params = Params(self.spec.quantizer.bits, self.row.numel() + 1, 1, consistency=self.spec.consistency)
+        self.protocol = SecAggClient(self.client_id, params)
         return self._messages(0, answer(self.protocol, "advertise", None, None), num_examples=self.weight,
                               train_loss=train_loss)
 
     def respond(self, header: pb.SecAggHeader, payload: bytes) -> list:
-        """The answer to the server's message of phase 1, 2 or 3."""
-        if header.phase not in (1, 2, 3):
+        """The answer to the server's message of a phase after the first."""
+        if not 1 <= header.phase < len(PHASES):
             raise ValueError(f"phase {header.phase} is not one the server asks a client for")
         phase = PHASES[header.phase]
         if phase == "share_keys":

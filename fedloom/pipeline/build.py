@@ -125,9 +125,9 @@ def secure_mean_spec(cfg: ExperimentConfig, max_weight: float):
 
     s, p = cfg.secure_aggregation, cfg.privacy
     quantizer = secagg_round.Quantizer(s.bits, s.value_bits, s.clip, s.rounding == "stochastic")
-    dropouts = {phase: getattr(s, f"dropout_{phase}") for phase in secagg_round.PHASES}
+    dropouts = {phase: getattr(s, f"dropout_{phase}") for phase in secagg_round.PHASES if phase != "consistency"}
     spec = secagg_round.SecureMean(s.threshold_for, s.neighbours_for, quantizer, dropouts, max_weight,
-                                   name=s.protocol)
+                                   name=s.protocol, consistency=s.consistency_check)
     if p.mechanism != "distributed":
         return spec, lambda r: {}
     z, accounting = cfg.privacy_noise_multiplier(), cfg.privacy_accounting()

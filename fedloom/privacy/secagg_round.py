@@ -19,24 +19,29 @@ from fedloom.pipeline.base import Context, Transform
 from fedloom.privacy.secagg import Params, ProtocolAborted, SecAggClient, SecAggServer
 from fedloom.privacy.secagg_quantize import Quantizer
 
-PHASES = ("advertise", "share_keys", "masked_input", "unmask")
+PHASES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")  # consistency: when checked
+
+
+def phases(params: Params) -> tuple[str, ...]:
+    """The phases one aggregation plays: the consistency check only when ``params`` asks for it."""
+    return PHASES if params.consistency else tuple(p for p in PHASES if p != "consistency")
 
 
 @dataclass
 class Costs:
-    """Per phase: bytes up and down (all clients together), the mean client's and the server's seconds,
-    and the clients left after it."""
+    """Per phase played: bytes up and down (all clients together), the mean client's and the server's
+    seconds, and the clients left after it."""
 
-    up: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
-    down: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
-    client_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    server_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    survivors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     clients_timed: bool = True  # False in a deployment: the clients' seconds are theirs, not the server's to know
+    played: tuple[str, ...] = tuple(p for p in PHASES if p != "consistency")
+
+    def __post_init__(self) -> None:
+        self.up, self.down, self.survivors = (dict.fromkeys(self.played, 0) for _ in range(3))
+        self.client_s, self.server_s = dict.fromkeys(self.played, 0.0), dict.fromkeys(self.played, 0.0)
 
     def metrics(self) -> dict[str, float | int]:
         out: dict[str, float | int] = {}
-        for p in PHASES:
+        for p in self.played:
             out |= {f"secagg_bytes_up_{p}": self.up[p], f"secagg_bytes_down_{p}": self.down[p],
                     f"secagg_server_s_{p}": self.server_s[p], f"secagg_survivors_{p}": self.survivors[p]}
             if self.clients_timed:
@@ -70,6 +75,8 @@ def answer(client: SecAggClient, phase: str, incoming: bytes | None, x: np.ndarr
         return client.share_keys(incoming)
     if phase == "masked_input":
         return client.masked_input(incoming, x)
+    if phase == "consistency":
+        return client.consistency(incoming)
     return client.unmask(incoming)
 
 
@@ -82,6 +89,8 @@ def _server_step(server: SecAggServer, phase: str, messages: dict[int, bytes]):
         return server.route_shares(messages)
     if phase == "masked_input":
         return dict.fromkeys(messages, server.collect_masked(messages))
+    if phase == "consistency":
+        return dict.fromkeys(messages, server.collect_signatures(messages))
     return server.unmask(messages)
 
 
@@ -89,11 +98,11 @@ def serve_phases(server: SecAggServer, exchange: Exchange, costs: Costs) -> Outc
     """The four phases from the server's side: ``exchange(phase, outgoing)`` delivers ``outgoing`` (client
     -> bytes; None: the round's clients, for advertise) and returns the messages of the clients that answered.
     Whatever carries the messages (simulated clients, gRPC), the server gets only them."""
-    outgoing, summed = None, []
+    outgoing, summed, played = None, [], phases(server.params)
     try:
-        for phase in PHASES:
+        for i, phase in enumerate(played):
             if outgoing is not None:
-                costs.down[PHASES[PHASES.index(phase) - 1]] = sum(len(m) for m in outgoing.values())
+                costs.down[played[i - 1]] = sum(len(m) for m in outgoing.values())
             messages = exchange(phase, outgoing)
             costs.up[phase], costs.survivors[phase] = sum(len(m) for m in messages.values()), len(messages)
             if phase == "masked_input":
@@ -109,10 +118,10 @@ def run_protocol(inputs: dict[int, np.ndarray], params: Params, graph_seed: int,
     """One aggregation of ``inputs`` (ring vectors, by client id); ``drops[phase]``: the clients that go
     silent in that phase (they send nothing from it on). The server object gets only the messages."""
     clients = {u: SecAggClient(u, params) for u in inputs}
-    costs, alive = Costs(), set(inputs)
+    costs, alive = Costs(played=phases(params)), set(inputs)
 
     def exchange(phase: str, outgoing: dict[int, bytes] | None) -> dict[int, bytes]:
-        alive.difference_update(drops[phase])
+        alive.difference_update(drops.get(phase, ()))
         messages, seconds = {}, 0.0
         for u in sorted(alive if outgoing is None else alive & set(outgoing)):
             incoming = None if outgoing is None else outgoing[u]
@@ -147,6 +156,7 @@ class SecureMean:
     max_weight: float
     denominator: int | None = None
     name: str = "secagg"
+    consistency: bool = False  # the consistency check against a malicious server
 
 
 Protocol = Callable[["SecureMean", Tensor, Tensor, Context], Outcome]
@@ -162,7 +172,7 @@ def simulated(spec: "SecureMean", U: Tensor, w: Tensor, ctx: Context) -> Outcome
 
 def round_params(spec: "SecureMean", clients: int, dim: int) -> Params:
     """The protocol's parameters for a round of ``clients`` rows of ``dim`` (one more ring element: the weight)."""
-    return Params(spec.quantizer.bits, dim + 1, spec.threshold(clients), spec.neighbours(clients))
+    return Params(spec.quantizer.bits, dim + 1, spec.threshold(clients), spec.neighbours(clients), spec.consistency)
 
 
 def graph_seed(seed: int, round_idx: int) -> int:
