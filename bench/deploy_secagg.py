@@ -83,7 +83,8 @@ def main() -> None:
     plain = rows[0]["round_s"]
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f}; {args.clients} clients, "
           f"{args.rounds} rounds")
-    print("| protocol | round s | x plain | wire up B/round | wire down B/round | accuracy |\n|---|---|---|---|---|---|")
+    print("| protocol | round s | x plain | wire up B/round | wire down B/round | accuracy |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['protocol']} | {r['round_s']:.3f} | {r['round_s'] / plain:.2f} | {r['wire_up']:.0f} | "
               f"{r['wire_down']:.0f} | {r['accuracy']:.4f} |")

@@ -29,7 +29,8 @@ from fedloom.runner import run
 from fedloom.tracking import read_metrics
 
 BITS = 32
-SECURE = {"rounds": 1, "data": {"dataset": "digits", "n_clients": 4}, "model": {"name": "mlp", "options": {"hidden": [32]}},
+SECURE = {"rounds": 1, "data": {"dataset": "digits", "n_clients": 4},
+          "model": {"name": "mlp", "options": {"hidden": [32]}},
           "client": {"epochs": 1, "batch_size": 32}, "sampling": {"clients_per_round": 4}, "engine": {"name": "serial"},
           "secure_aggregation": {"protocol": "secagg", "bits": BITS}, "deploy": {"round_timeout_s": 60},
           "output": {"save": False, "progress": False}}

@@ -7,7 +7,7 @@ that replaces ``aggregate`` with the dequantized, unmasked sum (quantization: ``
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
