@@ -466,6 +466,8 @@ class SecureAggregationConfig(Section):
     dropout_share_keys: float = Field(0.0, ge=0, lt=1, description="... from the share-keys phase on")
     dropout_masked_input: float = Field(0.0, ge=0, lt=1, description="... from the masked-input phase on")
     dropout_unmask: float = Field(0.0, ge=0, lt=1, description="... at the unmask phase (after sending y_u)")
+    consistency_check: bool = Field(False, description="Bonawitz et al.'s check against a malicious server: "
+                                    "survivors sign the survivor list and abort unless every signature agrees")
 
     @model_validator(mode="after")
     def _shape(self) -> "SecureAggregationConfig":

@@ -58,7 +58,7 @@ def test_secagg_plus_shares_with_few_neighbours_and_sums_the_same():
     plus = run_protocol(inputs, Params(32, 201, 4, neighbours=6), 3, drops)
     assert plus.failure is None and np.array_equal(plus.total, full.total)
     assert plus.costs.up["share_keys"] < full.costs.up["share_keys"] / 2
-    key_bytes = 4 + 2 * secagg.KEY_BYTES  # id and two X25519 keys
+    key_bytes = 4 + 3 * secagg.KEY_BYTES  # id, two X25519 keys and the Ed25519 verification key
     assert plus.costs.down["advertise"] == 20 * (4 + 7 * key_bytes)  # each client gets its group's keys only
     assert full.costs.down["advertise"] == 20 * (4 + 20 * key_bytes)
 

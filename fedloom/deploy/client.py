@@ -36,10 +36,11 @@ from fedloom.data import Dataset, FederatedData, load_dataset
 from fedloom.deploy import deploy_pb2 as pb
 from fedloom.deploy.codec import Data, Malformed, decoder, encode
 from fedloom.deploy.coordinator import INTERRUPTED
-from fedloom.deploy.messages import (MAX_MESSAGE_BYTES, Receiver, Refused, chunks, describe, local_from_proto, prefixed,
-                                     result_tensors)
+from fedloom.deploy.messages import (MAX_MESSAGE_BYTES, ByteReceiver, Receiver, Refused, chunks, describe,
+                                     local_from_proto, prefixed, result_tensors)
 from fedloom.deploy.security import ClientTLS, call_metadata, tls_mismatch
 from fedloom.engines.device import DeviceError, resolve_device
+from fedloom.engines.base import RoundResult
 from fedloom.engines.serial import SerialEngine
 from fedloom.builders import build_algorithm, build_model_for, build_task_for
 from fedloom.models import MODELS
@@ -53,7 +54,8 @@ RETRY_S = 0.5  # the first wait before reconnecting; it doubles up to MAX_RETRY_
 MAX_RETRY_S = 8.0
 PROBE_S = 3.0  # how long a connection may stay unready before the client checks for a TLS mismatch
 FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
-TASK_SECTIONS = {"seed", "model", "task", "algorithm", "privacy"}  # a task's config_json (server.RemoteEngine)
+TASK_SECTIONS = {"seed", "model", "task", "algorithm", "privacy", "secure_aggregation"}  # server.task_sections
+MAX_PHASE_BYTES = 1 << 30  # the most a secure-aggregation message from the server may announce
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
                    # a server that stops answering pings (hung, cut off) is noticed within about 10 s
@@ -130,7 +132,8 @@ class Trainer:
         self.device = device
         self.dataset = data
         self.own_model = model  # a user model 'package.module:Name' from this client's command line
-        self._built: tuple | None = None  # (config json, n_classes) -> (data, model, algorithm, task, seed, own side)
+        # (config json, n_classes) -> (data, model, algorithm, task, seed, own side, secure mean's settings or None)
+        self._built: tuple | None = None
 
     def _setup(self, header: pb.TaskHeader):
         key = (header.config_json, header.n_classes)
@@ -139,15 +142,39 @@ class Trainer:
             data = one_client_data(self.client_id, self.dataset, header.n_classes)
             try:
                 self._built = key, (data, build_model_for(cfg, data), build_algorithm(cfg), build_task_for(cfg, data),
-                                    cfg.seed, build_pipeline(cfg, None).on("client"))
+                                    cfg.seed, build_pipeline(cfg, None).on("client"), _secure_spec(cfg))
             except (OptionError, ConfigError) as err:
                 raise unusable(err) from None
         return self._built[1]
 
+    def secure(self, header: pb.TaskHeader) -> bool:
+        """Whether the task's round aggregates securely (this client then sends protocol messages, not its row)."""
+        return self._setup(header)[-1] is not None
+
     def train(self, header: pb.TaskHeader, tensors: dict[str, Tensor]) -> tuple[pb.UpdateHeader, list]:
         """Train on one task (its header and tensors: the model, what the algorithm broadcast, the client's state);
         returns the update's header and its tensors. ClientError when the task does not fit this client."""
-        data, model, algorithm, task, seed, own_side = self._setup(header)
+        result, row, state = self.local_update(header, tensors)
+        named = result_tensors(row, {k: v[0] for k, v in result.aux.items()}, state)
+        update = pb.UpdateHeader(round=header.round, task_id=header.task_id, client_id=self.client_id,
+                                 num_examples=float(result.weights[0]), train_loss=float(result.train_loss[0]),
+                                 buffers=describe(named))
+        return update, named
+
+    def start_secure(self, header: pb.TaskHeader, tensors: dict[str, Tensor]):
+        """Train, keep the row in a secure-aggregation session, and the session's first messages (its keys)."""
+        from fedloom.deploy.secagg import ClientSession
+
+        result, row, _ = self.local_update(header, tensors)
+        seed, spec = self._setup(header)[4], self._setup(header)[-1]
+        ctx = Context(header.round, seed, [self.client_id], tensors["params"])
+        session = ClientSession(self.client_id, header, spec, row, float(result.weights[0]), ctx)
+        return session, session.advertise(float(result.train_loss[0]))
+
+    def local_update(self, header: pb.TaskHeader, tensors: dict[str, Tensor]) -> tuple[RoundResult, Tensor, dict]:
+        """Local training on the task, then the client side of the pipeline: the result, the row and the
+        client's new state."""
+        data, model, algorithm, task, seed, own_side, _ = self._setup(header)
         params, dim = tensors["params"].clone(), ParamSpec.of(model).dim
         if params.numel() != dim:
             raise ClientError(f"the server's model has {params.numel()} parameters, the one built for this "
@@ -165,17 +192,22 @@ class Trainer:
         result = engine.run_round(algorithm, params, sent, [self.client_id], header.round, store)
         ctx = Context(header.round, seed, [self.client_id], params)  # the simulation's streams: same noise
         row = own_side.apply(result.U, result.weights, own_side.init(dim), ctx)[0]  # local DP: clip, noise
-        named = result_tensors(row[0], {k: v[0] for k, v in result.aux.items()},
-                               store.get(self.client_id, dict))
-        update = pb.UpdateHeader(round=header.round, task_id=header.task_id, client_id=self.client_id,
-                                 num_examples=float(result.weights[0]), train_loss=float(result.train_loss[0]),
-                                 buffers=describe(named))
-        return update, named
+        return result, row[0], store.get(self.client_id, dict)
 
 
-def receive_tasks(stream) -> Iterator[tuple[pb.TaskHeader, dict[str, Tensor]] | pb.Done]:
-    """Whole tasks from the subscription stream (decoded by codec.decoder), then the server's Done
-    when it ends the run."""
+def _secure_spec(cfg: ExperimentConfig):
+    """The secure mean's settings when the task aggregates securely (w_max: announced with phase 1)."""
+    if cfg.secure_aggregation.protocol == "none":
+        return None
+    from fedloom.pipeline.build import secure_mean_spec
+
+    return secure_mean_spec(cfg, 1.0)[0]
+
+
+def receive_tasks(stream) -> Iterator[tuple[pb.TaskHeader, dict[str, Tensor]] | tuple[pb.SecAggHeader, bytes]
+                                      | pb.Done]:
+    """Whole tasks and secure-aggregation phase messages from the subscription stream (decoded by
+    codec.decoder), then the server's Done when it ends the run."""
     header = receiver = None
     try:
         for msg in stream:
@@ -187,6 +219,8 @@ def receive_tasks(stream) -> Iterator[tuple[pb.TaskHeader, dict[str, Tensor]] | 
                 return
             if kind == "task":
                 header, receiver = msg.task, Receiver(msg.task.buffers)
+            elif kind == "secagg":
+                header, receiver = msg.secagg, ByteReceiver(msg.secagg.length, MAX_PHASE_BYTES)
             elif receiver is not None:
                 receiver.add(msg.payload if isinstance(msg, Data) else msg.data)
             if receiver is not None and receiver.complete:
@@ -260,13 +294,25 @@ def take_part(calls: Calls, trainer: Trainer, metadata, retry: Backoff) -> str |
     """Train on each task of one subscription; the reason the server ended the run with, or None
     when the stream ended without one (a newer connection of this client replaced it)."""
     stream = calls.subscribe(pb.SubscribeRequest(client_id=trainer.client_id), metadata=metadata)
+    sessions: dict = {}  # task id -> this client's secure-aggregation session (fedloom.deploy.secagg)
     for task in receive_tasks(stream):
         if isinstance(task, pb.Done):
             return task.reason
         retry.reset()
-        reply = calls.submit(update_messages(*trainer.train(*task)), metadata=metadata)
-        log.info("client %d: round %d update %s", trainer.client_id, task[0].round,
-                 "accepted" if reply.accepted else f"refused: {reply.reason}")
+        header, body = task
+        if isinstance(header, pb.SecAggHeader):
+            from fedloom.deploy.secagg import client_step
+
+            messages, what = client_step(sessions, header, body), f"secure-aggregation phase {header.phase}"
+        elif trainer.secure(header):
+            session, messages = trainer.start_secure(header, body)
+            sessions, what = {header.task_id: session}, "secure-aggregation keys"  # only the newest round's
+        else:
+            messages, what = update_messages(*trainer.train(header, body)), "update"
+        if messages is not None:
+            reply = calls.submit(iter(messages), metadata=metadata)
+            log.info("client %d: round %d %s %s", trainer.client_id, header.round, what,
+                     "accepted" if reply.accepted else f"refused: {reply.reason}")
     return None
 
 

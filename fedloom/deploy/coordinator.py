@@ -12,6 +12,12 @@ that reaches its deadline with fewer than ``min_clients`` updates fails: none
 of them is used, the model stays as it was (the runner stops the run after
 ``max_failed_rounds`` such rounds in a row).
 
+With secure aggregation a round is four phases (fedloom.deploy.secagg drives them): each phase
+pushes its message to the clients still in (``open_phase``) and closes (``close_phase``) when
+they have all answered, at its own deadline, or when every one still missing has no connection;
+a client missing at the close has dropped at that phase. Each answer is checked by the protocol
+(``check``) before it is taken: a malformed or oversized one is refused naming the client and phase.
+
 When the run ends every subscription is told why: FINISHED (clients exit) or
 INTERRUPTED (clients keep trying to reconnect, for a server resumed with
 ``--resume``).
@@ -23,6 +29,7 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -67,6 +74,33 @@ class Slot:
 
 
 @dataclass
+class Outgoing:
+    """A secure-aggregation phase message to one client: its header, then ``payload`` in data chunks."""
+
+    header: pb.SecAggHeader
+    payload: bytes
+
+    @property
+    def key(self) -> str:
+        return f"{self.header.task_id}/{self.header.phase}"
+
+
+@dataclass
+class Phase:
+    """One open secure-aggregation phase: who is asked, what has come in, and the protocol's checks."""
+
+    index: int
+    name: str
+    expected: set[int]
+    check: Callable[[str, int, bytes], None]  # raises ValueError on a bad message
+    max_bytes: Callable[[str, int], int]
+    outbox: dict[int, Outgoing] = field(default_factory=dict)
+    inbox: dict[int, bytes] = field(default_factory=dict)
+    receiving: set[int] = field(default_factory=set)
+    closed: bool = False
+
+
+@dataclass
 class Participation:
     """Who took part in a closed round (submitted, dropped, disconnected, refused), the bytes each way, and
     whether it failed."""
@@ -96,6 +130,8 @@ class _Round:
     lost: set[int] = field(default_factory=set)  # sampled clients without a connection
     streaming: set[int] = field(default_factory=set)  # clients whose update is arriving
     refused: set[int] = field(default_factory=set)
+    phase: Phase | None = None  # secure aggregation's current phase
+    reports: dict[int, tuple[float, float]] = field(default_factory=dict)  # secagg: (num_examples, train_loss)
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -135,24 +171,30 @@ class Coordinator:
                 log.warning("client %d disconnected during round %d", client_id, r.index)
             self._cond.notify_all()
 
-    def wait_for_task(self, client_id: int, handle: object, last_task_id: str | None, timeout: float):
-        """The client's open task if this subscription has not sent it yet, DONE, REPLACED, or None on timeout."""
+    def wait_for_task(self, client_id: int, handle: object, sent: set[str], timeout: float):
+        """What this subscription has to send next and has not sent (``sent``: the task ids and phase
+        messages' keys it sent): the client's open task, or its secure-aggregation phase message; DONE,
+        REPLACED, or None on timeout."""
         with self._cond:
-            task = self._pending_task(client_id, handle, last_task_id)
-            if task is None:
+            item = self._pending(client_id, handle, sent)
+            if item is None:
                 self._cond.wait(timeout)
-                task = self._pending_task(client_id, handle, last_task_id)
-            return task
+                item = self._pending(client_id, handle, sent)
+            return item
 
-    def _pending_task(self, client_id: int, handle: object, last_task_id: str | None):
+    def _pending(self, client_id: int, handle: object, sent: set[str]):
         if self._finished:
             return DONE
         if self._live.get(client_id) is not handle:
             return REPLACED
-        task = self._round.tasks.get(client_id)
-        if task is None or client_id in self._round.updates or task.header.task_id == last_task_id:
+        r = self._round
+        task = r.tasks.get(client_id)
+        if task is None or client_id in r.updates:
             return None
-        return task
+        if task.header.task_id not in sent:
+            return task
+        out = r.phase.outbox.get(client_id) if r.phase is not None else None
+        return out if out is not None and out.key not in sent else None
 
     def finish(self, reason: str = FINISHED) -> None:
         """End every subscription with ``reason``: FINISHED or INTERRUPTED."""
@@ -182,14 +224,91 @@ class Coordinator:
             while not self._may_close(r, deadline, min_clients):
                 self._cond.wait(max(0.05, min(1.0, deadline - time.monotonic())))
             missing = sorted(set(r.tasks) - set(r.updates))
-            self._round = _Round(r.index)
             updates = [r.updates[c] for c in sorted(r.updates)]
             failed = bool(missing) and len(updates) < min_clients  # everyone sampled answering is never a failure
             if failed:
                 log.warning("round %d failed: the deadline passed with %d of the %d updates needed; the model "
                             "stays as it was", r.index, len(updates), min_clients)
-            return updates, Participation(sorted(r.updates), missing, sorted(r.lost & set(missing)),
-                                          sorted(r.refused), r.bytes_up, r.bytes_down, failed)
+            return updates, self._end(sorted(r.updates), failed)
+
+    def _end(self, submitted: list[int], failed: bool) -> Participation:
+        """Close the round (later messages are stale); who took part, as ``submitted`` says."""
+        r = self._round
+        missing = sorted(set(r.tasks) - set(submitted))
+        self._round = _Round(r.index)
+        return Participation(submitted, missing, sorted(r.lost & set(missing)), sorted(r.refused), r.bytes_up,
+                             r.bytes_down, failed)
+
+    def end_secure_round(self, summed: list[int], failed: bool) -> tuple[Participation, dict[int, tuple]]:
+        """Close a secure-aggregation round: ``summed``, the clients whose inputs the sum holds, took part;
+        and the (num_examples, train_loss) each reported."""
+        with self._cond:
+            reports = dict(self._round.reports)
+            return self._end(summed, failed), reports
+
+    # -- secure aggregation's phases ---------------------------------------------------------------------------
+    def open_phase(self, phase: Phase, outgoing: dict[int, bytes], announce: dict) -> None:
+        """Ask ``phase.expected`` for their messages of ``phase``: send each its ``outgoing`` bytes (none
+        for the first phase, which the task itself asks for) under a header with ``announce``'s fields."""
+        with self._cond:
+            r = self._round
+            for c, payload in outgoing.items():
+                header = pb.SecAggHeader(round=r.index, task_id=r.tasks[c].header.task_id, client_id=c,
+                                         phase=phase.index, length=len(payload), **announce)
+                phase.outbox[c] = Outgoing(header, payload)
+            r.phase = phase
+            self._cond.notify_all()
+
+    def close_phase(self, timeout_s: float) -> dict[int, bytes]:
+        """The phase's messages, once every client asked answered, at the deadline, or when all that are
+        missing have no connection (a client that reconnects has lost its protocol state: waiting is useless)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            r, phase = self._round, self._round.phase
+            while (phase.expected - set(phase.inbox)) - r.lost and time.monotonic() < deadline:
+                self._cond.wait(max(0.05, min(1.0, deadline - time.monotonic())))
+            phase.closed = True
+            dropped = sorted(phase.expected - set(phase.inbox))
+            if dropped:
+                log.warning("round %d: clients %s dropped at secure aggregation's %s phase", r.index, dropped,
+                            phase.name)
+            return dict(phase.inbox)
+
+    def claim_phase(self, client_id: int, header: pb.SecAggHeader) -> Phase:
+        """Refuse a phase message that does not answer this client's open phase, or announces more bytes than
+        the phase allows; else the phase it goes to."""
+        with self._cond:
+            self._check_task(client_id, header)
+            phase = self._round.phase
+            name = phase.name if phase is not None and phase.index == header.phase else str(header.phase)
+            if phase is None or phase.index != header.phase or phase.closed:
+                raise Refused(f"client {client_id}, phase {name}: that phase is not open in round {header.round}")
+            if client_id not in phase.expected or client_id in phase.inbox or client_id in phase.receiving:
+                raise Refused(f"client {client_id}, phase {name}: not asked, already answered, or answering")
+            limit = phase.max_bytes(phase.name, client_id)
+            if header.length > limit:
+                raise Refused(f"client {client_id}, phase {name}: {header.length} bytes announced, at most {limit}")
+            phase.receiving.add(client_id)
+            return phase
+
+    def deliver(self, client_id: int, phase: Phase, header: pb.SecAggHeader, payload: bytes) -> None:
+        """Take a complete phase message the protocol's check accepts, unless its phase closed meanwhile."""
+        with self._cond:
+            phase.receiving.discard(client_id)
+            if phase.closed or phase is not self._round.phase:
+                raise Refused(f"client {client_id}, phase {phase.name}: the phase closed while the message arrived")
+            try:
+                phase.check(phase.name, client_id, payload)
+            except ValueError as err:
+                raise Refused(f"client {client_id}, phase {phase.name}: {err}") from None
+            phase.inbox[client_id] = payload
+            if phase.index == 0:
+                self._round.reports[client_id] = (header.num_examples, header.train_loss)
+            self._cond.notify_all()
+
+    def abandon(self, client_id: int, phase: Phase) -> None:
+        with self._cond:
+            phase.receiving.discard(client_id)
 
     @staticmethod
     def _may_close(r: _Round, deadline: float, min_clients: int) -> bool:
@@ -210,7 +329,7 @@ class Coordinator:
             r.streaming.add(client_id)
             return Slot(r, client_id, list(r.expected), task.answer)
 
-    def _check_task(self, client_id: int, header: pb.UpdateHeader) -> Task:
+    def _check_task(self, client_id: int, header: pb.UpdateHeader | pb.SecAggHeader) -> Task:
         r = self._round
         if header.client_id != client_id:
             raise Refused(f"header names client {header.client_id}, the connection is client {client_id}")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64loom/deploy/deploy.proto\x12\x0e\x66\x65\x64loom.deploy\"5\n\x06\x42uffer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\xd0\x01\n\rLocalTraining\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12;\n\x07options\x18\x02 \x03(\x0b\x32*.fedloom.deploy.LocalTraining.OptionsEntry\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\r\n\x05steps\x18\x06 \x01(\r\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbe\x01\n\nTaskHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12,\n\x05local\x18\x04 \x01(\x0b\x32\x1d.fedloom.deploy.LocalTraining\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x11\n\tn_classes\x18\x06 \x01(\r\x12\'\n\x07\x62uffers\x18\x07 \x03(\x0b\x32\x16.fedloom.deploy.Buffer\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"y\n\rServerMessage\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1a.fedloom.deploy.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12$\n\x04\x64one\x18\x03 \x01(\x0b\x32\x14.fedloom.deploy.DoneH\x00\x42\x06\n\x04kind\"%\n\x10SubscribeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\"\x94\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x01\x12\x12\n\ntrain_loss\x18\x05 \x01(\x01\x12\'\n\x07\x62uffers\x18\x06 \x03(\x0b\x32\x16.fedloom.deploy.Buffer\"W\n\rClientMessage\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedloom.deploy.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xa5\x01\n\x0b\x43oordinator\x12N\n\tSubscribe\x12 .fedloom.deploy.SubscribeRequest\x1a\x1d.fedloom.deploy.ServerMessage0\x01\x12\x46\n\x06Submit\x12\x1d.fedloom.deploy.ClientMessage\x1a\x1b.fedloom.deploy.SubmitReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64loom/deploy/deploy.proto\x12\x0e\x66\x65\x64loom.deploy\"5\n\x06\x42uffer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\xd0\x01\n\rLocalTraining\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12;\n\x07options\x18\x02 \x03(\x0b\x32*.fedloom.deploy.LocalTraining.OptionsEntry\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\r\n\x05steps\x18\x06 \x01(\r\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbe\x01\n\nTaskHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12,\n\x05local\x18\x04 \x01(\x0b\x32\x1d.fedloom.deploy.LocalTraining\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x11\n\tn_classes\x18\x06 \x01(\r\x12\'\n\x07\x62uffers\x18\x07 \x03(\x0b\x32\x16.fedloom.deploy.Buffer\"\xb1\x01\n\x0cSecAggHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12\r\n\x05phase\x18\x04 \x01(\r\x12\x0e\n\x06length\x18\x05 \x01(\x04\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x07 \x01(\x01\x12\x11\n\tthreshold\x18\x08 \x01(\r\x12\x12\n\nmax_weight\x18\t \x01(\x01\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa9\x01\n\rServerMessage\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1a.fedloom.deploy.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12$\n\x04\x64one\x18\x03 \x01(\x0b\x32\x14.fedloom.deploy.DoneH\x00\x12.\n\x06secagg\x18\x04 \x01(\x0b\x32\x1c.fedloom.deploy.SecAggHeaderH\x00\x42\x06\n\x04kind\"%\n\x10SubscribeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\"\x94\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x01\x12\x12\n\ntrain_loss\x18\x05 \x01(\x01\x12\'\n\x07\x62uffers\x18\x06 \x03(\x0b\x32\x16.fedloom.deploy.Buffer\"\x87\x01\n\rClientMessage\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedloom.deploy.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12.\n\x06secagg\x18\x03 \x01(\x0b\x32\x1c.fedloom.deploy.SecAggHeaderH\x00\x42\x06\n\x04kind\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xa5\x01\n\x0b\x43oordinator\x12N\n\tSubscribe\x12 .fedloom.deploy.SubscribeRequest\x1a\x1d.fedloom.deploy.ServerMessage0\x01\x12\x46\n\x06Submit\x12\x1d.fedloom.deploy.ClientMessage\x1a\x1b.fedloom.deploy.SubmitReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,18 +41,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCALTRAINING_OPTIONSENTRY']._serialized_end=311
   _globals['_TASKHEADER']._serialized_start=314
   _globals['_TASKHEADER']._serialized_end=504
-  _globals['_DONE']._serialized_start=506
-  _globals['_DONE']._serialized_end=528
-  _globals['_SERVERMESSAGE']._serialized_start=530
-  _globals['_SERVERMESSAGE']._serialized_end=651
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=653
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=690
-  _globals['_UPDATEHEADER']._serialized_start=693
-  _globals['_UPDATEHEADER']._serialized_end=841
-  _globals['_CLIENTMESSAGE']._serialized_start=843
-  _globals['_CLIENTMESSAGE']._serialized_end=930
-  _globals['_SUBMITREPLY']._serialized_start=932
-  _globals['_SUBMITREPLY']._serialized_end=979
-  _globals['_COORDINATOR']._serialized_start=982
-  _globals['_COORDINATOR']._serialized_end=1147
+  _globals['_SECAGGHEADER']._serialized_start=507
+  _globals['_SECAGGHEADER']._serialized_end=684
+  _globals['_DONE']._serialized_start=686
+  _globals['_DONE']._serialized_end=708
+  _globals['_SERVERMESSAGE']._serialized_start=711
+  _globals['_SERVERMESSAGE']._serialized_end=880
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=882
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=919
+  _globals['_UPDATEHEADER']._serialized_start=922
+  _globals['_UPDATEHEADER']._serialized_end=1070
+  _globals['_CLIENTMESSAGE']._serialized_start=1073
+  _globals['_CLIENTMESSAGE']._serialized_end=1208
+  _globals['_SUBMITREPLY']._serialized_start=1210
+  _globals['_SUBMITREPLY']._serialized_end=1257
+  _globals['_COORDINATOR']._serialized_start=1260
+  _globals['_COORDINATOR']._serialized_end=1425
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,28 @@ class TaskHeader(_message.Message):
     buffers: _containers.RepeatedCompositeFieldContainer[Buffer]
     def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., local: _Optional[_Union[LocalTraining, _Mapping]] = ..., config_json: _Optional[str] = ..., n_classes: _Optional[int] = ..., buffers: _Optional[_Iterable[_Union[Buffer, _Mapping]]] = ...) -> None: ...
 
+class SecAggHeader(_message.Message):
+    __slots__ = ("round", "task_id", "client_id", "phase", "length", "train_loss", "num_examples", "threshold", "max_weight")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    task_id: str
+    client_id: int
+    phase: int
+    length: int
+    train_loss: float
+    num_examples: float
+    threshold: int
+    max_weight: float
+    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., phase: _Optional[int] = ..., length: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_examples: _Optional[float] = ..., threshold: _Optional[int] = ..., max_weight: _Optional[float] = ...) -> None: ...
+
 class Done(_message.Message):
     __slots__ = ("reason",)
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -64,14 +86,16 @@ class Done(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("task", "data", "done")
+    __slots__ = ("task", "data", "done", "secagg")
     TASK_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     task: TaskHeader
     data: bytes
     done: Done
-    def __init__(self, task: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
+    secagg: SecAggHeader
+    def __init__(self, task: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., secagg: _Optional[_Union[SecAggHeader, _Mapping]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ("client_id",)
@@ -96,12 +120,14 @@ class UpdateHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., num_examples: _Optional[float] = ..., train_loss: _Optional[float] = ..., buffers: _Optional[_Iterable[_Union[Buffer, _Mapping]]] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "secagg")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     data: bytes
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    secagg: SecAggHeader
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., secagg: _Optional[_Union[SecAggHeader, _Mapping]] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("accepted", "reason")

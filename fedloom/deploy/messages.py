@@ -61,6 +61,35 @@ def chunks(named: Sequence[tuple[str, Tensor]], chunk_bytes: int = CHUNK_BYTES) 
             yield view[start:start + chunk_bytes]
 
 
+def byte_chunks(payload: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    """Opaque bytes (a secure-aggregation message) cut into views of at most ``chunk_bytes``."""
+    view = memoryview(payload)
+    for start in range(0, len(view), chunk_bytes):
+        yield view[start:start + chunk_bytes]
+
+
+class ByteReceiver:
+    """Gathers the ``length`` opaque bytes announced by a secure-aggregation header (at most ``limit``)."""
+
+    def __init__(self, length: int, limit: int, chunk_bytes: int = CHUNK_BYTES):
+        if length > limit:
+            raise Refused(f"a secure-aggregation message of {length} bytes is over the {limit}-byte limit")
+        self.length, self.data, self.chunk_bytes = length, bytearray(), chunk_bytes
+
+    @property
+    def complete(self) -> bool:
+        return len(self.data) == self.length
+
+    def add(self, piece: bytes | memoryview) -> None:
+        if len(piece) > self.chunk_bytes or len(self.data) + len(piece) > self.length:
+            raise Refused(f"more than the {self.length} bytes announced, or a chunk over {self.chunk_bytes} bytes")
+        self.data += piece
+
+    def tensors(self) -> bytes:
+        """The message's bytes (named as Receiver's result, so both are read alike)."""
+        return bytes(self.data)
+
+
 class Receiver:
     """Writes the data announced by a header into ``into`` (a contiguous float32 vector of exactly
     that size; a fresh one by default) as it arrives, and refuses NaN and Inf as soon as they come."""

@@ -49,14 +49,11 @@ class RemoteEngine:
         self.coord = coordinator
         self.deploy = cfg.deploy  # when a round closes
         self.local = local_to_proto(local_training(cfg))
-        raw = cfg.to_dict()
-        task = {k: raw[k] for k in ("seed", "model", "task", "algorithm")}
-        if cfg.privacy.mechanism == "local":  # the client clips and noises its own row: its settings, resolved
-            task["privacy"] = {"mechanism": "local", "clip": cfg.privacy.clip,
-                               "noise_multiplier": cfg.privacy_noise_multiplier()}
-        self.config_json = json.dumps(task)
+        self.config_json = json.dumps(task_sections(cfg))
         self.n_classes = n_classes
         self.max_examples = float(max_examples)
+        self.secure = None  # fedloom.deploy.secagg.SecureRound: the clients send masked inputs, not rows
+        self.outcome = None  # the last secure round's protocol outcome, for the pipeline's aggregate:secagg
         self.participation: Participation | None = None
         self.reported: list[float] = []
 
@@ -65,6 +62,8 @@ class RemoteEngine:
         """Send the round's tasks to the connected clients, wait for the round to close (deadline, min_clients) and
         return the accepted updates as the round's result."""
         shared = [("params", x0.clone()), *[(f"sent/{k}", v.clone()) for k, v in sent.items()]]
+        if self.secure is not None:
+            return self._secure_round(x0, shared, client_ids, round_idx, store)
         expected = expected_layout(algorithm, x0, sent)
         answers = torch.zeros(len(client_ids), sum(n for _, _, n in expected))  # touched now, not mid-stream
         tasks = {cid: self._task(round_idx, cid, shared, answers[i], store) for i, cid in enumerate(client_ids)}
@@ -81,6 +80,21 @@ class RemoteEngine:
         self.reported = [u.n_examples for u in updates]
         return RoundResult(ids, columns["update"], self._weights(self.reported), prefixed(columns, "aux"),
                            torch.tensor([u.train_loss for u in updates]))
+
+    def _secure_round(self, x0: Tensor, shared: list[tuple[str, Tensor]], client_ids: list[int], round_idx: int,
+                      store: ClientStore) -> RoundResult:
+        """The round's secure aggregation (fedloom.deploy.secagg): the server gets the survivors' sum, and
+        the pipeline rows without columns, one per summed client."""
+        from fedloom.deploy.secagg import no_rows, secure_round
+
+        tasks = {cid: self._task(round_idx, cid, shared, torch.zeros(0), store) for cid in client_ids}
+        log.info("round %d: tasks out to clients %s", round_idx, client_ids)
+        self.outcome, self.participation, reports = secure_round(self.coord, self.secure, round_idx, tasks,
+                                                                 x0.numel())
+        ids = self.outcome.summed if self.outcome.total is not None else []
+        self.reported = [reports[c][0] for c in ids]
+        return RoundResult(ids, no_rows(len(ids)), self._weights(self.reported), {},
+                           torch.tensor([reports[c][1] for c in ids]))
 
     def _weights(self, reported: list[float]) -> Tensor:
         """A client's example count is its own claim: capped (one client claiming 1e18 examples must not
@@ -105,6 +119,18 @@ class RemoteEngine:
                 "n_examples_capped": sum(n > self.max_examples for n in self.reported)}
 
 
+def task_sections(cfg: ExperimentConfig) -> dict:
+    """The config a task carries: what a client builds its model, training and own transforms from."""
+    raw = cfg.to_dict()
+    task = {k: raw[k] for k in ("seed", "model", "task", "algorithm")}
+    if cfg.privacy.mechanism in ("local", "distributed"):  # the client clips and noises its own row: resolved
+        task["privacy"] = {"mechanism": cfg.privacy.mechanism, "clip": cfg.privacy.clip,
+                           "noise_multiplier": cfg.privacy_noise_multiplier()}
+    if cfg.secure_aggregation.protocol != "none":  # the client quantizes and masks its row
+        task["secure_aggregation"] = raw["secure_aggregation"]
+    return task
+
+
 def expected_layout(algorithm, x0: Tensor, sent: dict[str, Tensor]) -> list[tuple[str, str, int]]:
     """The buffers a valid answer holds, from a dry run of the algorithm's client_result
     on a client that did not move."""
@@ -120,7 +146,23 @@ def remote_round(cfg: ExperimentConfig, coordinator: Coordinator) -> FederatedRo
 
     round_ = FederatedRound(cfg, make_engine=engine)
     round_.pipeline = round_.pipeline.on("server")  # the clients ran their side (local DP) before sending
+    if cfg.secure_aggregation.protocol != "none":
+        _secure(round_, cfg)
     return round_
+
+
+def _secure(round_: FederatedRound, cfg: ExperimentConfig) -> None:
+    """Make ``round_`` a secure deployment: its engine plays the protocol with the clients, its pipeline's
+    aggregate reads the outcome. w_max is the largest client's size, as in simulation (1 with
+    deploy.weighting = "uniform": every client's weight is then the bound, p = 1)."""
+    from fedloom.deploy.secagg import SecureRound, deployed_pipeline
+    from fedloom.pipeline.build import secure_mean_spec
+
+    max_weight = float(round_.data.client_sizes().max())
+    spec, extra_metrics = secure_mean_spec(cfg, max_weight)
+    bound = 1.0 if cfg.deploy.weighting == "uniform" else max_weight
+    round_.engine.secure = SecureRound(spec, cfg.seed, bound, cfg.deploy.round_timeout_s)
+    round_.pipeline = deployed_pipeline(round_.pipeline, spec, extra_metrics, lambda: round_.engine.outcome)
 
 
 # a peer that stops answering pings (hung, cut off) has its streams closed within about 10 s, so its
@@ -185,10 +227,6 @@ def _check(cfg: ExperimentConfig, tokens: dict[int, str]) -> None:
     if cfg.compression.build() is not None or cfg.compression.downlink != "none":
         raise ConfigError("compression: deployed clients send and receive fp32; set compression.name = 'none', "
                           "no compression.feedback and no compression.downlink")
-    if cfg.secure_aggregation.protocol != "none":
-        raise ConfigError(f"secure_aggregation.protocol = {cfg.secure_aggregation.protocol!r}: deployed clients "
-                          "do not run the protocol over gRPC yet, so the server would see their rows unmasked; "
-                          "secure aggregation runs in simulation (fedloom run)")
     if cfg.personalization.method != "none":
         raise ConfigError(f"personalization.method = {cfg.personalization.method!r}: deployed clients keep no "
                           "personal parameters yet; personalization runs in simulation (fedloom run)")

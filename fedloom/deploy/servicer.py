@@ -18,8 +18,9 @@ import grpc
 from fedloom.deploy import deploy_pb2 as pb
 from fedloom.deploy import deploy_pb2_grpc as pb_grpc
 from fedloom.deploy.codec import Data, Malformed, decoder, encode, encoded_size
-from fedloom.deploy.coordinator import DONE, REPLACED, Coordinator, Task, Update
-from fedloom.deploy.messages import FLOAT32_MAX, Receiver, Refused, chunks, fits_float32, layout
+from fedloom.deploy.coordinator import DONE, REPLACED, Coordinator, Outgoing, Task, Update
+from fedloom.deploy.messages import (FLOAT32_MAX, ByteReceiver, Receiver, Refused, byte_chunks, chunks, fits_float32,
+                                     layout)
 from fedloom.deploy.security import Gate, Refusal, authenticate
 
 log = logging.getLogger("fedloom.deploy")
@@ -112,36 +113,43 @@ class Servicer(pb_grpc.CoordinatorServicer):
             self.coord.disconnect(client_id, handle)
             return
         log.info("client %d connected from %s", client_id, context.peer())
-        last_task_id = None
+        sent: set[str] = set()  # the task ids and phase messages this subscription sent
         while context.is_active():
-            task = self.coord.wait_for_task(client_id, handle, last_task_id, POLL_S)
-            if task is DONE:
+            item = self.coord.wait_for_task(client_id, handle, sent, POLL_S)
+            if item is DONE:
                 yield pb.ServerMessage(done=pb.Done(reason=self.coord.finish_reason))
                 return
-            if task is REPLACED:
+            if item is REPLACED:
                 return
-            if task is not None:
-                last_task_id = task.header.task_id
-                yield from self._send(task)
+            if isinstance(item, Task):
+                sent.add(item.header.task_id)
+                yield from self._send(pb.ServerMessage(task=item.header), chunks(item.tensors))
+            elif isinstance(item, Outgoing):
+                sent.add(item.key)
+                yield from self._send(pb.ServerMessage(secagg=item.header), byte_chunks(item.payload))
 
-    def _send(self, task: Task):
-        head = pb.ServerMessage(task=task.header)
+    def _send(self, head: pb.ServerMessage, pieces):
         self.coord.count(down=head.ByteSize())
         yield head
-        for piece in chunks(task.tensors):
+        for piece in pieces:
             self.coord.count(down=encoded_size(piece))
             yield piece
 
     def Submit(self, request_iterator, context) -> pb.SubmitReply:
         client_id = self._authenticate(context)
         messages = _Counted(within(request_iterator, context, self.read_timeout_s))
-        slot = None
+        slot, what = None, "an update"
         try:
-            header, slot = self._claim(client_id, messages)
+            first = next(messages, None)
+            if isinstance(first, pb.ClientMessage) and first.WhichOneof("kind") == "secagg":
+                what = "a secure-aggregation message"
+                self._receive_phase(client_id, first.secagg, messages)
+                return pb.SubmitReply(accepted=True)
+            header, slot = self._claim(client_id, first)
             self.coord.accept(slot, self._receive(header, slot, messages))
         except (Refused, grpc.RpcError) as err:
             reason = str(err) if isinstance(err, Refused) else "the stream broke"
-            log.warning("refused an update from client %d (%s): %s", client_id, context.peer(), reason)
+            log.warning("refused %s from client %d (%s): %s", what, client_id, context.peer(), reason)
             self.coord.note_refused(client_id)
             return pb.SubmitReply(accepted=False, reason=reason)
         finally:
@@ -151,23 +159,41 @@ class Servicer(pb_grpc.CoordinatorServicer):
         log.info("round %d: update from client %d accepted", header.round, client_id)
         return pb.SubmitReply(accepted=True)
 
-    def _claim(self, client_id: int, messages: _Counted):
-        """The header, checked against the client's task, and the claim on its answer row."""
-        first = next(messages, None)
+    def _claim(self, client_id: int, first):
+        """The header (the stream's first message), checked against the client's task, and the claim on its
+        answer row."""
         if not isinstance(first, pb.ClientMessage) or first.WhichOneof("kind") != "header":
-            raise Refused("the first message must be the update header")
+            raise Refused("the first message must be the update header or a secure-aggregation phase header")
         header = first.header
-        if not (fits_float32(header.num_examples) and header.num_examples >= 1):
-            raise Refused(f"num_examples must be a number from 1 to {FLOAT32_MAX:g} (a float32), "
-                          f"got {header.num_examples}")
-        if not fits_float32(header.train_loss):
-            raise Refused(f"train_loss must be a finite float32 (at most {FLOAT32_MAX:g} in size), "
-                          f"got {header.train_loss}")
+        check_report(header)
         slot = self.coord.claim(client_id, header)
         if layout(header.buffers) != slot.expected:
             self.coord.release(slot)
             raise Refused(f"buffers {layout(header.buffers)} are not the expected {slot.expected}")
         return header, slot
+
+    def _receive_phase(self, client_id: int, header: pb.SecAggHeader, messages: _Counted) -> None:
+        """A secure-aggregation phase message: claimed for its open phase (which bounds its announced
+        length), its bytes gathered, checked by the protocol, handed to the phase."""
+        if header.phase == 0:
+            check_report(header)
+        phase = self.coord.claim_phase(client_id, header)
+        receiver = ByteReceiver(header.length, header.length)
+        try:
+            for msg in messages:
+                if not isinstance(msg, Data):
+                    raise Refused("a second header inside one message")
+                receiver.add(msg.payload)
+            if not receiver.complete:
+                raise Refused(f"truncated: {len(receiver.data)} of the {header.length} bytes announced arrived")
+        except Refused as err:
+            self.coord.abandon(client_id, phase)
+            raise Refused(f"client {client_id}, phase {phase.name}: {err}") from None
+        except BaseException:
+            self.coord.abandon(client_id, phase)
+            raise
+        self.coord.deliver(client_id, phase, header, receiver.tensors())
+        log.info("round %d: client %d sent %s", header.round, client_id, phase.name)
 
     def _receive(self, header: pb.UpdateHeader, slot, messages: _Counted) -> Update:
         """Stream the data into the answer row; the Receiver refuses NaN/Inf, overflow and truncation."""
@@ -178,3 +204,13 @@ class Servicer(pb_grpc.CoordinatorServicer):
             receiver.add(msg.payload)
         receiver.tensors()
         return Update(slot.client_id, header.num_examples, header.train_loss)
+
+
+def check_report(header: pb.UpdateHeader | pb.SecAggHeader) -> None:
+    """The example count and loss a client reports: finite float32s, at least one example."""
+    if not (fits_float32(header.num_examples) and header.num_examples >= 1):
+        raise Refused(f"num_examples must be a number from 1 to {FLOAT32_MAX:g} (a float32), "
+                      f"got {header.num_examples}")
+    if not fits_float32(header.train_loss):
+        raise Refused(f"train_loss must be a finite float32 (at most {FLOAT32_MAX:g} in size), "
+                      f"got {header.train_loss}")

@@ -118,17 +118,28 @@ def _secure_aggregate(cfg: ExperimentConfig, max_weight: float) -> list[Transfor
     so the m rows' sum carries the central noise std z clip (dp_mean's, before its division by m)."""
     from fedloom.privacy import secagg_round  # needs the secagg extra (cryptography, pycryptodome)
 
-    s, p, m = cfg.secure_aggregation, cfg.privacy, cfg.clients_per_round()
-    quantizer = secagg_round.Quantizer(s.bits, s.value_bits, s.clip, s.rounding == "stochastic")
-    dropouts = {phase: getattr(s, f"dropout_{phase}") for phase in secagg_round.PHASES}
-    spec = secagg_round.SecureMean(s.threshold_for, s.neighbours_for, quantizer, dropouts, max_weight,
-                                   name=s.protocol)
-    if p.mechanism != "distributed":
+    spec, extra_metrics = secure_mean_spec(cfg, max_weight)
+    if cfg.privacy.mechanism != "distributed":
         return [secagg_round.secure_mean(spec)]
+    p, m = cfg.privacy, cfg.clients_per_round()
+    return [dp.dp_clip(p.clip, "client"), dp.local_noise(cfg.privacy_noise_multiplier() * p.clip / m ** 0.5),
+            secagg_round.secure_mean(spec, extra_metrics)]
+
+
+def secure_mean_spec(cfg: ExperimentConfig, max_weight: float):
+    """The secure mean's settings (``secagg_round.SecureMean``) and its extra metrics (epsilon, with
+    distributed DP): the simulation's transform, a deployed server's and its clients' encoding share them."""
+    from fedloom.privacy import secagg_round
+
+    s, p = cfg.secure_aggregation, cfg.privacy
+    quantizer = secagg_round.Quantizer(s.bits, s.value_bits, s.clip, s.rounding == "stochastic")
+    dropouts = {phase: getattr(s, f"dropout_{phase}") for phase in secagg_round.PHASES if phase != "consistency"}
+    spec = secagg_round.SecureMean(s.threshold_for, s.neighbours_for, quantizer, dropouts, max_weight,
+                                   name=s.protocol, consistency=s.consistency_check)
+    if p.mechanism != "distributed":
+        return spec, lambda r: {}
     z, accounting = cfg.privacy_noise_multiplier(), cfg.privacy_accounting()
-    epsilon = lambda r: {"epsilon": accounting.epsilon(z, r)}  # noqa: E731
-    return [dp.dp_clip(p.clip, "client"), dp.local_noise(z * p.clip / m ** 0.5),
-            secagg_round.secure_mean(replace(spec, denominator=m), epsilon)]
+    return replace(spec, denominator=cfg.clients_per_round()), lambda r: {"epsilon": accounting.epsilon(z, r)}
 
 
 def _user_transform(name: str, options: dict, **supplied) -> Transform:

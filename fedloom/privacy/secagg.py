@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -46,6 +48,12 @@ ID = struct.Struct(">I")
 SHARE_HEADER = struct.Struct(">IIH")  # sender, recipient, share index
 REVEAL = struct.Struct(">IBH")  # whose secret, kind (0: b, 1: s key), share index
 B_SHARE, S_SHARE = 0, 1
+N_KEYS = 3  # public keys a client advertises: c (share encryption), s (masks), its Ed25519 verification key
+ADVERT_BYTES = ID.size + N_KEYS * KEY_BYTES  # a client's id and its public keys
+SIGNATURE_BYTES = 64  # Ed25519
+SIGNED = b"fedloom-secagg consistency "  # what a client signs: this, then the survivor list it was sent
+TAG_BYTES = 16  # AES-GCM's tag
+SEALED_SHARE_BYTES = NONCE_BYTES + SHARE_HEADER.size + SEED_BYTES + KEY_BYTES + TAG_BYTES
 
 
 class ProtocolAborted(Exception):
@@ -61,6 +69,7 @@ class Params:
     dim: int
     threshold: int
     neighbours: int | None = None
+    consistency: bool = False  # Bonawitz et al.'s consistency check before unmasking (malicious server)
 
     @property
     def mask(self) -> np.uint64:
@@ -136,17 +145,21 @@ def _unpack_ids(data: bytes) -> list[int]:
     return [ID.unpack_from(data, 4 + 4 * i)[0] for i in range(n)]
 
 
-def _pack_keys(keys: dict[int, tuple[bytes, bytes]]) -> bytes:
-    return ID.pack(len(keys)) + b"".join(ID.pack(u) + c + s for u, (c, s) in sorted(keys.items()))
+def _pack_keys(keys: dict[int, tuple[bytes, ...]]) -> bytes:
+    return ID.pack(len(keys)) + b"".join(ID.pack(u) + b"".join(k) for u, k in sorted(keys.items()))
 
 
-def _unpack_keys(data: bytes) -> dict[int, tuple[bytes, bytes]]:
+def _split_keys(data: bytes, at: int) -> tuple[bytes, ...]:
+    return tuple(data[at + i * KEY_BYTES:at + (i + 1) * KEY_BYTES] for i in range(N_KEYS))
+
+
+def _unpack_keys(data: bytes) -> dict[int, tuple[bytes, ...]]:
     (n,) = ID.unpack_from(data)
-    keys, at, size = {}, 4, 4 + 2 * KEY_BYTES
+    keys, at = {}, 4
     for _ in range(n):
         (u,) = ID.unpack_from(data, at)
-        keys[u] = (data[at + 4:at + 4 + KEY_BYTES], data[at + 4 + KEY_BYTES:at + size])
-        at += size
+        keys[u] = _split_keys(data, at + 4)
+        at += ADVERT_BYTES
     return keys
 
 
@@ -156,9 +169,14 @@ def _pack_blobs(blobs: dict[int, bytes]) -> bytes:
 
 
 def _unpack_blobs(data: bytes) -> dict[int, bytes]:
+    """The blobs of _pack_blobs; a truncated or repeated entry is a ValueError (bytes from the wire)."""
     blobs, at = {}, 0
     while at < len(data):
+        if at + 8 > len(data):
+            raise ValueError(f"a truncated entry header at byte {at}")
         k, n = struct.unpack_from(">II", data, at)
+        if k in blobs or at + 8 + n > len(data):
+            raise ValueError(f"entry for {k} is {'repeated' if k in blobs else 'truncated'}")
         blobs[k] = data[at + 8:at + 8 + n]
         at += 8 + n
     return blobs
@@ -174,15 +192,19 @@ class SecAggClient:
     params: Params
     c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    sign_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     b_seed: bytes = field(default_factory=lambda: os.urandom(SEED_BYTES))
     keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     group: list[int] = field(default_factory=list)
     received: dict[int, bytes] = field(default_factory=dict)
     maskers: list[int] = field(default_factory=list)
+    signed: bytes | None = None  # the survivor list this client signed in the consistency check
 
     def advertise(self) -> bytes:
-        """The client's first message: its id and its two public keys (for encryption and for masks)."""
-        return ID.pack(self.id) + _raw_public(self.c_key) + _raw_public(self.s_key)
+        """The client's first message: its id, its two public keys (for encryption and for masks) and its
+        Ed25519 verification key (for the consistency check)."""
+        verify = self.sign_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return ID.pack(self.id) + _raw_public(self.c_key) + _raw_public(self.s_key) + verify
 
     def share_keys(self, group_keys: bytes) -> bytes:
         """Shares of b_u and s_u's key, each encrypted for its recipient in u's sharing group (the clients
@@ -209,8 +231,21 @@ class SecAggClient:
                 y = _add_pair_mask(y, self.id, v, _agree(self.s_key, self.keys[v][1]), self.params)
         return y.astype(self.params.dtype).tobytes()
 
-    def unmask(self, survivors: bytes) -> bytes:
-        """The share of b_v for each v that sent y_v, of s_v's key for each v that shared keys and did not."""
+    def consistency(self, survivors: bytes) -> bytes:
+        """Sign the survivor list U3 the server sent, unless it is below the threshold or names clients that
+        never shared keys with this one (Bonawitz et al. 2017, the consistency check)."""
+        ids = _unpack_ids(survivors)
+        if len(ids) < self.params.threshold or not set(ids) <= set(self.maskers) or len(set(ids)) != len(ids):
+            raise ProtocolAborted(f"client {self.id}: the survivor list {ids} is below the threshold "
+                                  f"{self.params.threshold} or names clients outside its group")
+        self.signed = survivors
+        return self.sign_key.sign(SIGNED + survivors)
+
+    def unmask(self, incoming: bytes) -> bytes:
+        """The share of b_v for each v that sent y_v, of s_v's key for each v that shared keys and did not.
+        ``incoming``: the survivor list; with the consistency check, the survivors' signatures of the list
+        this client signed, every one checked first (abort on a bad one or fewer than t)."""
+        survivors = self._verified(incoming) if self.params.consistency else incoming
         sent_input = set(_unpack_ids(survivors))
         reveals = []
         for v in self.maskers:
@@ -221,6 +256,24 @@ class SecAggClient:
             kind, secret = (B_SHARE, blocks[:SEED_BYTES]) if v in sent_input else (S_SHARE, blocks[SEED_BYTES:])
             reveals.append(REVEAL.pack(v, kind, index) + secret)
         return b"".join(reveals)
+
+    def _verified(self, signatures: bytes) -> bytes:
+        """The list this client signed, once the signatures (of its group's members) show every signer was
+        sent the same list; a client of SecAgg+ can check only its neighbours' signatures."""
+        if self.signed is None:
+            raise ProtocolAborted(f"client {self.id}: asked to unmask before the consistency check")
+        blobs = _unpack_blobs(signatures)
+        if len(blobs) < self.params.threshold or not set(blobs) <= set(_unpack_ids(self.signed)):
+            raise ProtocolAborted(f"client {self.id}: {len(blobs)} signatures of the survivor list, from "
+                                  f"{sorted(blobs)}: fewer than {self.params.threshold} or not survivors")
+        for v, signature in blobs.items():
+            if v in self.keys:
+                try:
+                    Ed25519PublicKey.from_public_bytes(self.keys[v][2]).verify(signature, SIGNED + self.signed)
+                except InvalidSignature:
+                    raise ProtocolAborted(f"client {self.id}: client {v}'s signature is not of the survivor "
+                                          "list this client was sent (the server sent different lists)") from None
+        return self.signed
 
     def _cipher(self, v: int) -> AESGCM:
         return AESGCM(_kdf(_agree(self.c_key, self.keys[v][0]), b"share encryption"))
@@ -259,7 +312,7 @@ class SecAggServer:
         """Each client's sharing group's public keys (its own included)."""
         for m in messages:
             (u,) = ID.unpack_from(m)
-            self.keys[u] = (m[4:4 + KEY_BYTES], m[4 + KEY_BYTES:4 + 2 * KEY_BYTES])
+            self.keys[u] = _split_keys(m, ID.size)
         self._enough(len(self.keys), "advertised keys")
         self.graph = sharing_graph(list(self.keys), self.params.neighbours, self.graph_seed)
         return {u: _pack_keys({v: self.keys[v] for v in group}) for u, group in self.graph.items()}
@@ -285,6 +338,11 @@ class SecAggServer:
         self.total = total
         return _pack_ids(self.sent_input)
 
+    def collect_signatures(self, messages: dict[int, bytes]) -> bytes:
+        """The survivors' signatures of the list, forwarded to each of them (the consistency check)."""
+        self._enough(len(messages), "signatures of the survivor list")
+        return _pack_blobs(messages)
+
     def unmask(self, messages: dict[int, bytes]) -> np.ndarray:
         """The sum of the inputs of the clients that sent y_u, mod 2^bits."""
         self._enough(len(messages), "unmasking responses")
@@ -299,27 +357,78 @@ class SecAggServer:
                     total = _add_pair_mask(total, u, v, _agree(s_key, self.keys[u][1]), self.params, sign=-1)
         return total
 
+    def max_bytes(self, phase: str, u: int) -> int:
+        """The most bytes client ``u``'s message of ``phase`` may hold (checked before it is received)."""
+        group = len(self.graph.get(u, ())) or 1
+        return {"advertise": ADVERT_BYTES, "share_keys": group * (8 + SEALED_SHARE_BYTES),
+                "masked_input": self.params.dim * self.params.dtype.itemsize, "consistency": SIGNATURE_BYTES,
+                "unmask": group * (REVEAL.size + KEY_BYTES)}[phase]
+
+    def check(self, phase: str, u: int, message: bytes) -> None:
+        """A ValueError saying what is wrong with client ``u``'s message of ``phase``, if anything: the
+        server takes only well-formed messages, from the clients and about the secrets each may send."""
+        if phase == "advertise":
+            if len(message) != ADVERT_BYTES or ID.unpack_from(message)[0] != u:
+                raise ValueError(f"expected {ADVERT_BYTES} bytes starting with its id {u}")
+        elif phase == "share_keys":
+            blobs = _unpack_blobs(message)
+            if sorted(blobs) != self.graph[u] or any(len(b) != SEALED_SHARE_BYTES for b in blobs.values()):
+                raise ValueError(f"expected one {SEALED_SHARE_BYTES}-byte share for each of {self.graph[u]}")
+        elif phase in ("masked_input", "consistency"):
+            if len(message) != self.max_bytes(phase, u):
+                raise ValueError(f"expected {self.max_bytes(phase, u)} bytes")
+        else:
+            self._check_reveals(u, message)
+
+    def _check_reveals(self, u: int, message: bytes) -> None:
+        """One share for each group member that shared keys: of b_v if v sent y_v, else of s_v's key."""
+        owed = {v: B_SHARE if v in self.sent_input else S_SHARE for v in self.graph[u] if v in self.shared}
+        got = {}
+        for v, kind, _ in _reveal_entries(message):
+            if owed.get(v) != kind or v in got:
+                raise ValueError(f"a share of client {v}'s {'seed' if kind == B_SHARE else 'key'} is not one "
+                                 f"it may reveal (owed: {owed})")
+            got[v] = kind
+        if got != owed:
+            raise ValueError(f"shares missing for {sorted(set(owed) - set(got))}")
+
     def _reconstruct(self, shares: dict[tuple[int, int], list[tuple[int, bytes]]], v: int, kind: int) -> bytes:
         got = shares.get((v, kind), [])
         if len(got) < self.params.threshold:
             what = "self-mask seed" if kind == B_SHARE else "mask key"
             raise ProtocolAborted(f"{len(got)} shares of client {v}'s {what} survived, threshold "
                                   f"{self.params.threshold}")
-        return combine_secret(got, self.params.threshold)
+        try:
+            return combine_secret(got, self.params.threshold)
+        except ValueError as err:  # e.g. two shares of one index, revealed by a client that lies
+            raise ProtocolAborted(f"the shares of client {v}'s secret do not combine ({err})") from None
 
     def _enough(self, n: int, what: str) -> None:
         if n < self.params.threshold:
             raise ProtocolAborted(f"{n} clients {what}, fewer than the threshold {self.params.threshold}")
 
 
+def _reveal_entries(m: bytes):
+    """(whose secret, kind, (share index, its bytes)) for each share in one unmasking response; a
+    truncated entry or an unknown kind is a ValueError."""
+    at = 0
+    while at < len(m):
+        if at + REVEAL.size > len(m):
+            raise ValueError(f"a truncated share header at byte {at}")
+        v, kind, index = REVEAL.unpack_from(m, at)
+        if kind not in (B_SHARE, S_SHARE):
+            raise ValueError(f"share kind {kind} at byte {at} is neither {B_SHARE} (seed) nor {S_SHARE} (key)")
+        size = SEED_BYTES if kind == B_SHARE else KEY_BYTES
+        if at + REVEAL.size + size > len(m):
+            raise ValueError(f"a truncated share at byte {at}")
+        yield v, kind, (index, m[at + REVEAL.size:at + REVEAL.size + size])
+        at += REVEAL.size + size
+
+
 def _revealed(messages: dict[int, bytes]) -> dict[tuple[int, int], list[tuple[int, bytes]]]:
     """(whose secret, kind) -> the revealed shares (index, blocks)."""
     shares: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
     for m in messages.values():
-        at = 0
-        while at < len(m):
-            v, kind, index = REVEAL.unpack_from(m, at)
-            size = SEED_BYTES if kind == B_SHARE else KEY_BYTES
-            shares.setdefault((v, kind), []).append((index, m[at + REVEAL.size:at + REVEAL.size + size]))
-            at += REVEAL.size + size
+        for v, kind, share in _reveal_entries(m):
+            shares.setdefault((v, kind), []).append(share)
     return shares
