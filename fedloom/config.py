@@ -463,6 +463,13 @@ class SystemConfig(Section):
 
     profile: Literal["none", "sampled", "trace"] = "none"
     trace: str | None = Field(None, description="profile = 'trace': CSV client,speed,up_mbps,down_mbps,available")
+    trace_format: Literal["csv", "fedscale"] = Field("csv", description="profile = 'trace': fedloom's CSV "
+                                                     "(system.trace) or FedScale's pickles (system.device_file, "
+                                                     "system.behavior_file)")
+    device_file: str | None = Field(None, description="trace_format = 'fedscale': {id: {'computation': ms per "
+                                    "example, 'communication': kbps}}")
+    behavior_file: str | None = Field(None, description="trace_format = 'fedscale': {id: {'active': [s], "
+                                      "'inactive': [s], 'finish_time': s, ...}}; unset: always online")
     seconds_per_example: float = Field(0.001, gt=0, description="compute time of one example on a speed-1 client")
     device_flops: float | None = Field(None, gt=0, description="FLOP/s of a speed-1 client; set, an example costs "
                                        "the model's measured training FLOPs (3x forward) over it instead")
@@ -482,8 +489,7 @@ class SystemConfig(Section):
 
     @model_validator(mode="after")
     def _profile_complete(self) -> "SystemConfig":
-        if (self.profile == "trace") != (self.trace is not None):
-            raise ValueError("give system.trace (a CSV file) exactly when system.profile = 'trace'")
+        self._trace_files_given()
         changed = [k for k in ("deadline_s", "over_selection", "speed_spread", "availability")
                    if getattr(self, k) != type(self).model_fields[k].default]
         if self.profile == "none" and changed:
@@ -494,6 +500,18 @@ class SystemConfig(Section):
         if self.late == "stale" and self.deadline_s is None:
             raise ValueError("system.late = 'stale' keeps updates that miss system.deadline_s: set a deadline")
         return self
+
+    def _trace_files_given(self) -> None:
+        """system.trace with the CSV format, system.device_file (and optionally behavior_file) with FedScale's."""
+        fedscale = self.profile == "trace" and self.trace_format == "fedscale"
+        if self.trace_format == "fedscale" and self.profile != "trace":
+            raise ValueError("system.trace_format = 'fedscale' reads trace files: set system.profile = 'trace'")
+        if (self.profile == "trace" and not fedscale) != (self.trace is not None):
+            raise ValueError("give system.trace (a CSV file) exactly when system.profile = 'trace' "
+                             "(trace_format = 'csv'); FedScale's pickles go in system.device_file")
+        if fedscale != (self.device_file is not None) or (self.behavior_file is not None and not fedscale):
+            raise ValueError("give system.device_file (and optionally system.behavior_file) exactly when "
+                             "system.trace_format = 'fedscale'")
 
 
 class AsynchronousConfig(Section):
