@@ -861,6 +861,32 @@ class ExperimentConfig(Section):
                              "server.aggregator.name = 'mean' and privacy.mechanism = 'none'")
 
     @model_validator(mode="after")
+    def _anchor_sampling_rules(self) -> "ExperimentConfig":
+        """FedAMD: its options' ranges, and the parts its anchors (gradients that bypass the pipeline) and
+        its server state do not combine with."""
+        if self.algorithm.name != "fedamd" or self.mode == "decentralized":
+            return self
+        options = self.algorithm.options
+        p, batch = options.get("anchor_probability", 0.2), options.get("anchor_batch_size", 0)
+        if not 0 <= p < 1:
+            raise ValueError(f"algorithm.options.anchor_probability = {p}: a participant is an anchor with this "
+                             "probability; give a value in [0, 1) (1 would leave no miner to move the model)")
+        if batch < 0:
+            raise ValueError(f"algorithm.options.anchor_batch_size = {batch}: give examples per anchor batch, or 0 "
+                             "for all of a client's examples")
+        refused = {"mode = 'asynchronous'": self.mode == "asynchronous", "engine.name = 'ray'": self.engine.name == "ray",
+                   "compression.downlink": self.compression.downlink != "none",
+                   "a system model (system.profile)": self.system.profile != "none",
+                   "privacy.mechanism": self.privacy.mechanism != "none",
+                   "secure_aggregation.protocol": self.secure_aggregation.protocol != "none",
+                   "server.transforms 'fedau'": any(t.name == "fedau" for t in self.server.transforms)}
+        clash = next((name for name, on in refused.items() if on), None)
+        if clash is not None:
+            raise ValueError(f"algorithm.name = 'fedamd' with {clash}: its anchors' gradients skip the server "
+                             "pipeline and are not timed, compressed, noised or masked; FedAMD runs without it")
+        return self
+
+    @model_validator(mode="after")
     def _personalization_rules(self) -> "ExperimentConfig":
         method = self.personalization.method
         if method == "none":
