@@ -874,7 +874,8 @@ class ExperimentConfig(Section):
         if batch < 0:
             raise ValueError(f"algorithm.options.anchor_batch_size = {batch}: give examples per anchor batch, or 0 "
                              "for all of a client's examples")
-        refused = {"mode = 'asynchronous'": self.mode == "asynchronous", "engine.name = 'ray'": self.engine.name == "ray",
+        refused = {"mode = 'asynchronous'": self.mode == "asynchronous",
+                   "engine.name = 'ray'": self.engine.name == "ray",
                    "compression.downlink": self.compression.downlink != "none",
                    "a system model (system.profile)": self.system.profile != "none",
                    "privacy.mechanism": self.privacy.mechanism != "none",
