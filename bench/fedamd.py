@@ -37,10 +37,15 @@ def main() -> None:
     parser.add_argument("--anchor-probability", type=float, default=0.2)
     parser.add_argument("--anchor-batch-size", type=int, default=0)
     args = parser.parse_args()
-    print("load average before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print("load average before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+          flush=True)
     methods = {**METHODS, "fedamd": fedamd_overrides(args.anchor_probability, args.anchor_batch_size)}
-    results = {m: {s: accuracies(overrides, s, args.rounds, args.last) for s in args.seeds}
-               for m, overrides in methods.items()}
+    results: dict[str, dict[int, tuple[float, float]]] = {m: {} for m in methods}
+    for seed in args.seeds:
+        for method, overrides in methods.items():
+            results[method][seed] = accuracies(overrides, seed, args.rounds, args.last)
+            print(f"seed {seed} {method}: final {results[method][seed][0]:.3f}, last {args.last} "
+                  f"{results[method][seed][1]:.3f}", flush=True)
     print("load average after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print(f"| method | {' | '.join(f'seed {s}' for s in args.seeds)} | mean final | mean of last {args.last} |")
     print("|---" * (len(args.seeds) + 3) + "|")
