@@ -2,7 +2,7 @@
 (examples/fedau_participation.toml, the setting of bench/fedau.py).
 
     python bench/fedamd.py [--seeds 0 1 2] [--rounds 150] [--last 3] [--anchor-probability 0.2]
-                           [--anchor-batch-size 0]
+                           [--anchor-batch-size 0] [--methods fedavg fedau fedamd]
 
 For each seed the three methods run the same federation, the same participation probabilities and the
 same participants every round: FedAvg (the participants' example-weighted mean), FedAU (bench/fedau.py)
@@ -36,10 +36,13 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=3)
     parser.add_argument("--anchor-probability", type=float, default=0.2)
     parser.add_argument("--anchor-batch-size", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=["fedavg", "fedau", "fedamd"],
+                        default=["fedavg", "fedau", "fedamd"])
     args = parser.parse_args()
     print("load average before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
           flush=True)
-    methods = {**METHODS, "fedamd": fedamd_overrides(args.anchor_probability, args.anchor_batch_size)}
+    every = {**METHODS, "fedamd": fedamd_overrides(args.anchor_probability, args.anchor_batch_size)}
+    methods = {m: every[m] for m in args.methods}
     results: dict[str, dict[int, tuple[float, float]]] = {m: {} for m in methods}
     for seed in args.seeds:
         for method, overrides in methods.items():
@@ -54,7 +57,8 @@ def main() -> None:
         mean_final = statistics.fmean(final for final, _ in by_seed.values())
         mean_tail = statistics.fmean(tail for _, tail in by_seed.values())
         print(f"| {method} | {' | '.join(finals)} | {mean_final:.3f} | {mean_tail:.3f} |")
-    out = Path(__file__).resolve().parent / "results" / f"fedamd_seeds_{'_'.join(map(str, args.seeds))}.json"
+    name = f"fedamd_seeds_{'_'.join(map(str, args.seeds))}" + ("" if len(methods) == 3 else "_" + "_".join(methods))
+    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
