@@ -22,9 +22,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "examples" / "fedau_participation
 METHODS = {"fedavg": ["server.transforms=[]"], "fedau": []}
 
 
-def accuracies(method: str, seed: int, rounds: int, last: int) -> tuple[float, float]:
-    """The final central accuracy and the mean of the last ``last`` evaluations."""
-    overrides = [f"seed={seed}", f"rounds={rounds}", "output.save=false", "output.progress=false", *METHODS[method]]
+def accuracies(method: list[str], seed: int, rounds: int, last: int) -> tuple[float, float]:
+    """The final central accuracy and the mean of the last ``last`` evaluations of the config with the
+    method's overrides."""
+    overrides = [f"seed={seed}", f"rounds={rounds}", "output.save=false", "output.progress=false", *method]
     evaluated = [h["central_accuracy"] for h in run(CONFIG, overrides).history if "central_accuracy" in h]
     return evaluated[-1], statistics.fmean(evaluated[-last:])
 
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--last", type=int, default=3)
     args = parser.parse_args()
-    results = {m: {s: accuracies(m, s, args.rounds, args.last) for s in args.seeds} for m in METHODS}
+    results = {m: {s: accuracies(METHODS[m], s, args.rounds, args.last) for s in args.seeds} for m in METHODS}
     print(f"| method | {' | '.join(f'seed {s}' for s in args.seeds)} | mean final | mean of last {args.last} |")
     print("|---" * (len(args.seeds) + 3) + "|")
     for method, by_seed in results.items():

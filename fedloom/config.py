@@ -517,6 +517,13 @@ class SystemConfig(Section):
 
     profile: Literal["none", "sampled", "trace"] = "none"
     trace: str | None = Field(None, description="profile = 'trace': CSV client,speed,up_mbps,down_mbps,available")
+    trace_format: Literal["csv", "fedscale"] = Field("csv", description="profile = 'trace': fedloom's CSV "
+                                                     "(system.trace) or FedScale's pickles (system.device_file, "
+                                                     "system.behavior_file)")
+    device_file: str | None = Field(None, description="trace_format = 'fedscale': {id: {'computation': ms per "
+                                    "example, 'communication': kbps}}")
+    behavior_file: str | None = Field(None, description="trace_format = 'fedscale': {id: {'active': [s], "
+                                      "'inactive': [s], 'finish_time': s, ...}}; unset: always online")
     seconds_per_example: float = Field(0.001, gt=0, description="compute time of one example on a speed-1 client")
     device_flops: float | None = Field(None, gt=0, description="FLOP/s of a speed-1 client; set, an example costs "
                                        "the model's measured training FLOPs (3x forward) over it instead")
@@ -536,8 +543,7 @@ class SystemConfig(Section):
 
     @model_validator(mode="after")
     def _profile_complete(self) -> "SystemConfig":
-        if (self.profile == "trace") != (self.trace is not None):
-            raise ValueError("give system.trace (a CSV file) exactly when system.profile = 'trace'")
+        self._trace_files_given()
         changed = [k for k in ("deadline_s", "over_selection", "speed_spread", "availability")
                    if getattr(self, k) != type(self).model_fields[k].default]
         if self.profile == "none" and changed:
@@ -548,6 +554,18 @@ class SystemConfig(Section):
         if self.late == "stale" and self.deadline_s is None:
             raise ValueError("system.late = 'stale' keeps updates that miss system.deadline_s: set a deadline")
         return self
+
+    def _trace_files_given(self) -> None:
+        """system.trace with the CSV format, system.device_file (and optionally behavior_file) with FedScale's."""
+        fedscale = self.profile == "trace" and self.trace_format == "fedscale"
+        if self.trace_format == "fedscale" and self.profile != "trace":
+            raise ValueError("system.trace_format = 'fedscale' reads trace files: set system.profile = 'trace'")
+        if (self.profile == "trace" and not fedscale) != (self.trace is not None):
+            raise ValueError("give system.trace (a CSV file) exactly when system.profile = 'trace' "
+                             "(trace_format = 'csv'); FedScale's pickles go in system.device_file")
+        if fedscale != (self.device_file is not None) or (self.behavior_file is not None and not fedscale):
+            raise ValueError("give system.device_file (and optionally system.behavior_file) exactly when "
+                             "system.trace_format = 'fedscale'")
 
 
 class AsynchronousConfig(Section):
@@ -954,6 +972,33 @@ class ExperimentConfig(Section):
                 raise ValueError(f"server.transforms 'matched_averaging' aligns whole client models, x_global - row, "
                                  f"so it needs {key} = {needed!r} (got {value!r}): a noised, masked or partial row "
                                  "(or a stale one) is not a client model")
+        return self
+
+    @model_validator(mode="after")
+    def _anchor_sampling_rules(self) -> "ExperimentConfig":
+        """FedAMD: its options' ranges, and the parts its anchors (gradients that bypass the pipeline) and
+        its server state do not combine with."""
+        if self.algorithm.name != "fedamd" or self.mode == "decentralized":
+            return self
+        options = self.algorithm.options
+        p, batch = options.get("anchor_probability", 0.2), options.get("anchor_batch_size", 0)
+        if not 0 <= p < 1:
+            raise ValueError(f"algorithm.options.anchor_probability = {p}: a participant is an anchor with this "
+                             "probability; give a value in [0, 1) (1 would leave no miner to move the model)")
+        if batch < 0:
+            raise ValueError(f"algorithm.options.anchor_batch_size = {batch}: give examples per anchor batch, or 0 "
+                             "for all of a client's examples")
+        refused = {"mode = 'asynchronous'": self.mode == "asynchronous",
+                   "engine.name = 'ray'": self.engine.name == "ray",
+                   "compression.downlink": self.compression.downlink != "none",
+                   "a system model (system.profile)": self.system.profile != "none",
+                   "privacy.mechanism": self.privacy.mechanism != "none",
+                   "secure_aggregation.protocol": self.secure_aggregation.protocol != "none",
+                   "server.transforms 'fedau'": any(t.name == "fedau" for t in self.server.transforms)}
+        clash = next((name for name, on in refused.items() if on), None)
+        if clash is not None:
+            raise ValueError(f"algorithm.name = 'fedamd' with {clash}: its anchors' gradients skip the server "
+                             "pipeline and are not timed, compressed, noised or masked; FedAMD runs without it")
         return self
 
     @model_validator(mode="after")

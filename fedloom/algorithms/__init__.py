@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedloom.algorithms.base import NoServerState, PlainClient
+from fedloom.algorithms.fedamd import FedAMD
 from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.scaffold import Scaffold
@@ -31,6 +32,8 @@ ALGORITHMS = Registry("algorithm", {
     "fedprox": (FedProx, "FedProx (Li et al. 2020): local proximal term mu/2 ||x - x_global||^2 (option mu)"),
     "scaffold": (Scaffold, "SCAFFOLD (Karimireddy et al. 2020): control variates, option II; c by the uniform "
                  "mean of the sampled clients, x by the pipeline's (example-weighted) aggregate"),
+    "fedamd": (FedAMD, "FedAMD (Wu et al. 2023): anchor sampling; anchors send large-batch gradients, miners run "
+               "SARAH steps from their mean (options anchor_probability, anchor_batch_size, warm_start)"),
     "fedavgm": (FedAvg, "FedAvgM (Hsu et al. 2019): server SGD with momentum"),
     "fedadam": (FedAvg, "FedAdam (Reddi et al. 2021, Algorithm 2): server Adam, no bias correction, v_0 = tau^2"),
     "fedyogi": (FedAvg, "FedYogi (Reddi et al. 2021): server Yogi on the pseudo-gradient"),
@@ -43,5 +46,5 @@ SERVER_PRESETS: dict[str, ServerPreset] = {
     "fedadagrad": ServerPreset("adagrad", 0.1),
 }
 
-__all__ = ["ALGORITHMS", "SERVER_PRESETS", "ServerPreset", "FedAvg", "FedProx", "NoServerState", "PlainClient", "Scaffold", "ServerAdam",
+__all__ = ["ALGORITHMS", "SERVER_PRESETS", "ServerPreset", "FedAMD", "FedAvg", "FedProx", "NoServerState", "PlainClient", "Scaffold", "ServerAdam",
            "Yogi", "server_optimizer", "step_on_pseudo_gradient"]

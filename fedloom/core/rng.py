@@ -27,6 +27,7 @@ class Stream(IntEnum):
     PARTICIPATION = 10  # clients that take part on their own (unknown) probabilities
     PERSONAL = 11  # personalization: personal heads, fine-tuning batches
     MERGING = 12  # model merging: activation matching's batches
+    ANCHOR = 13  # FedAMD: who of a round's participants is an anchor, and an anchor's large batch
 
 
 def seed_for(seed: int, stream: Stream, *key: int) -> int:

@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from fedloom.core.local_optim import Adam, SGD
 from fedloom.core.params import ParamSpec
-from fedloom.core.rng import Stream, counter_keys
+from fedloom.core.rng import Stream, counter_keys, numpy_generator
 from fedloom.core.store import ClientStore
 from fedloom.tasks import Task, mean_loss
 
@@ -134,6 +134,24 @@ def batch_order(n_examples: int, local: LocalTraining, round_idx: int, client_id
     positions, _ = batch_plan(np.array([n_examples]), np.array([client_id]), local, round_idx)
     for row in torch.from_numpy(positions):
         yield row[row >= 0]
+
+
+def two_point(algorithm: Any) -> bool:
+    """Whether the algorithm's local step needs the gradient at a second point on the same batch (FedAMD's
+    recursive estimator): it then gives ``local_init(x0, sent, cstate) -> lstate`` and
+    ``local_direction(g, g_prev, x, lstate) -> (direction, lstate)`` in place of ``correct_grad``, where
+    ``g_prev`` is the gradient at ``lstate["x_prev"]``."""
+    return getattr(algorithm, "two_point", False)
+
+
+def large_batch(n_examples: int, batch_size: int, seed: int, round_idx: int, client_id: int) -> np.ndarray:
+    """Positions of a client's one large batch (FedAMD's anchors): ``batch_size`` of its examples drawn
+    without replacement from Stream.ANCHOR keyed by round and client, or all of them when ``batch_size``
+    is 0 or not smaller."""
+    if batch_size == 0 or batch_size >= n_examples:
+        return np.arange(n_examples)
+    rng = numpy_generator(seed, Stream.ANCHOR, round_idx, client_id)
+    return np.sort(rng.choice(n_examples, size=batch_size, replace=False))
 
 
 def concatenate(parts: list[RoundResult]) -> RoundResult:

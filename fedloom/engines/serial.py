@@ -9,6 +9,9 @@ runs on stacked clients.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -16,8 +19,8 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, seed_for
 from fedloom.core.store import ClientStore
 from fedloom.data.federated import FederatedData
-from fedloom.engines.base import (LocalTraining, RoundResult, batch_order, client_objective, functional_loss, projected,
-                                  starts_of)
+from fedloom.engines.base import (LocalTraining, RoundResult, batch_order, client_objective, functional_loss,
+                                  large_batch, projected, starts_of, two_point)
 from fedloom.engines.device import DATA_ON_DEVICE, DeviceData, loss_accumulator, moved
 from fedloom.tasks import Task
 
@@ -46,6 +49,38 @@ class SerialEngine:
         (g,) = torch.autograd.grad(loss, x)
         return g, loss.detach()
 
+    @contextmanager
+    def _client_rng(self, round_idx: int, cid: int, *key: int) -> Iterator[None]:
+        """Dropout draws from the client's own stream (torch's global generator, forked)."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed_for(self.local.seed, Stream.DROPOUT, round_idx, cid, *key))
+            yield
+
+    def _direction(self, algorithm, g: Tensor, x: Tensor, x0: Tensor, sent: dict[str, Tensor], cstate,
+                   lstate: dict[str, Tensor] | None, xb: Tensor, yb: Tensor):
+        """The step's direction: the corrected gradient or, for a two-point algorithm, its direction from
+        the gradients at x and at its previous point ``lstate["x_prev"]`` on the same batch."""
+        if lstate is None:
+            return algorithm.correct_grad(g, x, x0, sent, cstate), None
+        g_prev, _ = self._grad(self._loss, lstate["x_prev"], xb, yb)
+        return algorithm.local_direction(g, g_prev, x, lstate)
+
+    def gradients(self, x: Tensor, client_ids: list[int], batch_size: int, round_idx: int) -> Tensor:
+        """Each client's gradient at ``x`` on one large batch (``engines.base.large_batch``), ``[n, d]``
+        on the CPU; a client without examples gives zeros."""
+        self.model.train()
+        x = x.to(self.device)
+        grads = [self._large_batch_grad(x, cid, batch_size, round_idx) for cid in client_ids]
+        return torch.stack(grads).cpu() if grads else torch.zeros(0, x.shape[-1])
+
+    def _large_batch_grad(self, x: Tensor, cid: int, batch_size: int, round_idx: int) -> Tensor:
+        idx = self.data.train_idx[cid]
+        if len(idx) == 0:
+            return torch.zeros_like(x)
+        positions = torch.from_numpy(large_batch(len(idx), batch_size, self.local.seed, round_idx, cid))
+        with self._client_rng(round_idx, cid, 1):
+            return self._grad(self._loss, x, *self.examples.batch(idx[positions]))[0]
+
     def run_round(self, algorithm, x0: Tensor, sent: dict[str, Tensor], client_ids: list[int],
                   round_idx: int, store: ClientStore) -> RoundResult:
         """Train the clients one by one from ``x0`` (or each client's own row of it) and stack their rows."""
@@ -69,12 +104,13 @@ class SerialEngine:
         cstate = moved(store.get(cid, lambda: algorithm.client_init(x0.shape[-1])), self.device)
         opt, objective = self.local.optimizer, client_objective(algorithm, self._loss)
         x, opt_state, steps, loss_sum = x0.clone(), opt.init(x0), 0, loss_accumulator(self.device)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            # dropout draws from the client's own stream
-            torch.manual_seed(seed_for(self.local.seed, Stream.DROPOUT, round_idx, cid))
+        lstate = algorithm.local_init(x0, sent, cstate) if two_point(algorithm) else None
+        with self._client_rng(round_idx, cid):
             for batch in batch_order(len(idx), self.local, round_idx, cid):
-                g, loss = self._grad(objective, x, *self.examples.batch(idx[batch]))
-                x, opt_state = opt.step(x, algorithm.correct_grad(g, x, x0, sent, cstate), opt_state)
+                xb, yb = self.examples.batch(idx[batch])
+                g, loss = self._grad(objective, x, xb, yb)
+                direction, lstate = self._direction(algorithm, g, x, x0, sent, cstate, lstate, xb, yb)
+                x, opt_state = opt.step(x, direction, opt_state)
                 x = projected(algorithm, x)
                 steps += 1
                 loss_sum += loss  # summed on the device: no sync per step

@@ -23,7 +23,7 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.store import ClientStore
 from fedloom.data.federated import FederatedData
 from fedloom.engines.base import (LocalTraining, RoundResult, batch_plan, block_offsets, block_starts, client_objective,
-                                  concatenate, local_steps, projected, rows_of, starts_of)
+                                  concatenate, large_batch, local_steps, projected, rows_of, starts_of, two_point)
 from fedloom.engines.device import DATA_ON_DEVICE, DeviceData, free_memory, moved
 from fedloom.engines.fused import fused_step
 from fedloom.tasks import Task, mean_loss
@@ -151,6 +151,37 @@ class VectorizedEngine:
         """The task's mean loss over the real examples of a padded batch."""
         return mean_loss(self.task, functional_call(self.model, self.spec.unflatten(flat), (xb,)), yb, valid)
 
+    def _direction(self, algorithm, g: Tensor, X: Tensor, starts: Tensor, sent: dict[str, Tensor],
+                   state: dict[str, Tensor], lstate: dict[str, Tensor] | None, batch: tuple[Tensor, Tensor, Tensor]):
+        """The step's direction: the corrected gradient or, for a two-point algorithm, its direction from
+        the gradients at X and at its previous points ``lstate["x_prev"]`` on the same batches."""
+        if lstate is None:
+            return algorithm.correct_grad(g, X, starts, sent, state), None
+        g_prev, _ = self._step(lstate["x_prev"], *batch)
+        return algorithm.local_direction(g, g_prev, X, lstate)
+
+    def gradients(self, x: Tensor, client_ids: list[int], batch_size: int, round_idx: int) -> Tensor:
+        """Each client's gradient at ``x`` on one large batch (``engines.base.large_batch``), ``[n, d]``
+        on the CPU, in chunks of about as many examples as a training chunk's batches; a client
+        without examples gives zeros."""
+        self.model.train()
+        x = x.to(self.device)
+        own = [self.data.train_idx[c] for c in client_ids]
+        index = [idx[torch.from_numpy(large_batch(len(idx), batch_size, self.local.seed, round_idx, c))]
+                 for c, idx in zip(client_ids, own)]
+        per_chunk = max(1, self.chunk_size * self.local.batch_size // max((len(i) for i in index), default=1))
+        parts = [self._large_batch_grads(x, index[i:i + per_chunk]) for i in range(0, len(index), per_chunk)]
+        return torch.cat(parts).cpu() if parts else torch.zeros(0, x.shape[-1])
+
+    def _large_batch_grads(self, x: Tensor, index: list[Tensor]) -> Tensor:
+        """The gradients at x of clients on their (padded) large batches."""
+        padded = torch.nn.utils.rnn.pad_sequence([i.long() for i in index], batch_first=True, padding_value=-1)
+        if padded.shape[1] == 0:
+            return torch.zeros(len(index), x.shape[-1], device=x.device)
+        valid = (padded >= 0).float().to(self.device)
+        g, _ = self._step(x.expand(len(index), -1), *self.examples.batch(padded.clamp(min=0)), valid)
+        return torch.where(valid.sum(dim=1, keepdim=True) > 0, g, torch.zeros_like(g))
+
     def _clients_per_chunk(self, budget: int) -> int:
         """How many clients fit the memory budget: parameters, gradient,
         optimizer and client state (about 8 copies of d), plus activations."""
@@ -201,6 +232,7 @@ class VectorizedEngine:
         # x0 is one model [d] or each client's own [n, d]; a row is copied only when its client finishes first
         X = x0.expand(len(client_ids), -1)
         final, opt_state, state, starts = None, opt.init(X), cstate, x0
+        lstate = algorithm.local_init(X, sent, cstate) if two_point(algorithm) else None
         loss_sum = torch.zeros(len(client_ids), device=self.device)
         examples, valid = plan.clamp(min=0), (plan >= 0).float().to(self.device)
         row = 0
@@ -208,12 +240,15 @@ class VectorizedEngine:
             if k < len(X):  # clients k.. have finished
                 final = torch.empty_like(X) if final is None else final  # no client has finished before
                 final[k:len(X)] = X[k:]
-                X, opt_state, state = _first_rows((X, opt_state, state), k)
+                X, opt_state, state, lstate = _first_rows((X, opt_state, state, lstate), k)
                 starts = starts[:k] if starts.dim() == 2 else starts
             batch = examples[row:row + k, :width]  # no work on padding past the step's longest real batch
-            g, loss = step(X, *self.examples.batch(batch), valid[row:row + k, :width])
+            xb, yb = self.examples.batch(batch)
+            vb = valid[row:row + k, :width]
+            g, loss = step(X, xb, yb, vb)
             row += k
-            X, opt_state = opt.step(X, algorithm.correct_grad(g, X, starts, sent, state), opt_state)
+            direction, lstate = self._direction(algorithm, g, X, starts, sent, state, lstate, (xb, yb, vb))
+            X, opt_state = opt.step(X, direction, opt_state)
             X = projected(algorithm, X)
             loss_sum[:k] += loss.detach()
         if final is None:  # every client trained to the last step

@@ -33,7 +33,7 @@ from fedloom.builders import (GivenParts, build_adversary, build_algorithm, buil
                               model_device,
                               sized_to)
 from fedloom.compression.downlink import Downlink
-from fedloom.config import ExperimentConfig
+from fedloom.config import ConfigError, ExperimentConfig
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
 from fedloom.core.store import ClientStore
@@ -86,6 +86,9 @@ class FederatedRound:
         self.algorithm = build_algorithm(cfg)
         self.engine = (make_engine or partial(build_engine, cfg))(self.model, self.data)
         self.engine_name = self.engine.name
+        if hasattr(self.algorithm, "anchor_group") and not hasattr(self.engine, "gradients"):
+            raise ConfigError(f"algorithm.name = {cfg.algorithm.name!r} needs its anchors' large-batch gradients, "
+                              f"which the {self.engine.name} engine does not compute (use vectorized or serial)")
         # evaluation runs where the engine put the model (the CPU for Ray actors' and remote clients' runs)
         self.task, self.device = build_task_for(cfg, self.data), model_device(self.model)
         # personalization: personal coordinates stay with the clients, the pipeline works on the shared ones
@@ -108,10 +111,17 @@ class FederatedRound:
         """The state tree: the global model, the algorithm's and the pipeline's states, client states, the downlink
         and the byte counters."""
         x0 = self.spec.flatten(self.model).detach().cpu().clone()
-        return {"x": x0, "algorithm": self.algorithm.server_init(x0),
-                "pipeline": self.pipeline.init(self.split.shared_dim),
-                "clients": {}, "downlink": self.downlink.init(x0) if self.downlink else None,
-                "counters": {k: 0 for k in TOTALS}, "late": None}
+        state = {"x": x0, "algorithm": self.algorithm.server_init(x0),
+                 "pipeline": self.pipeline.init(self.split.shared_dim),
+                 "clients": {}, "downlink": self.downlink.init(x0) if self.downlink else None,
+                 "counters": {k: 0 for k in TOTALS}, "late": None}
+        if getattr(self.algorithm, "warm_start", False):  # FedAMD: every client's anchor gradient at x0 (round 0)
+            store = ClientStore()
+            grads = self.engine.gradients(x0, list(range(self.data.n_clients)), self.algorithm.anchor_batch_size, 0)
+            state["algorithm"] = self.algorithm.anchor_step(state["algorithm"], list(range(self.data.n_clients)),
+                                                            grads, store, self.data.n_clients)
+            state["clients"] = store.states
+        return state
 
     def _sample(self, state: State, round_idx: int) -> list[int]:
         """This round's clients: uniform, each on its own probability (bernoulli participation), or, with a
@@ -158,10 +168,13 @@ class FederatedRound:
         if not clients:  # nobody online (system model) or nobody took part (bernoulli): the model stays
             return self._no_participant(state, round_idx)
         sent = self.algorithm.broadcast(state["algorithm"])
+        store = ClientStore(state["clients"])
+        clients, state, anchors = self._anchors(state, clients, round_idx, store)
+        if not clients:  # FedAMD: every participant was an anchor, none trains
+            return self._no_participant({**state, "clients": store.states}, round_idx, anchors)
         start, down_bytes, downlink = self._model_for_clients(state, clients, round_idx)
         model_bytes = int(down_bytes.sum())
         timed = self._timed(clients, down_bytes, sent)
-        store = ClientStore(state["clients"])
         result, late = self._train(state, clients, timed, start, sent, round_idx, store)
         ctx = Context(round_idx, self.cfg.seed, list(result.client_ids), self.split.shared(state["x"]),
                       dict(result.aux), n_clients=self.data.n_clients)
@@ -177,16 +190,33 @@ class FederatedRound:
                           n_cancelled=len(clients) - len(timed.on_time) - len(timed.late))
         if model_rejected:
             record["model_rejected"] = "the aggregated model held NaN/Inf; the previous one is kept"
+        _count_anchors(record, anchors, self.spec.dim)
         new["counters"] = _add_totals(state["counters"], record)
         return new, record
 
-    def _no_participant(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
-        """A round without clients: no update; on the virtual clock it waits IDLE_WAIT_S for clients to come online."""
+    def _no_participant(self, state: State, round_idx: int, anchors: list[int] | None = None
+                        ) -> tuple[State, dict[str, Any]]:
+        """A round without clients training: no update; on the virtual clock it waits IDLE_WAIT_S for clients
+        to come online (FedAMD: its anchors' gradients are in ``state`` already)."""
         record = {"round": round_idx, "train_loss": float("nan"), "n_sampled": 0, "n_rejected": 0,
                   "n_byzantine": 0, "bytes_up": 0, "bytes_down": 0}
         if self.system is not None:
             record["round_virtual_seconds"] = IDLE_WAIT_S
+        _count_anchors(record, anchors, self.spec.dim)
         return {**state, "counters": _add_totals(state["counters"], record)}, record
+
+    def _anchors(self, state: State, clients: list[int], round_idx: int, store: ClientStore
+                 ) -> tuple[list[int], State, list[int] | None]:
+        """FedAMD's anchor group (an algorithm with ``anchor_group``): those of ``clients`` it picks compute a
+        large-batch gradient at the global model, which the algorithm keeps in their client states and its
+        server state; the rest (the miners) train. Returns (the miners, the state, the anchors or None)."""
+        if not hasattr(self.algorithm, "anchor_group"):
+            return clients, state, None
+        anchors = self.algorithm.anchor_group(clients, self.cfg.seed, round_idx)
+        grads = self.engine.gradients(state["x"], anchors, self.algorithm.anchor_batch_size, round_idx)
+        algorithm = self.algorithm.anchor_step(state["algorithm"], anchors, grads, store, self.data.n_clients)
+        chosen = set(anchors)
+        return [c for c in clients if c not in chosen], {**state, "algorithm": algorithm}, anchors
 
     def _run_clients(self, start: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
                      store: ClientStore) -> RoundResult:
@@ -265,6 +295,15 @@ class FederatedRound:
     def graph_record(self) -> None:
         """A federation has no gossip graph to draw."""
         return None
+
+
+def _count_anchors(record: dict[str, Any], anchors: list[int] | None, d: int) -> None:
+    """FedAMD's anchors in the record: how many, and their bytes (the model down, a gradient up, fp32)."""
+    if anchors is None:
+        return
+    record["n_anchors"] = len(anchors)
+    record["bytes_up"] += BYTES_PER_FLOAT * d * len(anchors)
+    record["bytes_down"] += BYTES_PER_FLOAT * d * len(anchors)
 
 
 def _add_totals(counters: dict[str, int], record: dict[str, Any]) -> dict[str, int]:

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedloom.core.rng import Stream, numpy_generator
-from fedloom.systems.trace import read_trace
+from fedloom.systems.fedscale import read_fedscale
+from fedloom.systems.trace import Trace, read_trace
 
 Z95 = 1.6448536269514722  # the standard normal's 95th percentile
 MARKOV_SLOTS = 4096  # the chain is drawn for this many slots, then repeats
@@ -79,9 +80,7 @@ def build_system(cfg, n_clients: int, model: nn.Module | None = None, example: T
     per_example = (s.seconds_per_example if s.device_flops is None
                    else training_flops_per_example(model, example) / s.device_flops)
     if s.profile == "trace":
-        trace = read_trace(s.trace, n_clients)
-        return SystemModel(trace.speed, trace.up_mbps * BYTES_PER_MEGABIT, trace.down_mbps * BYTES_PER_MEGABIT,
-                           per_example, interval_availability(trace.intervals))
+        return _traced(s, n_clients, per_example)
     speed = np.exp(speed_sigma(s.speed_spread) * numpy_generator(cfg.seed, Stream.SYSTEM, 0).standard_normal(n_clients))
     shares = np.array([b.share for b in s.bandwidth_classes], dtype=np.float64)
     drawn = numpy_generator(cfg.seed, Stream.SYSTEM, 1).choice(len(shares), size=n_clients, p=shares / shares.sum())
@@ -89,6 +88,14 @@ def build_system(cfg, n_clients: int, model: nn.Module | None = None, example: T
     down = np.array([b.down_mbps for b in s.bandwidth_classes])[drawn] * BYTES_PER_MEGABIT
     rng = numpy_generator(cfg.seed, Stream.SYSTEM, 2)
     return SystemModel(speed, up, down, per_example, _availability(s, n_clients, rng))
+
+
+def _traced(s, n_clients: int, per_example: float) -> SystemModel:
+    """The system model of a trace file: fedloom's CSV, or FedScale's device and behaviour pickles."""
+    trace: Trace = (read_fedscale(s.device_file, s.behavior_file, n_clients, per_example)
+                    if s.trace_format == "fedscale" else read_trace(s.trace, n_clients))
+    return SystemModel(trace.speed, trace.up_mbps * BYTES_PER_MEGABIT, trace.down_mbps * BYTES_PER_MEGABIT,
+                       per_example, interval_availability(trace.intervals, trace.periods))
 
 
 def _availability(s, n: int, rng: np.random.Generator) -> Availability:
@@ -118,17 +125,20 @@ def diurnal_availability(n: int, day: float, online_fraction: float, rng: np.ran
     return lambda t: ((t + phase) % day) < online_fraction * day
 
 
-def interval_availability(intervals: list[np.ndarray]) -> Availability:
-    """Online inside the given intervals, repeating with the period of the latest end (a trace replayed)."""
-    period = max((float(iv[-1, 1]) for iv in intervals if len(iv)), default=0.0)
+def interval_availability(intervals: list[np.ndarray], periods: np.ndarray | None = None) -> Availability:
+    """Online inside the given intervals, repeating with each client's period (FedScale's finish_time) or,
+    without periods, with the period of the latest end over all clients (a trace replayed)."""
+    if periods is None:
+        latest = max((float(iv[-1, 1]) for iv in intervals if len(iv)), default=0.0)
+        periods = np.full(len(intervals), latest)
     starts = [iv[:, 0] for iv in intervals]
     ends = [iv[:, 1] for iv in intervals]
 
     def available(t: float) -> np.ndarray:
-        at = t % period if period else t
         online = np.ones(len(intervals), dtype=bool)
         for c, (st, en) in enumerate(zip(starts, ends)):
             if len(st):
+                at = t % periods[c] if periods[c] else t
                 i = np.searchsorted(st, at, side="right") - 1
                 online[c] = i >= 0 and at < en[i]
         return online

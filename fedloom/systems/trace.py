@@ -35,6 +35,8 @@ class Trace:
     up_mbps: np.ndarray  # [n]
     down_mbps: np.ndarray  # [n]
     intervals: list[np.ndarray]  # per client [m, 2] online (start, end); empty: always online
+    periods: np.ndarray | None = None  # per client, the intervals repeat every periods[i] s (FedScale's
+    # finish_time); None: every client's repeat with the trace's latest end
 
 
 def read_trace(path: str | Path, n_clients: int) -> Trace:
