@@ -198,7 +198,7 @@ def _simulated_survivors(config: dict, survivors: list[int]):
 
 
 @pytest.mark.slow
-def test_ten_processes_three_killed_mid_protocol_then_too_many(federation):
+def test_ten_processes_three_killed_mid_protocol_then_too_many(federation):  # noqa: F811 (the fixture)
     """Round 1: clients 2 and 5 killed once they advertised keys, 7 once it sent its masked input; the round
     sums the survivors (7 included: its self mask is rebuilt from the others' shares). Round 2: four more
     killed after advertising, three left of the threshold six: the round fails, the model stays."""

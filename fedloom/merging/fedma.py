@@ -322,10 +322,9 @@ def fedma(config: str | Path | dict | ExperimentConfig | None = None, overrides:
     states = retrain(template, states_of_rows(template, ParamSpec.of(template), starts), 0, 0)
     evaluate, task = Evaluator(template, data, build_task_for(cfg, data)), build_task_for(cfg, data)
     first, average, widths = [evaluate(s) for s in states], evaluate(mean_state(states)), m.widths()
-    for r in range(f.rounds):
-        if r:  # FedMA with communication: every client trains the matched global model whole
-            states = retrain(model_of(template, m.layers, widths), [global_state] * data.n_clients, 0,
-                             r * len(m.layers))
+    global_state, widths = layerwise(m, states, widths, 0, retrain)
+    for r in range(1, f.rounds):  # FedMA with communication: every client trains the matched global model whole
+        states = retrain(model_of(template, m.layers, widths), [global_state] * data.n_clients, 0, r * len(m.layers))
         global_state, widths = layerwise(m, states, widths, r, retrain)
     model = model_of(template, m.layers, widths)
     model.load_state_dict(global_state)
