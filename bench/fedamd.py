@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 from pathlib import Path
 
-from fedau import accuracies  # bench/fedau.py: one run's final and tail accuracy
+from fedau import accuracies, print_table  # bench/fedau.py: one run's final and tail accuracy
 
 METHODS = {"fedavg": ["server.transforms=[]"], "fedau": []}
 
@@ -50,13 +49,7 @@ def main() -> None:
             print(f"seed {seed} {method}: final {results[method][seed][0]:.3f}, last {args.last} "
                   f"{results[method][seed][1]:.3f}", flush=True)
     print("load average after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    print(f"| method | {' | '.join(f'seed {s}' for s in args.seeds)} | mean final | mean of last {args.last} |")
-    print("|---" * (len(args.seeds) + 3) + "|")
-    for method, by_seed in results.items():
-        finals = [f"{final:.3f} ({tail:.3f})" for final, tail in by_seed.values()]
-        mean_final = statistics.fmean(final for final, _ in by_seed.values())
-        mean_tail = statistics.fmean(tail for _, tail in by_seed.values())
-        print(f"| {method} | {' | '.join(finals)} | {mean_final:.3f} | {mean_tail:.3f} |")
+    print_table(results, args.seeds, args.last)
     name = f"fedamd_seeds_{'_'.join(map(str, args.seeds))}" + ("" if len(methods) == 3 else "_" + "_".join(methods))
     out = Path(__file__).resolve().parent / "results" / f"{name}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -30,6 +30,17 @@ def accuracies(method: list[str], seed: int, rounds: int, last: int) -> tuple[fl
     return evaluated[-1], statistics.fmean(evaluated[-last:])
 
 
+def print_table(results: dict[str, dict[int, tuple[float, float]]], seeds: list[int], last: int) -> None:
+    """The markdown table: each method's final accuracy (and mean of the last evaluations) per seed."""
+    print(f"| method | {' | '.join(f'seed {s}' for s in seeds)} | mean final | mean of last {last} |")
+    print("|---" * (len(seeds) + 3) + "|")
+    for method, by_seed in results.items():
+        finals = [f"{final:.3f} ({tail:.3f})" for final, tail in by_seed.values()]
+        mean_final = statistics.fmean(final for final, _ in by_seed.values())
+        mean_tail = statistics.fmean(tail for _, tail in by_seed.values())
+        print(f"| {method} | {' | '.join(finals)} | {mean_final:.3f} | {mean_tail:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -37,13 +48,7 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=3)
     args = parser.parse_args()
     results = {m: {s: accuracies(METHODS[m], s, args.rounds, args.last) for s in args.seeds} for m in METHODS}
-    print(f"| method | {' | '.join(f'seed {s}' for s in args.seeds)} | mean final | mean of last {args.last} |")
-    print("|---" * (len(args.seeds) + 3) + "|")
-    for method, by_seed in results.items():
-        finals = [f"{final:.3f} ({tail:.3f})" for final, tail in by_seed.values()]
-        mean_final = statistics.fmean(final for final, _ in by_seed.values())
-        mean_tail = statistics.fmean(tail for _, tail in by_seed.values())
-        print(f"| {method} | {' | '.join(finals)} | {mean_final:.3f} | {mean_tail:.3f} |")
+    print_table(results, args.seeds, args.last)
     out = Path(__file__).resolve().parent / "results" / f"fedau_seeds_{'_'.join(map(str, args.seeds))}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 

@@ -1,5 +1,8 @@
 """Small shared helpers for tests that drive rounds directly."""
 
+import torch
+
+from fedloom import checkpoint
 from fedloom.config import load_config
 from fedloom.rounds import build_round
 from fedloom.core.store import ClientStore
@@ -29,3 +32,16 @@ def train_once(round_, x0, clients, sent=None, round_idx=1, store=None):
 def stepper(*overrides):
     """A :class:`fedloom.runner.Stepper` over the config given as overrides."""
     return Stepper(make_round(*overrides))
+
+
+def assert_resumes_bit_identically(build, path):
+    """Three rounds of ``build()`` in one go equal two, a checkpoint at ``path`` and the third: the
+    model and every client's state."""
+    whole, _ = play(build(), 3)
+    first, _ = play(build(), 2)
+    checkpoint.save(path, first)
+    resumed, _ = build().play(checkpoint.load(path), 3)
+    assert torch.equal(resumed["x"], whole["x"])
+    assert resumed["clients"].keys() == whole["clients"].keys()
+    for c, s in whole["clients"].items():
+        assert all(torch.equal(resumed["clients"][c][k], v) for k, v in s.items())

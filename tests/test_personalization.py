@@ -5,12 +5,11 @@ engines agree, and the FedRep, Ditto and FedBABU rules match hand-computed steps
 import pytest
 import torch
 
-from fedloom import checkpoint
 from fedloom.config import ConfigError, load_config
 from fedloom.engines.base import functional_loss
 from fedloom.personalization import Split
 from fedloom.personalization.split import personal_names
-from helpers import make_round, play
+from helpers import assert_resumes_bit_identically, make_round, play
 
 TINY = ["data.dataset=digits", "data.n_clients=6", "partition.name=shards", "partition.options={classes_per_client=2}",
         "model.name=mlp", "model.options={hidden=[8]}", "sampling.clients_per_round=3", "client.epochs=1",
@@ -71,14 +70,7 @@ def test_personal_coordinates_never_reach_the_uplink_or_the_server(method):
 
 @pytest.mark.parametrize("method", ["fedper", "ditto"])
 def test_personal_state_checkpoints_and_resumes_bit_identically(tmp_path, method):
-    whole, _ = play(_round(method), 3)
-    first, _ = play(_round(method), 2)
-    checkpoint.save(tmp_path / "ckpt", first)
-    resumed, _ = _round(method).play(checkpoint.load(tmp_path / "ckpt"), 3)
-    assert torch.equal(resumed["x"], whole["x"])
-    assert resumed["clients"].keys() == whole["clients"].keys()
-    for c, s in whole["clients"].items():
-        assert all(torch.equal(resumed["clients"][c][k], v) for k, v in s.items())
+    assert_resumes_bit_identically(lambda: _round(method), tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("method, chunked", [("finetune", False), ("fedper", False), ("fedrep", False),

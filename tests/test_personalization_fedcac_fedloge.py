@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedloom import checkpoint, evaluation
+from fedloom import evaluation
 from fedloom.config import ConfigError, load_config
 from fedloom.core.params import ParamSpec
 from fedloom.engines.base import functional_loss
@@ -15,7 +15,7 @@ from fedloom.personalization.fedcac import (CRITICAL, CUSTOMIZED, collaborators,
                                             overlaps)
 from fedloom.core.rng import Stream, torch_generator
 from fedloom.personalization.fedloge import ETF_KEY, LOCAL_HEAD, simplex_etf, sparsified
-from helpers import make_round, play
+from helpers import assert_resumes_bit_identically, make_round, play
 
 TINY = ["data.dataset=digits", "data.n_clients=6", "partition.name=shards", "partition.options={classes_per_client=2}",
         "model.name=mlp", "model.options={hidden=[16]}", "sampling.clients_per_round=3", "client.epochs=1",
@@ -230,14 +230,7 @@ def test_the_serial_and_the_vectorized_engines_agree(method):
 
 @pytest.mark.parametrize("method", ["fedcac", "fedloge"])
 def test_personal_state_checkpoints_and_resumes_bit_identically(tmp_path, method):
-    whole, _ = play(_round(method), 3)
-    first, _ = play(_round(method), 2)
-    checkpoint.save(tmp_path / "ckpt", first)
-    resumed, _ = _round(method).play(checkpoint.load(tmp_path / "ckpt"), 3)
-    assert torch.equal(resumed["x"], whole["x"])
-    assert resumed["clients"].keys() == whole["clients"].keys()
-    for c, s in whole["clients"].items():
-        assert all(torch.equal(resumed["clients"][c][k], v) for k, v in s.items())
+    assert_resumes_bit_identically(lambda: _round(method), tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("overrides, message", [
