@@ -31,6 +31,9 @@ DIMAT_KEY = 4  # the merging stream's key for DIMAT (0..3: activation batch, swe
 
 
 class Dimat(DSGD):
+    """DIMAT (Saadati et al., "DIMAT: Decentralized Iterative Merging-And-Training for Deep Learning
+    Models", 2024): every ``period`` rounds each node aligns its neighbours' models to its own (weight or
+    activation matching) and mixes them with the gossip weights; between merges nodes only train."""
     name = "dimat"
 
     def __init__(self, model: nn.Module, data: FederatedData, seed: int, period: int = 1, method: str = "weight"):

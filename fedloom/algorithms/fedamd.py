@@ -31,6 +31,9 @@ from fedloom.core.store import ClientState, ClientStore
 
 
 class FedAMD(PlainClient):
+    """FedAMD (Wu et al., "Anchor Sampling for Federated Learning with Partial Client Participation",
+    2023): each participant is an anchor with ``anchor_probability`` (a large-batch gradient at the global
+    model, kept as its state ``m``) or a miner (recursive SARAH steps started from the target g = mean m)."""
     name = "fedamd"
     plain_sgd_only = True  # the estimator is a plain SGD direction
     two_point = True
@@ -42,12 +45,15 @@ class FedAMD(PlainClient):
 
     # server side
     def server_init(self, x0: Tensor) -> AlgorithmState:
+        """The target gradient g, zero until the anchors (or the warm start) fill it."""
         return {"g": torch.zeros_like(x0)}
 
     def broadcast(self, state: AlgorithmState) -> dict[str, Tensor]:
+        """The miners start their estimator from the target g."""
         return {"g": state["g"]}
 
     def server_step(self, state: AlgorithmState, aux: dict[str, Tensor], n_clients: int) -> AlgorithmState:
+        """Unchanged: the target moves with the anchors (``anchor_step``), not with the miners' rows."""
         return state  # the target moves with the anchors (anchor_step), not with the miners' rows
 
     def anchor_group(self, clients: list[int], seed: int, round_idx: int) -> list[int]:

@@ -82,6 +82,7 @@ class Outgoing:
 
     @property
     def key(self) -> str:
+        """The message's task and phase, one key per pending message."""
         return f"{self.header.task_id}/{self.header.phase}"
 
 
@@ -307,6 +308,7 @@ class Coordinator:
             self._cond.notify_all()
 
     def abandon(self, client_id: int, phase: Phase) -> None:
+        """The client will not answer the phase (its connection is gone): stop waiting for it."""
         with self._cond:
             phase.receiving.discard(client_id)
 

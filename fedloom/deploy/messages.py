@@ -78,9 +78,11 @@ class ByteReceiver:
 
     @property
     def complete(self) -> bool:
+        """Whether every announced byte has arrived."""
         return len(self.data) == self.length
 
     def add(self, piece: bytes | memoryview) -> None:
+        """Append one chunk; Refused past the announced length or over the chunk size."""
         if len(piece) > self.chunk_bytes or len(self.data) + len(piece) > self.length:
             raise Refused(f"more than the {self.length} bytes announced, or a chunk over {self.chunk_bytes} bytes")
         self.data += piece

@@ -154,6 +154,7 @@ class FedMAError(ValueError):
 
 @dataclass(frozen=True)
 class Layer:
+    """One matched layer: its module's name and its inputs per unit of the layer below."""
     name: str  # the Linear/Conv2d module
     inner: int  # its inputs per unit of the layer below (a Linear after Flatten: height x width)
 
@@ -244,6 +245,8 @@ class FrozenBelow(PlainClient):
 
 @dataclass(frozen=True)
 class FedMAResult:
+    """What ``fedma`` measured: each client model's test metrics, the naive average's, FedMA's, its
+    widths, and FedMA's model."""
     clients: list[dict[str, float]]  # each client's model after its first local training: test metrics
     average: dict[str, float]  # those client models averaged coordinate by coordinate (the naive merge)
     fedma: dict[str, float]  # FedMA's global model
@@ -251,6 +254,7 @@ class FedMAResult:
     model: nn.Module  # FedMA's global model, weights loaded
 
     def table(self) -> dict[str, Any]:
+        """The clients' mean metrics beside the naive average's and FedMA's, and the widths."""
         mean = {k: sum(c[k] for c in self.clients) / len(self.clients) for k in self.clients[0]}
         return {"client_mean": mean, "average": self.average, "fedma": self.fedma, "widths": self.widths}
 
@@ -270,12 +274,15 @@ class Matching:
     @classmethod
     def of(cls, template: nn.Module, weights: Tensor, prior: Prior = Prior(), max_growth: float = 0.5,
            seed: int = 0, iterations: int = 5) -> "Matching":
+        """The matching for ``template``'s layers: the clients' ``weights``, the PFNM prior, each hidden
+        layer's width cap ((1 + max_growth) x its width), the seed of the clients' order and the passes."""
         layers = layers_of(template)
         caps = {layer.name: math.floor(_units(template.get_submodule(layer.name))[1] * (1 + max_growth))
                 for layer in layers[:-1]}
         return cls(template, layers, torch.as_tensor(weights, dtype=torch.float64), prior, caps, seed, iterations)
 
     def widths(self) -> dict[str, int]:
+        """The hidden layers' current widths."""
         return {layer.name: _units(self.template.get_submodule(layer.name))[1] for layer in self.layers[:-1]}
 
 

@@ -46,9 +46,12 @@ class MixtureRule:
         self.inner, self.d, self.alpha_scale = inner, d, alpha_lr / lr
 
     def client_init(self, d: int) -> ClientState:
+        """No client state of its own: v and alpha travel in the row."""
         return {}
 
     def objective(self, loss):
+        """APFL's objective of one row [w, v, alpha]: f(w) + f(alpha v + (1 - alpha) w), w held fixed in
+        the mixture, so its gradient is the paper's three updates."""
         d = self.d
 
         def both(z: Tensor, xb: Tensor, yb: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -60,19 +63,25 @@ class MixtureRule:
         return both
 
     def correct_grad(self, g: Tensor, x: Tensor, x0: Tensor, sent: dict[str, Tensor], cstate: ClientState) -> Tensor:
+        """The inner algorithm's correction on w only; alpha's gradient rescaled to its own learning rate."""
         d = self.d
         g_w = self.inner.correct_grad(g[..., :d], x[..., :d], x0[..., :d], sent, cstate)
         return torch.cat([g_w, g[..., d:2 * d], g[..., 2 * d:] * self.alpha_scale], dim=-1)
 
     def project(self, x: Tensor) -> Tensor:
+        """alpha clipped to [0, 1] after each step, as in the paper."""
         return torch.cat([x[..., :2 * self.d], x[..., 2 * self.d:].clamp(0, 1)], dim=-1)
 
     def client_result(self, x0: Tensor, x: Tensor, steps: Tensor, lr: float, sent: dict[str, Tensor],
                       cstate: ClientState) -> tuple[Tensor, dict[str, Tensor], ClientState]:
+        """The trained row as it is (APFL splits it into w's update and the personal state)."""
         return x, {}, cstate
 
 
 class APFL:
+    """APFL (Deng, Kamani, Mahdavi, "Adaptive Personalized Federated Learning", 2020): each client keeps
+    a personal model v and a mixing weight alpha; every local step trains w, v and alpha together, and the
+    client's model is alpha v + (1 - alpha) w."""
     name = "apfl"
     splits = False  # the global model is shared whole; v and alpha are personal
 
@@ -90,6 +99,7 @@ class APFL:
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
+        """The clients' rows [w, v, alpha] trained jointly; w's change goes to the server, v and alpha stay."""
         d = len(x)
         starts = torch.cat([x.expand(len(clients), d), self.personal(x, clients, store)], 1)
         rule = MixtureRule(algorithm, d, self.s.local.optimizer.lr, self.alpha_lr)

@@ -79,6 +79,9 @@ def customized_models(models: Tensor, together: Tensor) -> Tensor:
 
 
 class FedCAC:
+    """FedCAC (Wu et al., "Bold but Cautious: Unlocking the Potential of Personalized Federated Learning
+    through Cautiously Aggressive Collaboration", 2023): critical parameters averaged only among clients
+    whose critical sets overlap enough, the others with everyone."""
     name = "fedcac"
     splits = False  # every parameter is shared; what differs per client is which are averaged with whom
 
@@ -96,6 +99,7 @@ class FedCAC:
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
+        """Local training from each client's customized start, its critical mask, and the customized models."""
         starts = self.starts(x, clients, store)
         trained = train_pass(engine, LocalModels(algorithm), starts, sent, clients, round_idx, self.s.local)
         local = trained.U
@@ -110,4 +114,5 @@ class FedCAC:
         return n_sent * math.ceil(self.s.split.spec.dim / 8)
 
     def client_models(self, engine, x: Tensor, clients: list[int], store: ClientStore) -> Tensor:
+        """Each client's model: its critical parameters from its customized model, the rest global."""
         return self.starts(x, clients, store)

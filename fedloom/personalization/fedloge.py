@@ -77,6 +77,9 @@ def _linear_head(spec: ParamSpec, names: tuple[str, ...]) -> tuple[str, str | No
 
 
 class FedLoGe:
+    """FedLoGe (Xiao et al., "FedLoGe: Joint Local and Generic Federated Learning under Long-tailed
+    Data", 2024): a backbone under a fixed sparse ETF head (SSE-C), an aggregated auxiliary head, local
+    heads, and GLA-FR's realignment for the generic and the personalized models."""
     name = "fedloge"
     splits = False  # the global model (backbone, auxiliary head) is shared whole; local heads are client state
 
@@ -106,6 +109,7 @@ class FedLoGe:
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
+        """The backbone under SSE-C, then the auxiliary and the local heads on the new backbone."""
         head, local = self.head, self.s.local
         under_sse_c = head.with_personal(x, self.sse_c.expand(len(clients), -1))
         backbones = train_pass(engine, LocalModels(algorithm, ~head.mask), under_sse_c, sent, clients, round_idx,

@@ -44,6 +44,8 @@ MAX_WAITS = 100_000  # IDLE_WAIT_S steps a wake may wait for a client to come on
 
 
 class FavanoRound(FederatedRound):
+    """FAVANO (Leconte et al. 2023) on the virtual clock: clients train without pause, the server wakes
+    every ``period_s`` and averages itself with the current, possibly partial, local models of a sample."""
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         local = local_training(self.cfg)
