@@ -143,6 +143,15 @@ def _browser():
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
 
+def _text(browser, by, selector) -> str:
+    """The element's text, or "" while the list is being redrawn under it."""
+    exceptions = pytest.importorskip("selenium.common.exceptions")
+    try:
+        return browser.find_element(by, selector).text
+    except (exceptions.StaleElementReferenceException, exceptions.NoSuchElementException):
+        return ""
+
+
 def _wait(condition, timeout=60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -186,7 +195,8 @@ def test_the_page_plots_a_live_runs_rounds_as_they_come(tmp_path):
         first = _wait(lambda: int(charts.get_attribute("data-rounds") or 0))
         assert _wait(lambda: int(charts.get_attribute("data-rounds")) > first)
         assert browser.find_elements(by.CSS_SELECTOR, "#metric .main-svg")  # plotly drew the curve
-        assert "running" in browser.find_element(by.CSS_SELECTOR, "#runs button[data-run^='live']").text
+        # the list refreshes on its own timer (3 s), so it may still show the run as it was when first listed
+        assert _wait(lambda: "running" in _text(browser, by.CSS_SELECTOR, "#runs button[data-run^='live']"))
         _deployment(tmp_path / "deployed")  # the clients of each round, as a deployment records them
         _wait(lambda: browser.find_elements(by.CSS_SELECTOR, "#runs button[data-run='deployed']"))[0].click()
         # the live run may itself be at round 3 while the click's fetch is under way: wait for the deployed

@@ -45,6 +45,7 @@ function selectRun(name) {
 
 function addRecord(record) {
   if (record.round == null) return;
+  if (!state.rows.size) loadRuns();  // a run first listed as starting shows as running from its first round
   state.rows.set(record.round, Object.assign(state.rows.get(record.round) || {}, record));
   if (!state.pending) {  // one redraw for a burst of lines
     state.pending = true;
