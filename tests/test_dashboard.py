@@ -195,7 +195,7 @@ def test_the_page_plots_a_live_runs_rounds_as_they_come(tmp_path):
         first = _wait(lambda: int(charts.get_attribute("data-rounds") or 0))
         assert _wait(lambda: int(charts.get_attribute("data-rounds")) > first)
         assert browser.find_elements(by.CSS_SELECTOR, "#metric .main-svg")  # plotly drew the curve
-        # the list refreshes on its own timer (3 s), so it may still show the run as it was when first listed
+        # the list is redrawn by fetches of its own (first round, 3 s timer): wait for it to show the status
         assert _wait(lambda: "running" in _text(browser, by.CSS_SELECTOR, "#runs button[data-run^='live']"))
         _deployment(tmp_path / "deployed")  # the clients of each round, as a deployment records them
         _wait(lambda: browser.find_elements(by.CSS_SELECTOR, "#runs button[data-run='deployed']"))[0].click()
