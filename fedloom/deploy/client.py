@@ -166,7 +166,7 @@ class Trainer:
         from fedloom.deploy.secagg import ClientSession
 
         result, row, _ = self.local_update(header, tensors)
-        seed, spec = self._setup(header)[4], self._setup(header)[-1]
+        *_, seed, _, spec = self._setup(header)
         ctx = Context(header.round, seed, [self.client_id], tensors["params"])
         session = ClientSession(self.client_id, header, spec, row, float(result.weights[0]), ctx)
         return session, session.advertise(float(result.train_loss[0]))
