@@ -129,3 +129,40 @@ def test_fedma_with_communication_runs_more_rounds_from_the_config_keys():
     assert 64 <= result.widths["1"] <= 80
     assert result.model[1].weight.shape[0] == result.widths["1"]
     assert result.fedma["accuracy"] > result.average["accuracy"]
+
+
+def test_the_command_line_prints_fedma_against_averaging_and_writes_the_grown_model(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from fedloom.builders import build_data, build_model_for, build_task_for, sized_to
+    from fedloom.cli import main
+    from fedloom.config import load_config
+    from fedloom.merging.fedma import layers_of
+    from fedloom.merging.runs import Evaluator
+
+    out = tmp_path / "fedma"
+    assert main(["fedma", *DIGITS, "--set", "output.progress=false", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = json.loads((out / "fedma.json").read_text())
+    assert f"{table['fedma']['accuracy']:.4f}" in printed and f"{table['average']['accuracy']:.4f}" in printed
+    assert table["fedma"]["accuracy"] > table["average"]["accuracy"] + 0.1
+    assert len(table["clients"]) == 5
+    # the saved weights are FedMA's model: rebuilt at the grown widths, they score what the table says
+    state = load_file(str(out / "model.safetensors"))
+    assert state["1.weight"].shape[0] == table["widths"]["1"] and 64 <= table["widths"]["1"] <= 96
+    cfg = load_config(None, DIGITS)
+    data = build_data(cfg)
+    template = build_model_for(sized_to(cfg, data), data)
+    model = model_of(template, layers_of(template), table["widths"])
+    metrics = Evaluator(model, data, build_task_for(cfg, data))(state)
+    assert metrics["accuracy"] == pytest.approx(table["fedma"]["accuracy"], abs=1e-6)
+
+
+def test_the_command_line_refuses_what_fedma_cannot_run_with_exit_2(tmp_path, capsys):
+    from fedloom.cli import main
+
+    assert main(["fedma", "client.weight_decay=0.01", "--out", str(tmp_path / "x")]) == 2
+    assert "client.weight_decay" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written for a run that never started

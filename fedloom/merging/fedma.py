@@ -30,6 +30,7 @@ layers, pooling, Flatten) are supported; BatchNorm and residual networks are not
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -257,6 +258,18 @@ class FedMAResult:
         """The clients' mean metrics beside the naive average's and FedMA's, and the widths."""
         mean = {k: sum(c[k] for c in self.clients) / len(self.clients) for k in self.clients[0]}
         return {"client_mean": mean, "average": self.average, "fedma": self.fedma, "widths": self.widths}
+
+    def write(self, out: str | Path) -> list[Path]:
+        """``fedma.json`` (the table and each client's metrics) and ``model.safetensors`` (FedMA's global
+        model, its grown widths in the json) into the directory ``out``; the paths written."""
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        table, model = out / "fedma.json", out / "model.safetensors"
+        table.write_text(json.dumps({**self.table(), "clients": self.clients}, indent=2) + "\n")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(model))
+        return [table, model]
 
 
 @dataclass(frozen=True)
