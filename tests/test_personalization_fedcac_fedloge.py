@@ -151,7 +151,7 @@ def test_sse_c_zeroes_the_smallest_magnitude_entries():
     assert torch.equal(sparse[~zero], etf[~zero])
 
 
-def test_the_fixed_head_is_the_sparse_etf_and_the_backbone_trains_under_it():
+def test_the_fixed_head_is_the_sparse_etf_and_backbone_and_heads_step_together():
     round_ = _one_step("fedloge", "sampling.clients_per_round=1")
     method = round_.personal
     etf = simplex_etf(16, 10, torch_generator(round_.cfg.seed, Stream.PERSONAL, ETF_KEY))
@@ -163,13 +163,13 @@ def test_the_fixed_head_is_the_sparse_etf_and_the_backbone_trains_under_it():
     x0 = state0["x"]
     under = x0.clone()
     under[HEAD] = method.sse_c
-    backbone = under - LR * _grad(round_, under, client)  # the backbone's step under SSE-C (its head frozen)
-    backbone[HEAD] = x0[HEAD]
-    aux = backbone.clone()
-    aux[HEAD] = (backbone - LR * _grad(round_, backbone, client))[HEAD]  # the head's step at the new backbone
-    torch.testing.assert_close(state1["x"], aux, rtol=0, atol=1e-6)  # one client: FedAvg is its model
+    # one joint step from x0: the backbone's under SSE-C (its head frozen), the auxiliary head's on x0's
+    # backbone features, not on the stepped backbone's
+    stepped = under - LR * _grad(round_, under, client)
+    stepped[HEAD] = (x0 - LR * _grad(round_, x0, client))[HEAD]
+    torch.testing.assert_close(state1["x"], stepped, rtol=0, atol=1e-6)  # one client: FedAvg is its model
     # a new client's local head starts from the auxiliary head: after one step it equals it
-    torch.testing.assert_close(state1["clients"][client][LOCAL_HEAD], aux[HEAD], rtol=0, atol=1e-6)
+    torch.testing.assert_close(state1["clients"][client][LOCAL_HEAD], stepped[HEAD], rtol=0, atol=1e-6)
 
 
 def test_gla_fr_realigns_the_global_head_to_unit_rows_and_local_heads_by_their_row_norms():

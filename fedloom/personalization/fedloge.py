@@ -14,9 +14,10 @@ last layer: a weight ``[K, F]`` and its bias). Three heads play a part:
 - each client's local head, client state, never sent: trained likewise from where it was (first
   from the global auxiliary head).
 
-The paper trains the three on each batch at once (features detached for the two heads); here they
-are three passes of the engine over the same batches (the run's batch orders), the heads after the
-backbone. GLA-FR realigns the auxiliary head at evaluation. Global: each class's weight row scaled
+The three train together, as in the paper: every local step, on one batch, the backbone takes the
+gradient of its loss under SSE-C, and the two heads the gradients of their losses on that batch's
+features detached from the backbone. The engine trains one row [x, local head] per client on the sum of
+the three losses (``JointHeads``), each of whose gradients reaches only its own coordinates. GLA-FR realigns the auxiliary head at evaluation. Global: each class's weight row scaled
 to unit norm, undoing the norm bias of frequent classes: the generic model
 (``federated_<metric>``, the saved model). Local: client k's head is the auxiliary head with each
 class row scaled by the norm of its local head's row, plus its local head (weights and biases
@@ -33,9 +34,9 @@ from torch import Tensor
 
 from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, torch_generator
-from fedloom.core.store import ClientStore
+from fedloom.core.store import ClientState, ClientStore
 from fedloom.engines.base import RoundResult
-from fedloom.personalization.base import LocalModels, Setting, keep, train_pass, uplink
+from fedloom.personalization.base import Setting, keep, train_pass
 from fedloom.personalization.split import Split, personal_names
 
 LOCAL_HEAD = "local_head"  # the client state's key: the client's local head (weight and bias, flat)
@@ -76,6 +77,51 @@ def _linear_head(spec: ParamSpec, names: tuple[str, ...]) -> tuple[str, str | No
     return weights[0], (biases[0] if biases else None)
 
 
+class JointHeads:
+    """The client rule of FedLoGe's local steps on rows [x, local head] (x: backbone and auxiliary head):
+    the objective is the backbone's loss under the fixed SSE-C head plus the auxiliary and the local heads'
+    losses on the backbone's features held fixed, so one step moves each part by its own loss's gradient;
+    ``inner``'s correction (FedProx's pull, ...) applies to x; the row out is the trained row itself."""
+
+    plain_sgd_only = False
+
+    def __init__(self, inner, head_mask: Tensor, sse_c: Tensor):
+        self.inner, self.mask, self.d = inner, head_mask, len(head_mask)
+        # where each of x's head coordinates sits in a head vector (0 elsewhere: masked out)
+        self.at = torch.zeros(self.d, dtype=torch.long)
+        self.at[head_mask] = torch.arange(int(head_mask.sum()))
+        self.sse_c = sse_c
+
+    def client_init(self, d: int) -> ClientState:
+        """No client state of its own: the local head travels in the row."""
+        return {}
+
+    def objective(self, loss):
+        """The sum of the three losses of one row (class docstring); its value is the backbone's loss
+        under SSE-C, the round's train_loss."""
+        d = self.d
+
+        def joint(z: Tensor, xb: Tensor, yb: Tensor, valid: Tensor | None = None) -> Tensor:
+            x, mask, at = z[:d], self.mask.to(z.device), self.at.to(z.device)
+            with_head = lambda base, head: torch.where(mask, head[at], base)  # noqa: E731
+            backbone = loss(with_head(x, self.sse_c.to(z)), xb, yb, valid)
+            auxiliary = loss(torch.where(mask, x, x.detach()), xb, yb, valid)
+            local = loss(with_head(x.detach(), z[d:]), xb, yb, valid)
+            return backbone + (auxiliary - auxiliary.detach()) + (local - local.detach())
+
+        return joint
+
+    def correct_grad(self, g: Tensor, x: Tensor, x0: Tensor, sent: dict[str, Tensor], cstate: ClientState) -> Tensor:
+        """The inner algorithm's correction on x; the local head's gradient as it is."""
+        d = self.d
+        return torch.cat([self.inner.correct_grad(g[..., :d], x[..., :d], x0[..., :d], sent, cstate), g[..., d:]], -1)
+
+    def client_result(self, x0: Tensor, x: Tensor, steps: Tensor, lr: float, sent: dict[str, Tensor],
+                      cstate: ClientState) -> tuple[Tensor, dict[str, Tensor], ClientState]:
+        """The trained row as it is (``FedLoGe.train`` splits it)."""
+        return x, {}, cstate
+
+
 class FedLoGe:
     """FedLoGe (Xiao et al., "FedLoGe: Joint Local and Generic Federated Learning under Long-tailed
     Data", 2024): a backbone under a fixed sparse ETF head (SSE-C), an aggregated auxiliary head, local
@@ -109,20 +155,14 @@ class FedLoGe:
 
     def train(self, engine, algorithm, x: Tensor, sent: dict[str, Tensor], clients: list[int], round_idx: int,
               store: ClientStore) -> RoundResult:
-        """The backbone under SSE-C, then the auxiliary and the local heads on the new backbone."""
-        head, local = self.head, self.s.local
-        under_sse_c = head.with_personal(x, self.sse_c.expand(len(clients), -1))
-        backbones = train_pass(engine, LocalModels(algorithm, ~head.mask), under_sse_c, sent, clients, round_idx,
-                               local)
-        auxiliary = train_pass(engine, LocalModels(algorithm, head.mask),
-                               head.with_personal(backbones.U, head.personal_part(x).expand(len(clients), -1)),
-                               sent, clients, round_idx, local)
-        local_heads = train_pass(engine, LocalModels(algorithm, head.mask),
-                                 head.with_personal(backbones.U, self.local_heads(x, clients, store)), sent, clients,
-                                 round_idx, local).U
-        keep(store, clients, LOCAL_HEAD, head.personal_part(local_heads))
-        # the round's train_loss is the backbone's, under SSE-C
-        return replace(uplink(self.s.split, x, auxiliary), train_loss=backbones.train_loss)
+        """Each client's row [x, local head] trained jointly (``JointHeads``); the change of x (backbone and
+        auxiliary head) goes to the server, the local head stays."""
+        d = len(x)
+        starts = torch.cat([x.expand(len(clients), d), self.local_heads(x, clients, store)], 1)
+        rule = JointHeads(algorithm, self.head.mask, self.sse_c)
+        trained = train_pass(engine, rule, starts, sent, clients, round_idx, self.s.local)
+        keep(store, clients, LOCAL_HEAD, trained.U[:, d:])
+        return replace(trained, U=x.to(trained.U.device) - trained.U[:, :d], aux={})
 
     def local_heads(self, x: Tensor, clients: list[int], store: ClientStore) -> Tensor:
         """``[n, d_head]``: each client's local head; one not sampled yet has the global auxiliary head."""
