@@ -218,3 +218,23 @@ def test_the_summary_lists_each_clients_final_metric_for_the_histograms():
     assert per_client["clients"] == list(range(12)) and len(per_client["global"]) == 12
     worst = sorted(per_client["global"])[: math.ceil(0.1 * 12)]  # the same model's worst 10% of clients
     assert sum(worst) / len(worst) == pytest.approx(result.summary["federated_accuracy_worst10"], abs=1e-6)
+
+
+def test_the_partition_plot_draws_client_sizes_as_two_polygons_whatever_the_number_of_clients(monkeypatch, tmp_path):
+    """A bar per client made a 100,000-client run spend two minutes on this figure; the sizes are one filled
+    step polygon per series, whose outline is the sorted sizes (train, then test stacked on it)."""
+    from fedloom.tracking import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
+    rng = np.random.default_rng(0)
+    train, test = rng.integers(1, 60, 20_000), rng.integers(0, 15, 20_000)
+    stats = {"train_sizes": train.tolist(), "test_sizes": test.tolist(), "n_clients": 20_000,
+             "label_histogram": rng.integers(0, 10, (20_000, 10)).tolist()}
+    plots.plot_partition(stats, tmp_path / "partition.png")
+    sizes = drawn["fig"].axes[0]
+    assert len(sizes.patches) == 0 and len(sizes.collections) == 2
+    order = np.argsort(-train, kind="stable")
+    tops = [c.get_paths()[0].vertices[:, 1].max() for c in sizes.collections]
+    assert tops == [train.max(), (train[order] + test[order]).max()]
+    assert sizes.get_ylim()[0] == 0

@@ -263,10 +263,16 @@ def plot_partition(stats: dict, path: Path) -> Path | None:
 
 
 def _client_sizes(ax: Axes, train: np.ndarray, test: np.ndarray, n_clients: int) -> None:
+    # one filled step polygon per series, not a bar per client: 100,000 clients draw in about a second
     order = np.argsort(-train, kind="stable")
-    ax.bar(range(len(train)), train[order], width=1.0, color="tab:blue", label="train")
+    edges = np.arange(len(train) + 1) - 0.5
+    steps = lambda v: np.append(v, v[-1])  # noqa: E731 (fill_between's "post" steps need the last value twice)
+    ax.fill_between(edges, 0, steps(train[order]), step="post", color="tab:blue", label="train", linewidth=0)
     if len(test) == len(train):
-        ax.bar(range(len(test)), test[order], width=1.0, bottom=train[order], color="tab:orange", label="test (stacked on train)")
+        top = train[order] + test[order]
+        ax.fill_between(edges, steps(train[order]), steps(top), step="post", color="tab:orange",
+                        label="test (stacked on train)", linewidth=0)
+    ax.set_ylim(bottom=0)
     _decorate(ax, f"Client dataset sizes ({n_clients} clients)", "client (sorted by train size)", "examples", integer_x=True)
 
 
