@@ -48,7 +48,7 @@ def build_data(cfg: ExperimentConfig, given: GivenParts = GivenParts()) -> Feder
     train, test = given.datasets or load_dataset(cfg.data.dataset, **options)
     return federate(train, test, cfg.partition.name, cfg.data.n_clients, cfg.seed,
                     test_fraction=cfg.data.test_fraction, client_test_fraction=cfg.data.client_test_fraction,
-                    **cfg.partition.options)
+                    consume=not given.datasets, **cfg.partition.options)  # a user's own Dataset stays as it was
 
 
 def sized_to(cfg: ExperimentConfig, data: FederatedData) -> ExperimentConfig:

@@ -281,6 +281,30 @@ def test_federate_is_reproducible():
     assert any(not torch.equal(a, b) for a, b in zip(first.train_idx, other.train_idx))
 
 
+@pytest.mark.parametrize("partitioner", ["dirichlet", "natural"])
+def test_federate_consuming_its_input_deals_the_same_examples_in_place(partitioner, monkeypatch):
+    import fedloom.data.federated as federated
+
+    monkeypatch.setattr(federated, "COMPACT_ROWS", 7)  # many blocks, one straddling the held-out rows
+    data = lambda: tagged(n=500, groups=np.repeat(np.arange(25), 20))  # noqa: E731
+    options = {"alpha": 0.5} if partitioner == "dirichlet" else {}
+    copied = federate(data(), None, partitioner, n_clients=25, seed=3, **options)
+    source = data()
+    moved = federate(source, None, partitioner, n_clients=25, seed=3, consume=True, **options)
+    assert torch.equal(moved.x, copied.x) and torch.equal(moved.y, copied.y) and torch.equal(moved.x_test, copied.x_test)
+    assert moved.x.data_ptr() == source.x.data_ptr()  # in the input's own memory, not a copy
+
+
+def test_a_users_own_dataset_is_not_consumed_by_a_run():
+    from fedloom import run
+
+    given = tagged(n=400)
+    before = given.x.clone()
+    run(None, ["rounds=1", "data.n_clients=4", "sampling.clients_per_round=2", "model.name=logistic",
+               "output.save=false", "output.progress=false"], data=given)
+    assert torch.equal(given.x, before)
+
+
 def test_federate_natural_keeps_every_client():
     groups = np.repeat(np.arange(30), 20)
     groups[:3] = 99  # a three-example client must survive the holdout

@@ -141,7 +141,7 @@ def _load_split(folder: Path, files: tuple[str, ...], layout: CifarLayout, label
     batches = [_read_batch(folder / name, label_key, n_classes) for name in files]
     data, labels = (np.concatenate(parts) for parts in zip(*batches))
     return from_arrays(_to_images(data, layout, normalize), labels, layout.name, source=str(folder / files[0]),
-                       n_classes=n_classes)
+                       n_classes=n_classes, copy=False)
 
 
 def _load_cifar(layout: CifarLayout, path: str | Path, label_key: str, n_classes: int,

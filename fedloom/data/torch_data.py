@@ -53,4 +53,4 @@ def from_torch_dataset(ds: torch.utils.data.Dataset, *, name: str = "torch", tas
     pil = sys.modules.get("PIL.Image")  # a PIL image can only come from a loaded PIL
     is_image = pil is not None and isinstance(xs[0], pil.Image)
     x = pil_images(xs, name) if is_image else _stack(xs, "x", name)
-    return from_arrays(x, _stack(ys, "y", name), name, source=name, n_classes=n_classes, task=task)
+    return from_arrays(x, _stack(ys, "y", name), name, source=name, n_classes=n_classes, task=task, copy=False)
