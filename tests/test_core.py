@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -46,13 +47,15 @@ def _torch_reference(opt_cls, steps, **kw):
     return start, grads, p.detach()
 
 
-def test_local_sgd_momentum_weight_decay_matches_torch():
-    start, grads, expected = _torch_reference(torch.optim.SGD, 5, lr=0.1, momentum=0.9, weight_decay=0.01)
-    opt = SGD(lr=0.1, momentum=0.9, weight_decay=0.01)
+@pytest.mark.parametrize("options", [dict(lr=0.1), dict(lr=0.1, momentum=0.9, weight_decay=0.01),
+                                     dict(lr=0.05, weight_decay=0.1)])
+def test_local_sgd_is_bit_identical_to_torch(options):
+    start, grads, expected = _torch_reference(torch.optim.SGD, 5, **options)
+    opt = SGD(**options)
     x, state = start, opt.init(start)
     for g in grads:  # the same code steps stacked rows
         x, state = opt.step(x, g, state)
-    torch.testing.assert_close(x, expected)
+    assert torch.equal(x, expected)
 
 
 def test_local_adam_matches_torch():

@@ -28,12 +28,14 @@ class SGD:
 
     def step(self, x: Tensor, g: Tensor, buf: Any) -> tuple[Tensor, Any]:
         """One step of ``x`` along the gradient ``g``; returns the new parameters and state."""
+        # torch.optim.SGD's own kernels (add with alpha): bit-identical to it, and one pass over x, not two
+        # (x - lr * g on the round's first, broadcast x cost 16x as much)
         if self.weight_decay:
-            g = g + self.weight_decay * x
+            g = torch.add(g, x, alpha=self.weight_decay)
         if self.momentum:
             buf = self.momentum * buf + g  # torch: first buffer is g itself, the same as 0 * 0 + g
             g = buf
-        return x - self.lr * g, buf
+        return torch.add(x, g, alpha=-self.lr), buf
 
 
 @dataclass(frozen=True)
