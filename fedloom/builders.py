@@ -24,6 +24,7 @@ from fedloom.engines.base import LocalTraining
 from fedloom.engines.ray_engine import RayEngine
 from fedloom.engines.serial import SerialEngine
 from fedloom.engines.device import DeviceError, resolve_device
+from fedloom.engines.memory import keep_freed_memory
 from fedloom.engines.vectorized import UnsupportedModel, VectorizedEngine, why_not_vectorize
 from fedloom.models import build_given_model, build_model
 from fedloom.registry import OptionError, Registry
@@ -158,7 +159,10 @@ def local_training(cfg: ExperimentConfig) -> LocalTraining:
 
 
 def build_engine(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
-    """The configured engine (``ENGINES``)."""
+    """The configured engine (``ENGINES``); with ``engine.keep_freed_memory``, glibc keeps freed memory for
+    the rounds' fresh tensors (``engines/memory.py``)."""
+    if cfg.engine.keep_freed_memory:
+        keep_freed_memory()
     return ENGINES.factory(cfg.engine.name)(cfg, model, data)
 
 
@@ -185,7 +189,7 @@ def _ray(cfg: ExperimentConfig, model: nn.Module, data: FederatedData):
     try:
         return RayEngine(model, data, local_training(cfg), build_task_for(cfg, data), address=cfg.engine.ray_address,
                          workers=cfg.engine.ray_workers, memory_budget=_gb(cfg.engine.memory_budget_gb),
-                         gpus_per_worker=cfg.engine.ray_gpus_per_worker)
+                         gpus_per_worker=cfg.engine.ray_gpus_per_worker, keep_memory=cfg.engine.keep_freed_memory)
     except ImportError as err:
         raise ConfigError(f'engine.name = "ray": {err}') from None
     except ConnectionError as err:

@@ -27,6 +27,7 @@ from fedloom.core.store import ClientState, ClientStore
 from fedloom.data.federated import FederatedData
 from fedloom.engines.base import LocalTraining, RoundResult, concatenate, starts_of
 from fedloom.engines.serial import SerialEngine
+from fedloom.engines.memory import keep_freed_memory
 from fedloom.engines.vectorized import DEFAULT_MEMORY_BUDGET, VectorizedEngine, why_not_vectorize
 from fedloom.tasks import Task
 
@@ -100,7 +101,9 @@ class ClientWorker:
     """What runs inside one actor: a local engine over the actor's copy of the data."""
 
     def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task, memory_budget: int,
-                 on_gpu: bool):
+                 on_gpu: bool, keep_memory: bool = True):
+        if keep_memory:  # the worker's own process: engine.keep_freed_memory applies here too
+            keep_freed_memory()
         device = torch.device("cuda" if on_gpu else "cpu")  # Ray makes the actor's GPU share its "cuda"
         self.engine = (SerialEngine(model, data, local, task, device) if why_not_vectorize(model, device)
                        else VectorizedEngine(model, data, local, task, memory_budget, device))
@@ -129,7 +132,7 @@ class RayEngine:
 
     def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task,
                  address: str | None = None, workers: int = 2, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 gpus_per_worker: float = 0.0):
+                 gpus_per_worker: float = 0.0, keep_memory: bool = True):
         if workers < 1:
             raise ValueError(f"the ray engine needs at least one worker, got workers = {workers}")
         self._ray = import_ray()
@@ -138,7 +141,7 @@ class RayEngine:
         actor = self._ray.remote(num_cpus=1, num_gpus=gpus_per_worker, scheduling_strategy="SPREAD",
                                  max_restarts=RESTARTS, max_task_retries=RESTARTS)(ClientWorker)
         self._data = self._ray.put(data)  # held for the engine's life: a restarted worker is built from it again
-        self._actors = [actor.remote(model, self._data, local, task, memory_budget, gpus_per_worker > 0)
+        self._actors = [actor.remote(model, self._data, local, task, memory_budget, gpus_per_worker > 0, keep_memory)
                         for _ in range(workers)]
 
     def placement(self) -> dict[str, int]:
