@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 from fedloom.algorithms import ALGORITHMS  # noqa: E402
 from fedloom.core.store import ClientStore  # noqa: E402
 from fedloom.engines.ray_engine import (  # noqa: E402
-    ClientWorker, RayEngine, RoundInputs, connect, import_ray, split_evenly)
+    ClientWorker, RayEngine, RoundInputs, SharedData, connect, import_ray, split_evenly)
 from fedloom.engines.serial import SerialEngine  # noqa: E402
 from fedloom.aggregation.base import weighted_mean  # noqa: E402
 from fedloom.builders import local_training  # noqa: E402
@@ -109,17 +109,34 @@ def test_gradient_tracking_reads_and_writes_the_driver_store_between_rounds(engi
 def test_workers_train_vectorized_when_they_can_else_serially():
     exp = _experiment("client.batch_size=16")
     local = local_training(exp.cfg)
-    assert ClientWorker(exp.model, exp.data, local, exp.task, 2**30, on_gpu=False).engine.name == "vectorized"
+    assert ClientWorker(exp.model, SharedData.of(exp.data), local, exp.task, 2**30,
+                        on_gpu=False).engine.name == "vectorized"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Dropout(0.2), nn.ReLU(),
                           nn.Linear(16, exp.data.n_classes))
     serial = SerialEngine(copy.deepcopy(model), exp.data, local, exp.task)
-    worker = ClientWorker(copy.deepcopy(model), exp.data, local, exp.task, 2**30, on_gpu=False)
+    worker = ClientWorker(copy.deepcopy(model), SharedData.of(exp.data), local, exp.task, 2**30, on_gpu=False)
     assert worker.engine.name == "serial"
     x0, clients = serial.spec.flatten(model), list(range(5))
     result, states = worker.train(RoundInputs(exp.algorithm, x0, {}, clients, 1), slice(0, 5), {})
     _assert_same(serial.run_round(exp.algorithm, x0, {}, clients, 1, ClientStore()), result)
     assert sorted(states) == clients
+
+
+def test_the_data_travels_as_arrays_and_comes_back_whole():
+    data = _experiment().data
+    back = SharedData.of(data).attached()
+    for name in ("x", "y", "x_test", "y_test"):
+        assert torch.equal(getattr(back, name), getattr(data, name))
+    for name in ("train_idx", "test_idx"):
+        assert len(getattr(back, name)) == len(getattr(data, name))
+        assert all(torch.equal(a, b) for a, b in zip(getattr(back, name), getattr(data, name)))
+    assert (back.n_classes, back.task, back.vocabulary) == (data.n_classes, data.task, data.vocabulary)
+
+
+def test_workers_read_the_data_from_the_object_store_not_a_copy_each(engine):
+    # Ray hands NumPy arrays over as read-only views of the node's shared memory: one copy a node
+    assert ray.get([actor.data_in_shared_memory.remote() for actor in engine._actors]) == [True, True]
 
 
 def test_split_evenly_keeps_round_order_and_balances():

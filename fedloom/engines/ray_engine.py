@@ -1,7 +1,9 @@
 """The Ray engine: the round's clients train on Ray actors, for when one machine is not enough.
 
-Each actor gets the federated data once, at creation (one ``ray.put`` shared by
-all actors), and keeps it. Each round the algorithm, the global model (or each
+Each actor gets the federated data once, at creation, and keeps it: one ``ray.put``
+of the data as NumPy arrays (``SharedData``), which Ray's workers read in place from
+the node's shared-memory object store, so a node holds the data once however many
+workers it runs (torch tensors would be deserialized into a copy per worker). Each round the algorithm, the global model (or each
 client's own starting model, for gossip) and what the server broadcasts go into
 the object store once; the sampled clients are split evenly over the actors, and
 each actor trains its share with the vectorized engine when the model allows
@@ -17,9 +19,11 @@ the price is 2 x d' floats per stateful client per round on the wire.
 from __future__ import annotations
 
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -80,6 +84,38 @@ def _cannot_connect(address: str, reason: object) -> ConnectionError:
                            "`ray start --head`, or leave the address unset to start a local Ray")
 
 
+@dataclass(frozen=True)
+class SharedData:
+    """FederatedData as NumPy arrays, the form Ray's object store hands to workers without copying (read-only
+    views of the node's shared memory); the client index lists as one array and their lengths."""
+
+    arrays: dict[str, np.ndarray]  # x, y, x_test, y_test, train (every client's indices), test
+    train_sizes: np.ndarray
+    test_sizes: np.ndarray
+    n_classes: int
+    task: str
+    vocabulary: tuple[str, ...] | None
+
+    @classmethod
+    def of(cls, data: FederatedData) -> "SharedData":
+        """``data``'s tensors as arrays (the driver's memory, until ``ray.put`` copies them into the store)."""
+        joined = lambda parts: torch.cat(parts).numpy() if parts else np.empty(0, np.int64)  # noqa: E731
+        arrays = {"x": data.x.numpy(), "y": data.y.numpy(), "x_test": data.x_test.numpy(),
+                  "y_test": data.y_test.numpy(), "train": joined(data.train_idx), "test": joined(data.test_idx)}
+        sizes = lambda parts: np.array([len(p) for p in parts], dtype=np.int64)  # noqa: E731
+        return cls(arrays, sizes(data.train_idx), sizes(data.test_idx), data.n_classes, data.task, data.vocabulary)
+
+    def attached(self) -> FederatedData:
+        """The FederatedData over these arrays, not copied. The engines only read their data; torch warns that
+        the arrays are read-only, which here is the point."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = {k: torch.from_numpy(v) for k, v in self.arrays.items()}
+        split = lambda flat, sizes: list(torch.split(flat, sizes.tolist()))  # noqa: E731
+        return FederatedData(t["x"], t["y"], split(t["train"], self.train_sizes), split(t["test"], self.test_sizes),
+                             t["x_test"], t["y_test"], self.n_classes, self.task, self.vocabulary)
+
+
 def split_evenly(n: int, parts: int) -> list[slice]:
     """Contiguous, non-empty shares of ``n`` clients whose sizes differ by at most one, in round order."""
     bounds = [i * n // parts for i in range(parts + 1)]
@@ -100,11 +136,13 @@ class RoundInputs:
 class ClientWorker:
     """What runs inside one actor: a local engine over the actor's copy of the data."""
 
-    def __init__(self, model: nn.Module, data: FederatedData, local: LocalTraining, task: Task, memory_budget: int,
+    def __init__(self, model: nn.Module, shared: SharedData, local: LocalTraining, task: Task, memory_budget: int,
                  on_gpu: bool, keep_memory: bool = True):
         if keep_memory:  # the worker's own process: engine.keep_freed_memory applies here too
             keep_freed_memory()
         device = torch.device("cuda" if on_gpu else "cpu")  # Ray makes the actor's GPU share its "cuda"
+        self.shared = shared  # held: the tensors below are views of its arrays in the object store
+        data = shared.attached()
         self.engine = (SerialEngine(model, data, local, task, device) if why_not_vectorize(model, device)
                        else VectorizedEngine(model, data, local, task, memory_budget, device))
 
@@ -116,6 +154,10 @@ class ClientWorker:
         store = ClientStore(states)
         result = self.engine.run_round(inputs.algorithm, x0, inputs.sent, client_ids, inputs.round_idx, store)
         return result, {cid: store.get(cid, dict) for cid in client_ids}
+
+    def data_in_shared_memory(self) -> bool:
+        """Whether this worker's examples are the object store's read-only arrays, not a copy of its own."""
+        return not self.shared.arrays["x"].flags.writeable
 
     def node(self) -> str:
         """The id of the Ray node this actor runs on."""
@@ -140,7 +182,8 @@ class RayEngine:
         # a killed worker is restarted and its call retried: train() is a pure function of its inputs
         actor = self._ray.remote(num_cpus=1, num_gpus=gpus_per_worker, scheduling_strategy="SPREAD",
                                  max_restarts=RESTARTS, max_task_retries=RESTARTS)(ClientWorker)
-        self._data = self._ray.put(data)  # held for the engine's life: a restarted worker is built from it again
+        # held for the engine's life: a restarted worker is built from it again
+        self._data = self._ray.put(SharedData.of(data))
         self._actors = [actor.remote(model, self._data, local, task, memory_budget, gpus_per_worker > 0, keep_memory)
                         for _ in range(workers)]
 
