@@ -381,9 +381,9 @@ class EngineConfig(Section):
     fused: Literal["auto", "off"] = Field("auto", description="vectorized: auto trains Linear/ReLU classifiers "
                                           "(logistic, MLP) with a hand-written batched step, the same numbers at a "
                                           "fraction of the per-step overhead; off: always torch.func's vmap")
-    keep_freed_memory: bool = Field(True, description="Linux (glibc): allocations under 64 MB come from malloc's "
-                                    "heap and up to 256 MB freed is kept, so a round's fresh tensors do not page-"
-                                    "fault again (W1's round 2x faster); false: the C library's own settings")
+    keep_freed_memory: bool = Field(True, description="vectorized on Linux (glibc): allocations under 64 MB come "
+                                    "from malloc's heap and up to 256 MB freed is kept, so a round's fresh tensors do "
+                                    "not page-fault again (W1's round 2x faster); false: the C library's own settings")
     ray_address: str | None = Field(None, description='ray: "auto" joins a running cluster, "host:port" a remote '
                                     "one; unset starts a local Ray")
     ray_workers: int = Field(2, ge=1, description="ray: actors (one CPU each); clients split evenly over them")

@@ -138,12 +138,13 @@ class ClientWorker:
 
     def __init__(self, model: nn.Module, shared: SharedData, local: LocalTraining, task: Task, memory_budget: int,
                  on_gpu: bool, keep_memory: bool = True):
-        if keep_memory:  # the worker's own process: engine.keep_freed_memory applies here too
-            keep_freed_memory()
         device = torch.device("cuda" if on_gpu else "cpu")  # Ray makes the actor's GPU share its "cuda"
         self.shared = shared  # held: the tensors below are views of its arrays in the object store
         data = shared.attached()
-        self.engine = (SerialEngine(model, data, local, task, device) if why_not_vectorize(model, device)
+        serial = why_not_vectorize(model, device)
+        if keep_memory and not serial:  # the worker's own process: engine.keep_freed_memory, as in the driver
+            keep_freed_memory()
+        self.engine = (SerialEngine(model, data, local, task, device) if serial
                        else VectorizedEngine(model, data, local, task, memory_budget, device))
 
     def train(self, inputs: RoundInputs, share: slice,
