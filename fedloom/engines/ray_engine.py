@@ -3,8 +3,9 @@
 Each actor gets the federated data once, at creation, and keeps it: one ``ray.put``
 of the data as NumPy arrays (``SharedData``), which Ray's workers read in place from
 the node's shared-memory object store, so a node holds the data once however many
-workers it runs (torch tensors would be deserialized into a copy per worker). Each round the algorithm, the global model (or each
-client's own starting model, for gossip) and what the server broadcasts go into
+workers it runs (torch tensors would be deserialized into a copy per worker). Each
+round the algorithm, the global model (or each client's own starting model, for
+gossip) and what the server broadcasts go into
 the object store once; the sampled clients are split evenly over the actors, and
 each actor trains its share with the vectorized engine when the model allows
 it, else with the serial one.

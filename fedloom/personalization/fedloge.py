@@ -17,7 +17,9 @@ last layer: a weight ``[K, F]`` and its bias). Three heads play a part:
 The three train together, as in the paper: every local step, on one batch, the backbone takes the
 gradient of its loss under SSE-C, and the two heads the gradients of their losses on that batch's
 features detached from the backbone. The engine trains one row [x, local head] per client on the sum of
-the three losses (``JointHeads``), each of whose gradients reaches only its own coordinates. GLA-FR realigns the auxiliary head at evaluation. Global: each class's weight row scaled
+the three losses (``JointHeads``), each of whose gradients reaches only its own coordinates (checked
+against the authors' released code: features computed once a batch, the heads on ``features.detach()``).
+GLA-FR realigns the auxiliary head at evaluation. Global: each class's weight row scaled
 to unit norm, undoing the norm bias of frequent classes: the generic model
 (``federated_<metric>``, the saved model). Local: client k's head is the auxiliary head with each
 class row scaled by the norm of its local head's row, plus its local head (weights and biases
@@ -36,7 +38,7 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, torch_generator
 from fedloom.core.store import ClientState, ClientStore
 from fedloom.engines.base import RoundResult
-from fedloom.personalization.base import Setting, keep, train_pass
+from fedloom.personalization.base import LocalModels, Setting, keep, train_pass
 from fedloom.personalization.split import Split, personal_names
 
 LOCAL_HEAD = "local_head"  # the client state's key: the client's local head (weight and bias, flat)
@@ -77,24 +79,20 @@ def _linear_head(spec: ParamSpec, names: tuple[str, ...]) -> tuple[str, str | No
     return weights[0], (biases[0] if biases else None)
 
 
-class JointHeads:
+class JointHeads(LocalModels):
     """The client rule of FedLoGe's local steps on rows [x, local head] (x: backbone and auxiliary head):
     the objective is the backbone's loss under the fixed SSE-C head plus the auxiliary and the local heads'
     losses on the backbone's features held fixed, so one step moves each part by its own loss's gradient;
-    ``inner``'s correction (FedProx's pull, ...) applies to x; the row out is the trained row itself."""
-
-    plain_sgd_only = False
+    ``inner``'s correction (FedProx's pull, ...) applies to x; like every pass, no client state of its own
+    and the trained row itself out (``LocalModels``)."""
 
     def __init__(self, inner, head_mask: Tensor, sse_c: Tensor):
-        self.inner, self.mask, self.d = inner, head_mask, len(head_mask)
+        super().__init__(inner)
+        self.mask, self.d = head_mask, len(head_mask)
         # where each of x's head coordinates sits in a head vector (0 elsewhere: masked out)
         self.at = torch.zeros(self.d, dtype=torch.long)
         self.at[head_mask] = torch.arange(int(head_mask.sum()))
         self.sse_c = sse_c
-
-    def client_init(self, d: int) -> ClientState:
-        """No client state of its own: the local head travels in the row."""
-        return {}
 
     def objective(self, loss):
         """The sum of the three losses of one row (class docstring); its value is the backbone's loss
@@ -115,11 +113,6 @@ class JointHeads:
         """The inner algorithm's correction on x; the local head's gradient as it is."""
         d = self.d
         return torch.cat([self.inner.correct_grad(g[..., :d], x[..., :d], x0[..., :d], sent, cstate), g[..., d:]], -1)
-
-    def client_result(self, x0: Tensor, x: Tensor, steps: Tensor, lr: float, sent: dict[str, Tensor],
-                      cstate: ClientState) -> tuple[Tensor, dict[str, Tensor], ClientState]:
-        """The trained row as it is (``FedLoGe.train`` splits it)."""
-        return x, {}, cstate
 
 
 class FedLoGe:
