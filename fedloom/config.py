@@ -598,6 +598,29 @@ class AsynchronousConfig(Section):
             raise ValueError(f"asynchronous.{stray[0]} is a setting of asynchronous.algorithm = {own[stray[0]]!r}, "
                              f"not of {self.algorithm!r}")
         return self
+class SimultaneousTask(Section):
+    """One task of mode = 'simultaneous': its name and its settings, KEY=VALUE overrides of the experiment's
+    (as ``fedloom run --set`` takes them), e.g. ["data.dataset=mnist5k", "model.name=cnn"]."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="the task's name: its metrics are '<name>/...'")
+    set: list[str] = Field(default_factory=list, description="the task's own settings over the experiment's")
+
+
+class SimultaneousConfig(Section):
+    """mode = 'simultaneous': several models trained at once on one federation's clients (FedAST, Askin et al.
+    2024, or its synchronous baseline); each task is the experiment with its own overrides."""
+
+    algorithm: Literal["fedast", "sync"] = Field(
+        "fedast", description="fedast: a buffer per task, asynchronous | sync: Sync-ST, every task a round at once")
+    realloc: bool = Field(True, description="fedast: move clients between tasks by their updates' variance")
+    buffer_ratio: int = Field(32, ge=1, description="fedast with realloc: a task's buffer is ceil(its active "
+                              "clients / buffer_ratio)")
+    variance_window: int = Field(8, ge=2, description="fedast realloc: a task's last updates its variance is of")
+    realloc_every: int = Field(0, ge=0, description="fedast realloc: arrivals per unfinished task between "
+                               "reallocations; 0: 3/4 of the active clients (the authors')")
+    tasks: list[SimultaneousTask] = Field(default_factory=list, description="[[simultaneous.tasks]] name, set")
+
+
 class PersonalizationConfig(Section):
     """Models that differ per client (fedloom.personalization; ``fedloom list personalization``)."""
 
@@ -659,7 +682,7 @@ class ExperimentConfig(Section):
 
     name: str | None = Field(None, description="default: <dataset>-<algorithm> (decentralized: its algorithm), "
                              "e.g. digits-scaffold")
-    mode: Literal["federated", "decentralized", "asynchronous"] = "federated"
+    mode: Literal["federated", "decentralized", "asynchronous", "simultaneous"] = "federated"
     seed: int = 0
     rounds: int = Field(50, ge=1)
     max_failed_rounds: int = Field(3, ge=1, description="rounds in a row in which every update is rejected "
@@ -685,6 +708,7 @@ class ExperimentConfig(Section):
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
     asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
+    simultaneous: SimultaneousConfig = Field(default_factory=SimultaneousConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     fedma: FedMAConfig = Field(default_factory=FedMAConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -693,6 +717,8 @@ class ExperimentConfig(Section):
     @model_validator(mode="after")
     def _default_name(self) -> "ExperimentConfig":
         # from what runs, so that an override of the dataset or algorithm renames the run
+        if self.name is None and self.mode == "simultaneous":
+            self.name = "-".join([self.simultaneous.algorithm, *(t.name for t in self.simultaneous.tasks)])
         if self.name is None:
             algorithm = self.decentralized.algorithm if self.mode == "decentralized" else self.algorithm.name
             personal = self.personalization.method
@@ -919,6 +945,57 @@ class ExperimentConfig(Section):
         if self.data.n_clients is not None and a.clients_per_update > self.data.n_clients:
             raise ValueError(f"asynchronous.clients_per_update = {a.clients_per_update} is more than "
                              f"data.n_clients = {self.data.n_clients}")
+
+    @model_validator(mode="after")
+    def _simultaneous_rules(self) -> "ExperimentConfig":
+        """mode = 'simultaneous': named tasks, each a valid experiment on the same clients, on the virtual clock."""
+        tasks = self.simultaneous.tasks
+        if self.mode != "simultaneous":
+            if tasks:
+                raise ValueError("simultaneous.tasks are the models of mode = 'simultaneous'; set mode to run them")
+            return self
+        names = [t.name for t in tasks]
+        if not names or len(set(names)) != len(names):
+            raise ValueError("mode = 'simultaneous' needs [[simultaneous.tasks]], each with its own name "
+                             f"(got {names})")
+        if self.system.profile == "none":
+            raise ValueError("mode = 'simultaneous' runs on the virtual clock: set system.profile = 'sampled' or "
+                             "'trace'")
+        configs = self.task_configs()
+        self._tasks_share_the_clients(configs)
+        return self
+
+    def _tasks_share_the_clients(self, configs: dict[str, "ExperimentConfig"]) -> None:
+        sizes = {name: cfg.data.n_clients for name, cfg in configs.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"simultaneous.tasks train on one federation's clients: their data.n_clients differ "
+                             f"({sizes})")
+        active = sum(cfg.asynchronous.concurrency for cfg in configs.values())
+        n = next(iter(sizes.values()))
+        if n is not None and active > n:
+            raise ValueError(f"simultaneous.tasks: their asynchronous.concurrency (active clients) add up to "
+                             f"{active}, more than the {n} clients")
+        for name, cfg in configs.items():
+            if cfg.system.deadline_s is not None or cfg.system.over_selection > 0:
+                raise ValueError(f"simultaneous.tasks {name!r}: system.deadline_s and system.over_selection are not "
+                                 "rules of simultaneous training (a task's round waits for its clients)")
+            if cfg.personalization.method != "none":
+                raise ValueError(f"simultaneous.tasks {name!r}: personalization runs in mode = 'federated'")
+
+    def task_configs(self) -> dict[str, "ExperimentConfig"]:
+        """mode = 'simultaneous': each task's own experiment, this one with the task's overrides, run as an
+        asynchronous FedBuff stream without staleness discount (fedast) or as federated rounds (sync)."""
+        base = {**self.to_dict(), "simultaneous": {}}
+        own = {"fedast": ["mode=asynchronous", "asynchronous.algorithm=fedbuff", "asynchronous.staleness=constant"],
+               "sync": ["mode=federated"]}[self.simultaneous.algorithm]
+        configs = {}
+        for task in self.simultaneous.tasks:
+            try:
+                configs[task.name] = load_config({**base, "name": f"{self.name}-{task.name}"}, [*own, *task.set])
+            except ConfigError as err:
+                detail = str(err).removeprefix("invalid config:").strip()
+                raise ValueError(f"simultaneous.tasks {task.name!r}: {detail}") from None
+        return configs
 
     @model_validator(mode="after")
     def _participation_rules(self) -> "ExperimentConfig":

@@ -150,6 +150,8 @@ def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | Non
                 failed_in_a_row = failed_in_a_row + 1 if _nothing_usable(record) else 0
                 if failed_in_a_row >= cfg.max_failed_rounds:
                     return state, "failed", None
+                if record.get("done"):  # mode = "simultaneous": every task reached its target or its rounds
+                    break
     except KeyboardInterrupt:
         return state, "interrupted", None
     except OSError as err:
@@ -187,7 +189,7 @@ def _play(round_: Round, state: dict, r: int, started: float) -> tuple[dict, dic
     cfg = round_.cfg
     began = time.perf_counter()
     state, record = round_.play(state, r)
-    if r % cfg.evaluation.every == 0 or r == cfg.rounds:
+    if r % cfg.evaluation.every == 0 or r == cfg.rounds or record.get("done"):
         record.update(round_.evaluate(state))
     record["round_seconds"] = time.perf_counter() - began
     record["wall_seconds"] = time.perf_counter() - started

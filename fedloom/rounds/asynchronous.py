@@ -60,12 +60,15 @@ class AsynchronousRound(FederatedRound):
     def init_state(self) -> State:
         """The federated state tree plus the virtual clock, the job queue and the buffer, with ``concurrency``
         clients already started."""
-        state = {**super().init_state(), "now": 0.0, "version": 0, "queue": [], "starts": {}, "results": {},
-                 "buffer": [], "jobs": 0, "calls": 0,
-                 "aggregated": torch.zeros(self.data.n_clients, dtype=torch.int64)}
+        state = self.idle_state()
         for _ in range(self.cfg.asynchronous.concurrency):
             state = self._start(state)
         return state
+
+    def idle_state(self) -> State:
+        """The state tree with no client started yet."""
+        return {**super().init_state(), "now": 0.0, "version": 0, "queue": [], "starts": {}, "results": {},
+                "buffer": [], "jobs": 0, "calls": 0, "aggregated": torch.zeros(self.data.n_clients, dtype=torch.int64)}
 
     def play(self, state: State, round_idx: int) -> tuple[State, dict[str, Any]]:
         """Advance the virtual clock through finishing clients until the server model is updated once (FedAsync:
@@ -99,10 +102,15 @@ class AsynchronousRound(FederatedRound):
 
     def _start(self, st: State) -> State:
         """A new job: an idle client online now (or as soon as one is) starts from the current model."""
-        busy = {entry[2] for entry in st["queue"]} | {entry[0] for entry in st["buffer"]}
+        client, start = self.idle_client(busy_clients(st), st["now"], (st["jobs"],))
+        return {**self.start_job(st, client, start, st["jobs"]), "jobs": st["jobs"] + 1}
+
+    def idle_client(self, busy: set[int], now: float, key: tuple[int, ...]) -> tuple[int, float]:
+        """A client not in ``busy``, drawn uniformly (Stream.SAMPLING keyed by ``key``) from those online at
+        ``now`` or, if none is, at the first IDLE_WAIT_S step at which one is; (the client, that time)."""
         idle = np.ones(self.data.n_clients, dtype=bool)
         idle[list(busy)] = False
-        start = st["now"]
+        start = now
         for _ in range(MAX_WAITS):
             candidates = np.flatnonzero(idle & self.system.available(start))
             if len(candidates):
@@ -110,12 +118,14 @@ class AsynchronousRound(FederatedRound):
             start += IDLE_WAIT_S
         else:
             raise RuntimeError(f"no idle client came online within {MAX_WAITS * IDLE_WAIT_S:g} virtual seconds")
-        client = int(numpy_generator(self.cfg.seed, Stream.SAMPLING, st["jobs"]).choice(candidates))
+        return int(numpy_generator(self.cfg.seed, Stream.SAMPLING, *key).choice(candidates)), start
+
+    def start_job(self, st: State, client: int, start: float, job: int) -> State:
+        """Job ``job``: ``client`` starts from the current model at ``start``; it finishes after its virtual seconds."""
         seconds = self.system.seconds([client], self.examples[[client]], np.array([self.row_bytes]),
                                       np.array([BYTES_PER_FLOAT * self.spec.dim]))
-        st = {**st, "queue": list(st["queue"]), "starts": {**st["starts"], st["version"]: st["x"]},
-              "jobs": st["jobs"] + 1}
-        heapq.heappush(st["queue"], (start + float(seconds[0]), st["jobs"] - 1, client, st["version"]))
+        st = {**st, "queue": list(st["queue"]), "starts": {**st["starts"], st["version"]: st["x"]}}
+        heapq.heappush(st["queue"], (start + float(seconds[0]), job, client, st["version"]))
         return st
 
     def _train_pending(self, st: State, store: ClientStore) -> State:
@@ -177,3 +187,8 @@ class AsynchronousRound(FederatedRound):
                 "staleness_mean": float(np.mean(staleness)), "staleness_max": int(max(staleness)),
                 "round_virtual_seconds": seconds, "bytes_up": payload,
                 "bytes_down": len(applied) * BYTES_PER_FLOAT * self.spec.dim}
+
+
+def busy_clients(st: State) -> set[int]:
+    """Clients training (in flight) or waiting in the buffer for the server step (their update trains then)."""
+    return {entry[2] for entry in st["queue"]} | {entry[0] for entry in st["buffer"]}

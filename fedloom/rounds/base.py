@@ -48,6 +48,10 @@ def build_round(cfg: ExperimentConfig, given: GivenParts = GivenParts()) -> Roun
         from fedloom.rounds.decentralized import DecentralizedRound
 
         return DecentralizedRound(cfg, given)
+    if cfg.mode == "simultaneous":
+        from fedloom.rounds.simultaneous import FedASTRound, SyncSTRound
+
+        return (FedASTRound if cfg.simultaneous.algorithm == "fedast" else SyncSTRound)(cfg, given)
     if cfg.mode == "asynchronous" and cfg.asynchronous.algorithm == "favano":
         from fedloom.rounds.favano import FavanoRound
 

@@ -142,7 +142,11 @@ class FederatedRound:
         sent_bytes = BYTES_PER_FLOAT * sum(t.numel() for t in sent.values())
         seconds = self.system.seconds(clients, self.examples[clients], np.full(len(clients), self.row_bytes),
                                       down_bytes.numpy() + sent_bytes)
-        return cut(seconds, self.cfg.clients_per_round(), self.cfg.system.deadline_s)
+        return cut(seconds, self.closing_count(), self.cfg.system.deadline_s)
+
+    def closing_count(self) -> int:
+        """The finisher whose arrival closes a timed round: the clients_per_round-th."""
+        return self.cfg.clients_per_round()
 
     def _train(self, state: State, clients: list[int], timed: Cut, start: Tensor, sent: dict[str, Tensor],
                round_idx: int, store: ClientStore) -> tuple[RoundResult, Any]:

@@ -145,6 +145,15 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path | None:
     return _round_and_uplink(rows, ACCURACY_CURVES, "Accuracy", "accuracy (%)", 100.0, path)
 
 
+def plot_task_accuracy(rows: list[dict], path: Path) -> Path | None:
+    """mode = "simultaneous": each task's central accuracy ('<task>/central_accuracy') against round, uplink
+    bytes and virtual time; None when no task was evaluated."""
+    suffix = "/central_accuracy"
+    tasks = sorted({k.removesuffix(suffix) for r in rows for k in r if k.endswith(suffix)})
+    curves = {f"{t}{suffix}": (t, f"C{i % 10}", "-") for i, t in enumerate(tasks)}
+    return _round_and_uplink(rows, curves, "Accuracy by task", "accuracy (%)", 100.0, path) if tasks else None
+
+
 def plot_loss(rows: list[dict], path: Path) -> Path | None:
     """The loss curves against round and uplink bytes (and virtual time) into ``path``; None with no loss."""
     return _round_and_uplink(rows, LOSS_CURVES, "Loss", "loss (mean per example)", 1.0, path)

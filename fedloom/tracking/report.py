@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .plots import (by_round, plot_accuracy, plot_consensus, plot_error, plot_graph, plot_loss, plot_nodes,
-                    plot_partition, plot_personalization, plot_perplexity, plot_privacy, plot_staleness)
+                    plot_partition, plot_personalization, plot_perplexity, plot_privacy, plot_staleness,
+                    plot_task_accuracy)
 from .rundir import CONFIG, GRAPH, PARTITION, PER_CLIENT, SUMMARY, read_metrics, to_json, write_text_atomic
 
 REPORT = "report.html"
@@ -39,6 +40,7 @@ def render_report(run_dir: str | Path) -> Path:
     graph = _read_json(run_dir / GRAPH)
     plots = [
         plot_accuracy(rows, run_dir / "accuracy.png"),
+        plot_task_accuracy(rows, run_dir / "task_accuracy.png"),
         plot_loss(rows, run_dir / "loss.png"),
         plot_perplexity(rows, run_dir / "perplexity.png"),
         plot_error(rows, run_dir / "error.png"),
