@@ -114,10 +114,15 @@ def test_realloc_moves_clients_between_tasks_keeping_their_total_and_sizes_the_b
         seen.add(tuple(record["active"]))
         assert sum(record["active"]) == 8
         m = ["lin", "mlp"].index(record["task"])
-        # b_m = ceil(in flight / ratio) after the task's last arrival
-        assert s.state["buffers"][m] >= 1
+        # b_m = ceil(in flight / ratio), set at the task's last arrival (the one that filled its buffer)
+        assert s.state["buffers"][m] == buffer_size(len(in_flight(s.state, record["task"])), 2)
     assert len(seen) > 1  # Realloc did move clients
     assert all(a % 2 == 0 for active in seen for a in active)  # in chunks of buffer_ratio
+
+
+def test_the_realloc_variance_leaves_the_biases_out():
+    fedast = build_round(load_config(config()))
+    assert len(fedast.weight_coordinates[0]) == 650 and int(fedast.weight_coordinates[0].sum()) == 640  # 10 x 64 + 10
 
 
 def test_sync_st_gives_the_tasks_disjoint_clients_and_waits_for_the_slowest():

@@ -20,8 +20,9 @@ from torch import Tensor
 
 def normalized_variance(rows: Tensor, server_lr: float, client_lr: float, local_steps: float) -> float:
     """The spread of a task's last updates, scaled to compare tasks: sum_j ||u_j - u_bar||^2 / (W ||u_bar||^2)
-    times eta_g / (eta_l L^2) (L: local steps), the authors' estimate. Their code's final ``**1/2`` halves
-    every task's value alike, which leaves the proportions Realloc uses unchanged, so it is left out here."""
+    times eta_g / (eta_l L^2) (L: local steps), the authors' estimate (on the weights, biases left out, as they
+    do). Their code's final ``**1/2`` halves every task's value alike, which leaves the proportions Realloc
+    uses unchanged, so it is left out here."""
     mean = rows.mean(dim=0)
     spread = float(((rows - mean) ** 2).sum())
     scale = float((mean ** 2).sum()) * len(rows)

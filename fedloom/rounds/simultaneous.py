@@ -45,6 +45,7 @@ from fedloom import evaluation
 from fedloom.algorithms.fedast import buffer_size, hand_over, normalized_variance, reallocate
 from fedloom.builders import GivenParts, local_training
 from fedloom.config import ConfigError, ExperimentConfig
+from fedloom.core.params import ParamSpec
 from fedloom.core.rng import Stream, numpy_generator
 from fedloom.core.store import ClientStore
 from fedloom.engines.base import local_steps
@@ -150,6 +151,7 @@ class FedASTRound(_Tasks):
         self.period = s.realloc_every or self.total * 3 // 4
         self.steps_per_job = [float(local_steps(t.data.client_sizes(), local_training(t.cfg)).mean())
                               for t in self.tasks]
+        self.weight_coordinates = [_weights_only(t.spec) for t in self.tasks]  # the variance skips biases
 
     def init_state(self) -> State:
         """Every task's state with its R_m clients started, the buffers and the Realloc statistics."""
@@ -248,8 +250,8 @@ class FedASTRound(_Tasks):
         for row in rows:
             window = [*window, row][-s.variance_window:]
             if len(window) == s.variance_window:
-                variances.append(normalized_variance(torch.stack(window), server_lr, client_lr,
-                                                     self.steps_per_job[m]))
+                rows = torch.stack(window)[:, self.weight_coordinates[m]]
+                variances.append(normalized_variance(rows, server_lr, client_lr, self.steps_per_job[m]))
         st["windows"][m], st["variances"][m] = window, variances
         return st
 
@@ -319,6 +321,12 @@ def _merge(record: dict[str, Any], name: str, own: dict[str, Any]) -> None:
     for key in ("n_sampled", "n_rejected", "bytes_up", "bytes_down"):
         record[key] += own.get(key, 0)
     record["round_virtual_seconds"] = max(record["round_virtual_seconds"], own.get("round_virtual_seconds", 0.0))
+
+
+def _weights_only(spec: ParamSpec) -> Tensor:
+    """The flat coordinates of every parameter but the biases (the authors' variance leaves biases out)."""
+    return torch.cat([torch.full((size,), "bias" not in name.rsplit(".", 1)[-1], dtype=torch.bool)
+                      for name, size in zip(spec.names, spec.sizes)])
 
 
 def _opened(sub: State) -> State:
