@@ -283,7 +283,7 @@ def _summary(cfg: ExperimentConfig, result: RunResult, status: str, engine: str)
     algorithm = cfg.decentralized.algorithm if cfg.mode == "decentralized" else cfg.algorithm.name
     return {"name": cfg.name, "mode": cfg.mode, "status": status, "rounds_done": _rounds_done(result.history),
             "rounds": cfg.rounds, "algorithm": algorithm, "dataset": cfg.data.dataset, "engine": engine,
-            **{k: v for k, v in final.items() if k.startswith(SUMMARY_PREFIXES)},
+            **{k: v for k, v in final.items() if k.rpartition("/")[2].startswith(SUMMARY_PREFIXES)},  # '<task>/...' too
             **{k: final[k] for k in SUMMARY_KEYS if k in final},
             **_time_to_target(cfg, result.history),
             "run_dir": str(result.run_dir) if result.run_dir else None}

@@ -6,16 +6,8 @@ the serial engine's numbers."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,58 +16,17 @@ from safetensors.torch import load_file
 pytest.importorskip("ray")
 
 import fedloom  # noqa: E402
+from fedloom.engines.local_cluster import local_cluster  # noqa: E402
 
 pytestmark = pytest.mark.slow
-RAY = Path(sys.executable).with_name("ray")
 CONFIG = {"data": {"n_clients": 12}, "sampling": {"clients_per_round": 6}, "rounds": 3, "client": {"epochs": 1},
           "model": {"name": "mlp"}, "output": {"progress": False}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """One node; its own temporary directory keeps its address out of /tmp/ray, where a plain
-    ``ray.init()`` elsewhere (the other tests) would find it and join this cluster."""
-    temp_dir = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp")  # short: Ray's socket paths live under it
-    with open(log, "w") as out:
-        return subprocess.Popen([str(RAY), "start", "--block", "--num-cpus=1", "--object-store-memory=100000000",
-                                 "--disable-usage-stats", f"--temp-dir={temp_dir}", *args], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _alive_nodes(address: str, env: dict[str, str]) -> int:
-    probe = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
-             "print(sum(n['Alive'] for n in ray.nodes()))" % address)
-    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-    return int(done.stdout.split()[-1]) if done.returncode == 0 and done.stdout.split() else 0
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("ray-cluster")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    address = f"127.0.0.1:{_free_port()}"
-    nodes = [_start(["--head", f"--port={address.rpartition(':')[2]}", "--include-dashboard=false"], env,
-                    logs / "head.log")]
-    try:
-        deadline = time.monotonic() + 180
-        while _alive_nodes(address, env) < 1:
-            assert time.monotonic() < deadline, (logs / "head.log").read_text()[-2000:]
-        nodes.append(_start([f"--address={address}"], env, logs / "worker.log"))
-        while _alive_nodes(address, env) < 2:
-            assert time.monotonic() < deadline, (logs / "worker.log").read_text()[-2000:]
-        yield address, env
-    finally:
-        for node in reversed(nodes):  # `ray start --block` stops its node's processes on SIGTERM
-            os.killpg(node.pid, signal.SIGTERM)
-            node.wait(timeout=60)
-            shutil.rmtree(next(a for a in node.args if a.startswith("--temp-dir=")).partition("=")[2],
-                          ignore_errors=True)
+    with local_cluster(2, tmp_path_factory.mktemp("ray-cluster")) as running:
+        yield running.address, running.env
 
 
 def test_two_node_cluster_gives_the_serial_engines_numbers(cluster, tmp_path):

@@ -102,6 +102,7 @@ def test_a_task_at_its_target_hands_its_clients_over_and_the_run_ends_when_all_a
     reached = {n: t["reached"] for n, t in result.summary["tasks"].items()}
     assert reached["hard"]["central_accuracy"] >= 0.6
     assert result.summary["time_to_all_targets"] == reached["hard"]["virtual_seconds"] > reached["easy"]["virtual_seconds"]
+    assert result.summary["hard/central_accuracy"] == result.final["hard/central_accuracy"] >= 0.6
 
 
 def test_realloc_moves_clients_between_tasks_keeping_their_total_and_sizes_the_buffers():

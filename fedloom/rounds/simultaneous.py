@@ -210,12 +210,14 @@ class FedASTRound(_Tasks):
         return st
 
     def _realloc(self, st: State, m: int) -> State:
-        """b_m follows task m's clients in flight; every period x running tasks arrivals, once every task has
-        a variance estimate and more server steps than the window, R follows the variances."""
+        """b_m follows task m's clients in flight; every period x running tasks arrivals, once every running task
+        has a variance estimate and more server steps than the window, R follows the variances."""
         s = self.cfg.simultaneous
         st["buffers"][m] = buffer_size(len(st["tasks"][self.names[m]]["queue"]), s.buffer_ratio)
         running = st["running"]
-        due = st["arrivals"] >= self.period * sum(running) and min(st["steps"]) > s.variance_window
+        # the authors take the minimum over every task; a task finished early would then block Realloc for good
+        steps = min(n for n, on in zip(st["steps"], running) if on)
+        due = st["arrivals"] >= self.period * sum(running) and steps > s.variance_window
         if due and all(st["variances"][i] for i in range(len(running)) if running[i]):
             means = [float(np.mean(v)) if v else 0.0 for v in st["variances"]]
             st["active"] = reallocate(means, sum(st["active"]), s.buffer_ratio, running)
