@@ -68,7 +68,7 @@ def session_memory(session: int) -> int:
     total = 0
     for pid in os.listdir("/proc"):
         if pid.isdigit() and _session_of(pid) == session:
-            total += _pss(pid)
+            total += process_memory(int(pid))
     return total
 
 
@@ -80,7 +80,8 @@ def _session_of(pid: str) -> int | None:
     return int(stat.rpartition(")")[2].split()[3])  # after the command name: state, ppid, pgrp, session
 
 
-def _pss(pid: str) -> int:
+def process_memory(pid: int) -> int:
+    """Bytes of memory process ``pid`` holds, its proportional set size (0 once it is gone)."""
     try:
         lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
     except OSError:
