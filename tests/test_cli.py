@@ -190,3 +190,14 @@ def test_simulations_run_without_grpc_and_the_server_names_the_extra(tmp_path):
     assert done.returncode == 0, done.stderr
     served = without("server", "--tokens", str(tmp_path / "tokens.txt"))
     assert served.returncode == 2 and "pip install 'fedloom[deploy]'" in served.stderr, served.stderr
+
+
+def test_a_federated_run_loads_neither_the_graph_libraries_nor_ray_grpc_or_pandas():
+    # start-up: networkx and scipy come with decentralized runs (and merging), Ray, gRPC and pandas on demand
+    code = ("import sys, fedloom\n"
+            "fedloom.run(None, ['rounds=1', 'client.epochs=1', 'model.name=logistic', 'output.save=false',"
+            " 'output.progress=false'])\n"
+            "print(sorted(m for m in ('networkx', 'scipy', 'ray', 'grpc', 'pandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

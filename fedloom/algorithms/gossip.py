@@ -48,7 +48,6 @@ from fedloom.compression import uplink
 from fedloom.compression.base import Compressor
 from fedloom.core.store import ClientState, ClientStore
 from fedloom.registry import Registry
-from fedloom.topology import gossip
 
 
 GossipRule = Callable[[Tensor, Tensor, Tensor], Tensor]  # (W, own [n, d], received [n, d]) -> mixed [n, d]
@@ -72,10 +71,18 @@ def _mix(W: Tensor, edge_weights: Tensor, diagonal: Tensor, own: Tensor, receive
     return torch.sparse.mm(off, received) + diagonal.to(own.dtype)[:, None] * own
 
 
+def _mixed(W: Tensor, X: Tensor) -> Tensor:
+    """``W @ X`` (``fedloom.topology.gossip``), imported here so that federated runs do not load networkx
+    and scipy, which the topology package needs."""
+    from fedloom.topology import gossip
+
+    return gossip(W, X)
+
+
 def mean_gossip(W: Tensor, own: Tensor, received: Tensor) -> Tensor:
     """x_i <- w_ii x_i + sum_{j != i} w_ij z_j; exactly ``W @ X`` when every node sent its own model."""
     if received is own:
-        return gossip(W, own)
+        return _mixed(W, own)
     W, off, diagonal = _edges(W)
     return _mix(W, torch.where(off, W.values(), 0), diagonal, own, received)
 
@@ -188,10 +195,10 @@ class GradientTracking(DSGD):
         delta = torch.zeros_like(X)
         if "delta" in aux:  # gossip before the round's training has no new directions yet
             delta[active] = aux["delta"]
-        tracked = gossip(W, delta) - delta  # (W delta)_i - delta_i; zero for inactive (identity) rows
+        tracked = _mixed(W, delta) - delta  # (W delta)_i - delta_i; zero for inactive (identity) rows
         for node in active:
             clients.put(node, {"c": clients.get(node, lambda: self.client_init(X.shape[1]))["c"] + tracked[node]})
-        return gossip(W, Y), torch.full((len(active),), 2 * 4.0 * X.shape[1]), state
+        return _mixed(W, Y), torch.full((len(active),), 2 * 4.0 * X.shape[1]), state
 
 
 class Choco(DSGD):
@@ -213,7 +220,7 @@ class Choco(DSGD):
                                           state["memories"])
         public = public.clone()
         public[active] += q
-        mixed = Y + self.gamma * (gossip(W, public) - public)
+        mixed = Y + self.gamma * (_mixed(W, public) - public)
         X_new = X.clone()
         X_new[active] = mixed[active]
         return X_new, nbytes.float(), {"public": public, "memories": memories}
