@@ -982,6 +982,10 @@ class ExperimentConfig(Section):
                                  "rules of simultaneous training (a task's round waits for its clients)")
             if cfg.personalization.method != "none":
                 raise ValueError(f"simultaneous.tasks {name!r}: personalization runs in mode = 'federated'")
+            if cfg.privacy.mechanism != "none" or cfg.secure_aggregation.protocol != "none":
+                raise ValueError(f"simultaneous.tasks {name!r}: privacy and secure aggregation assume clients "
+                                 "sampled uniformly for one model; simultaneous training shares them out between "
+                                 "tasks (leave privacy.mechanism and secure_aggregation.protocol 'none')")
 
     def task_configs(self) -> dict[str, "ExperimentConfig"]:
         """mode = 'simultaneous': each task's own experiment, this one with the task's overrides, run as an

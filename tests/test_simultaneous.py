@@ -52,6 +52,7 @@ def test_realloc_gives_chunks_to_the_task_furthest_below_its_share():
     assert reallocate([1.0, 3.0, 5.0], 20, 3, [True, False, True]) == [3, 0, 17]
     assert sum(reallocate([0.2, 0.7, 0.1], 31, 4, [True] * 3)) == 31
     assert reallocate([0.0, 0.0], 8, 2, [True, True]) == [4, 4]  # no variance yet: the chunks alternate
+    assert reallocate([1.0, 3.0], 8, 32, [True, True]) == [2, 6]  # chunks of 32 would not fit 8: chunks of 1
 
 
 def test_a_finished_tasks_clients_go_to_the_running_tasks_in_proportion():
@@ -182,6 +183,9 @@ def test_the_saved_model_holds_every_task_under_its_name(tmp_path):
     ({"simultaneous": {"tasks": [{"name": "a"}, {"name": "b", "set": ["data.n_clients=30"]}]}}, "n_clients differ"),
     ({"simultaneous": {"tasks": [{"name": "a", "set": ["system.deadline_s=1.0"]}]}}, "deadline_s"),
     ({"simultaneous": {"tasks": [{"name": "a b"}]}}, "name"),
+    ({"simultaneous": {"algorithm": "sync", "tasks": [{"name": "a", "set": ["privacy.mechanism=central",
+                                                                            "privacy.noise_multiplier=1.0"]}]}},
+     "privacy and secure aggregation"),
 ])
 def test_malformed_simultaneous_configs_are_refused_naming_the_problem(change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -32,18 +32,20 @@ def normalized_variance(rows: Tensor, server_lr: float, client_lr: float, local_
 
 
 def reallocate(variances: list[float], total: int, ratio: int, running: list[bool]) -> list[int]:
-    """Realloc: every running task gets ``ratio`` active clients, then chunks of ``ratio`` go one at a time to
+    """Realloc: every running task gets a chunk of ``ratio`` active clients, then chunks go one at a time to
     the task furthest below its share total * v_m / sum v; finished tasks get none. The last chunk is cut so
-    the tasks' clients add up to ``total`` (the authors' may overshoot by less than a chunk)."""
+    the tasks' clients add up to ``total`` (the authors' may overshoot by less than a chunk); chunks are of one
+    client when ``ratio`` clients for every running task would be more than there are."""
+    chunk_size = ratio if ratio * sum(running) <= total else 1
     scores = [v if on else 0.0 for v, on in zip(variances, running)]
     weight = sum(scores)
-    new = [ratio if on else 0 for on in running]
-    deficit = [(int(total * s / weight) if weight > 0 else 0) - ratio if on else -math.inf
+    new = [chunk_size if on else 0 for on in running]
+    deficit = [(int(total * s / weight) if weight > 0 else 0) - chunk_size if on else -math.inf
                for s, on in zip(scores, running)]
     left = total - sum(new)
     while left > 0:
         m = int(np.argmax(deficit))
-        chunk = min(ratio, left)
+        chunk = min(chunk_size, left)
         new[m] += chunk
         deficit[m] -= chunk
         left -= chunk
