@@ -24,6 +24,8 @@ import os
 import time
 from pathlib import Path
 
+from common import rows_table
+
 from fedloom.runner import run
 
 RESULTS = Path(__file__).parent / "results"
@@ -117,13 +119,6 @@ def cost(rounds: int) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-                      *("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows)])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("part", choices=["compare", "cost", "favano"])
@@ -133,7 +128,7 @@ def main() -> None:
     rows = part(args.rounds or default_rounds)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"clock_{args.part}.json").write_text(json.dumps(rows, indent=2))
-    print(_table(rows))
+    print(rows_table(rows))
 
 
 if __name__ == "__main__":

@@ -483,6 +483,14 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    """Rows, one dict each, as a Markdown table with a column for every key any row has (floats to 4 digits)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                      *("| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows)])
+
+
 def markdown(record: dict[str, Any], reference: str = "fedloom-vectorized") -> str:
     w = record["workload"]
     res = record["results"]

@@ -21,6 +21,8 @@ import os
 import time
 from pathlib import Path
 
+from common import rows_table
+
 from fedloom.runner import run
 
 RESULTS = Path(__file__).parent / "results"
@@ -59,13 +61,6 @@ def measure(name: str, simultaneous: dict, seed: int, rounds: int) -> dict:
     return row
 
 
-def _table(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-                      *("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows)])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -75,7 +70,7 @@ def main() -> None:
     rows = [measure(name, s, seed, args.rounds) for seed in args.seeds for name, s in CONTESTANTS.items()]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "fedast.json").write_text(json.dumps(rows, indent=2))
-    print(_table(rows))
+    print(rows_table(rows))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
