@@ -976,7 +976,14 @@ class ExperimentConfig(Section):
         if n is not None and active > n:
             raise ValueError(f"simultaneous.tasks: their asynchronous.concurrency (active clients) add up to "
                              f"{active}, more than the {n} clients")
+        own_cost = {"seconds_per_example", "device_flops"}  # a task's compute cost may differ; the devices may not
+        shared = self.system.model_dump(exclude=own_cost)
         for name, cfg in configs.items():
+            changed = [k for k, v in cfg.system.model_dump(exclude=own_cost).items() if v != shared[k]]
+            if changed:
+                raise ValueError(f"simultaneous.tasks {name!r}: system.{changed[0]} differs from the experiment's; "
+                                 "the tasks share the clients' devices (a task may set only its own "
+                                 "system.seconds_per_example or system.device_flops)")
             if cfg.system.deadline_s is not None or cfg.system.over_selection > 0:
                 raise ValueError(f"simultaneous.tasks {name!r}: system.deadline_s and system.over_selection are not "
                                  "rules of simultaneous training (a task's round waits for its clients)")

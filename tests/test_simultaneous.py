@@ -122,6 +122,17 @@ def test_realloc_moves_clients_between_tasks_keeping_their_total_and_sizes_the_b
     assert all(a % 2 == 0 for active in seen for a in active)  # in chunks of buffer_ratio
 
 
+def test_a_task_may_cost_more_per_example_on_the_same_devices():
+    tasks = [{"name": "fast", "set": [*TASK, "model.name=logistic"]},
+             {"name": "slow", "set": [*TASK, "model.name=logistic", "system.seconds_per_example=0.01"]}]
+    fast, slow = build_round(load_config(config(tasks=tasks))).tasks
+    assert np.array_equal(fast.system.speed, slow.system.speed)  # one device per client for every task
+    assert np.array_equal(fast.system.up_bytes_s, slow.system.up_bytes_s)
+    clients = np.arange(24)
+    compute = lambda t: t.system.seconds(clients, t.examples, np.zeros(24), np.zeros(24))  # noqa: E731
+    np.testing.assert_allclose(compute(slow), 10 * compute(fast))
+
+
 def test_the_realloc_variance_leaves_the_biases_out():
     fedast = build_round(load_config(config()))
     assert len(fedast.weight_coordinates[0]) == 650 and int(fedast.weight_coordinates[0].sum()) == 640  # 10 x 64 + 10
@@ -181,7 +192,9 @@ def test_the_saved_model_holds_every_task_under_its_name(tmp_path):
     ({"simultaneous": {"tasks": [{"name": "a", "set": ["asynchronous.concurrency=14"]},
                                  {"name": "b", "set": ["asynchronous.concurrency=14"]}]}}, "add up to 28"),
     ({"simultaneous": {"tasks": [{"name": "a"}, {"name": "b", "set": ["data.n_clients=30"]}]}}, "n_clients differ"),
-    ({"simultaneous": {"tasks": [{"name": "a", "set": ["system.deadline_s=1.0"]}]}}, "deadline_s"),
+    ({"system": {"profile": "sampled", "deadline_s": 1.0}, "simultaneous": {"tasks": [{"name": "a"}]}},
+     "deadline_s"),
+    ({"simultaneous": {"tasks": [{"name": "a", "set": ["system.speed_spread=3.0"]}]}}, "system.speed_spread differs"),
     ({"simultaneous": {"tasks": [{"name": "a b"}]}}, "name"),
     ({"simultaneous": {"algorithm": "sync", "tasks": [{"name": "a", "set": ["privacy.mechanism=central",
                                                                             "privacy.noise_multiplier=1.0"]}]}},
