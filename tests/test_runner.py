@@ -275,7 +275,7 @@ def _piped_run(out: Path, *args) -> subprocess.Popen:
     command = [sys.executable, "-m", "fedloom.cli", "run", *overrides, *args, "--out", str(out)]
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(TESTS)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(180, process.kill)  # a readline waiting for a line that never comes
+    watchdog = threading.Timer(300, process.kill)  # a readline waiting for a line that never comes (slack: loaded CI)
     watchdog.daemon = True
     watchdog.start()
     return process
