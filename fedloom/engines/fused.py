@@ -69,10 +69,8 @@ class FusedStep:
                 grads[layer.bias] = db
             if i > 0:
                 dz = aten.threshold_backward(dx, a, 0)
-        g = X.new_empty(k, self.spec.dim)  # each gradient copied once, straight into its columns
-        for piece, name in zip(torch.split(g, self.spec.sizes, dim=1), self.spec.names):
-            piece.view(grads[name].shape).copy_(grads[name])
-        return g, losses
+        # each gradient copied once, into its columns: one cat costs less than a copy per parameter
+        return torch.cat([grads[name].reshape(k, -1) for name in self.spec.names], dim=1), losses
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None, single: bool) -> Tensor:
