@@ -262,7 +262,7 @@ def test_the_default_run_name_follows_dataset_and_algorithm(overrides, name):
 
 def _assert_interrupted_and_complete(process, root: Path) -> None:
     stderr = process.stderr.read()
-    assert process.wait(120) == 130, stderr[-2000:]
+    assert process.wait(120) == 130, f"SIGINT here: {signal.getsignal(signal.SIGINT)}; {stderr[-2000:]}"
     assert "Traceback" not in stderr and "Exception ignored" not in stderr and "interrupted after round" in stderr
     run_dir = _only_run_dir(root)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -270,12 +270,18 @@ def _assert_interrupted_and_complete(process, root: Path) -> None:
     assert (run_dir / "model.safetensors").exists() and (run_dir / "report.html").exists()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _piped_run(out: Path, *args) -> subprocess.Popen:
     overrides = _sets([*SMALL[1:-1], "rounds=100000"])  # SMALL with progress on, and rounds enough never to end
     command = [sys.executable, "-m", "fedloom.cli", "run", *overrides, *args, "--out", str(out)]
+    # Ctrl-C as a terminal delivers it: a child inherits an ignored SIGINT (the CI's test worker once had it
+    # ignored by the end of the suite, and the run rightly never stopped), so the child gets the default
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(TESTS)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(300, process.kill)  # a readline waiting for a line that never comes (slack: loaded CI)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    watchdog = threading.Timer(180, process.kill)  # a readline waiting for a line that never comes
     watchdog.daemon = True
     watchdog.start()
     return process
