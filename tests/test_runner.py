@@ -272,13 +272,14 @@ def _assert_interrupted_and_complete(process, root: Path) -> None:
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a blocked one is inherited too
 
 
 def _piped_run(out: Path, *args) -> subprocess.Popen:
     overrides = _sets([*SMALL[1:-1], "rounds=100000"])  # SMALL with progress on, and rounds enough never to end
     command = [sys.executable, "-m", "fedloom.cli", "run", *overrides, *args, "--out", str(out)]
-    # Ctrl-C as a terminal delivers it: a child inherits an ignored SIGINT (the CI's test worker once had it
-    # ignored by the end of the suite, and the run rightly never stopped), so the child gets the default
+    # Ctrl-C as a terminal delivers it: a child inherits an ignored or blocked SIGINT (the CI's test worker had
+    # one so by the end of the suite, and the run rightly never stopped), so the child gets the default
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(TESTS)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     watchdog = threading.Timer(180, process.kill)  # a readline waiting for a line that never comes
