@@ -599,6 +599,8 @@ class AsynchronousConfig(Section):
             raise ValueError(f"asynchronous.{stray[0]} is a setting of asynchronous.algorithm = {own[stray[0]]!r}, "
                              f"not of {self.algorithm!r}")
         return self
+
+
 class SimultaneousTask(Section):
     """One task of mode = 'simultaneous': its name and its settings, KEY=VALUE overrides of the experiment's
     (as ``fedloom run --set`` takes them), e.g. ["data.dataset=mnist5k", "model.name=cnn"]."""

@@ -46,12 +46,11 @@ def central_metric(record: dict[str, Any]) -> str | None:
 
 def _status(record: dict[str, Any]) -> str:
     # mode = "simultaneous" records each task's loss as '<task>/train_loss'
-    losses = {k.removesuffix("train_loss"): v for k, v in record.items() if k.endswith("train_loss")}
-    status = "  ".join(f"{name}loss {loss:.3f}" for name, loss in losses.items())
+    parts = [f"{k.removesuffix('train_loss')}loss {v:.3f}" for k, v in record.items() if k.endswith("train_loss")]
     if (key := central_metric(record)) is not None:
         short = dict(PROGRESS_METRICS).get(key, key.removeprefix("central_"))
-        status += f"  {short} {record[key]:.3f}"
-    return status
+        parts.append(f"{short} {record[key]:.3f}")
+    return "  ".join(parts)
 
 
 def _clock(seconds: float) -> str:

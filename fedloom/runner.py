@@ -150,7 +150,7 @@ def _loop(round_: Round, state: dict, history: list[dict], run_dir: RunDir | Non
                 failed_in_a_row = failed_in_a_row + 1 if _nothing_usable(record) else 0
                 if failed_in_a_row >= cfg.max_failed_rounds:
                     return state, "failed", None
-                if record.get("done"):  # mode = "simultaneous": every task reached its target or its rounds
+                if record.get("done"):  # mode = "simultaneous": every task reached its target
                     break
     except KeyboardInterrupt:
         return state, "interrupted", None
